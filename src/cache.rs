@@ -1,0 +1,141 @@
+//! The hybrid cache of one sequence: per DeltaNet layer the conv state (last `Kc−1` raw
+//! inputs) and the f32 recurrent state; per attention layer the K/V of every past token.
+//! DeltaNet states are fixed-size, so a [`Snapshot`] is cheap and restoring it only has to
+//! truncate the append-only K/V — the basis for speculative decoding and prefix reuse.
+
+use anyhow::{bail, Result};
+
+use crate::config::{Config, LayerType};
+
+pub enum LayerState {
+    Linear {
+        /// `[Kc−1, conv_dim]`, oldest first.
+        conv: Vec<f32>,
+        /// `[HV, dk, dv]`.
+        ssm: Vec<f32>,
+    },
+    Full {
+        /// `[len, kv_heads · head_dim]`, post-norm, post-RoPE.
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+}
+
+pub struct SeqCache {
+    pos: usize,
+    max_len: usize,
+    pub(crate) layers: Vec<LayerState>,
+}
+
+/// The DeltaNet states of a sequence at a position; see [`SeqCache::restore`].
+#[derive(Clone)]
+pub struct Snapshot {
+    pos: usize,
+    linear: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Snapshot {
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+}
+
+impl SeqCache {
+    /// An empty cache for a sequence of at most `max_len` tokens.
+    pub fn new(cfg: &Config, max_len: usize) -> SeqCache {
+        let conv_dim = cfg.linear_conv_dim();
+        let ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim;
+        let layers = cfg
+            .layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::Linear => LayerState::Linear {
+                    conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * conv_dim],
+                    ssm: vec![0.0; ssm],
+                },
+                LayerType::Full => LayerState::Full {
+                    k: Vec::new(),
+                    v: Vec::new(),
+                },
+            })
+            .collect();
+        SeqCache {
+            pos: 0,
+            max_len,
+            layers,
+        }
+    }
+
+    /// Tokens already processed (the position of the next token).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.pos += n;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let linear = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                LayerState::Linear { conv, ssm } => Some((conv.clone(), ssm.clone())),
+                LayerState::Full { .. } => None,
+            })
+            .collect();
+        Snapshot {
+            pos: self.pos,
+            linear,
+        }
+    }
+
+    /// Returns the sequence to the state of `snap`, taken from this sequence at a position not
+    /// after the current one: DeltaNet states are copied back, K/V truncated.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        if snap.pos > self.pos {
+            bail!(
+                "cannot restore a snapshot at position {} into a sequence at position {}",
+                snap.pos,
+                self.pos
+            );
+        }
+        let mut it = snap.linear.iter();
+        for l in &mut self.layers {
+            match l {
+                LayerState::Linear { conv, ssm } => {
+                    let Some((c, s)) = it.next() else {
+                        bail!("snapshot does not belong to this model: too few DeltaNet layers");
+                    };
+                    if c.len() != conv.len() || s.len() != ssm.len() {
+                        bail!("snapshot does not belong to this model: state sizes differ");
+                    }
+                    conv.copy_from_slice(c);
+                    ssm.copy_from_slice(s);
+                }
+                LayerState::Full { k, v } => {
+                    let row = if self.pos == 0 { 0 } else { k.len() / self.pos };
+                    k.truncate(snap.pos * row);
+                    v.truncate(snap.pos * row);
+                }
+            }
+        }
+        self.pos = snap.pos;
+        Ok(())
+    }
+
+    /// Bytes held by this cache.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Linear { conv, ssm } => 4 * (conv.len() + ssm.len()),
+                LayerState::Full { k, v } => 4 * (k.len() + v.len()),
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,185 @@
+//! Finding, mapping and indexing the safetensors files of a checkpoint folder.
+
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::view::{DType, TensorRef};
+
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+struct Entry {
+    shard: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range inside the whole file (header included).
+    start: usize,
+    end: usize,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: `model.safetensors.index.json` + its shards, or `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            bail!("model folder {} does not exist", dir.display());
+        }
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let (files, weight_map) = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    anyhow!("{}: field `weight_map` is missing", index_path.display())
+                })?;
+            let mut weight_map = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    anyhow!(
+                        "{}: `weight_map.{name}` is not a file name",
+                        index_path.display()
+                    )
+                })?;
+                weight_map.insert(name.clone(), file.to_owned());
+            }
+            let mut files: Vec<String> = weight_map.values().cloned().collect();
+            files.sort();
+            files.dedup();
+            (files, Some(weight_map))
+        } else if single.exists() {
+            (vec!["model.safetensors".to_owned()], None)
+        } else {
+            bail!(
+                "no model.safetensors or model.safetensors.index.json in {}",
+                dir.display()
+            );
+        };
+
+        let pb = crate::progress::bar(files.len() as u64, "mapping shards");
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (i, name) in files.iter().enumerate() {
+            let path = dir.join(name);
+            let map = map_file(&path)?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                    anyhow!("{} is not a valid safetensors file: {e:?}", path.display())
+                })?;
+            let data_start = 8 + header_len;
+            for (tname, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                let prev = tensors.insert(
+                    tname.clone(),
+                    Entry {
+                        shard: i,
+                        dtype: DType::from_safetensors(info.dtype),
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
+                );
+                if prev.is_some() {
+                    bail!(
+                        "tensor `{tname}` appears in more than one file ({})",
+                        path.display()
+                    );
+                }
+            }
+            shards.push(Shard {
+                path,
+                map: Arc::new(map),
+            });
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+
+        if let Some(wm) = weight_map {
+            for (name, file) in &wm {
+                match tensors.get(name) {
+                    None => bail!(
+                        "tensor `{name}` is listed in {} but missing from {file}",
+                        index_path.display()
+                    ),
+                    Some(e)
+                        if shards[e.shard].path.file_name().and_then(|f| f.to_str())
+                            != Some(file) =>
+                    {
+                        bail!(
+                            "tensor `{name}` is listed in {} under {file} but found in {}",
+                            index_path.display(),
+                            shards[e.shard].path.display()
+                        )
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Checkpoint {
+            dir: dir.to_owned(),
+            shards,
+            tensors,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
+        let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| {
+            anyhow!(
+                "tensor `{name}` is missing from the checkpoint in {}",
+                self.dir.display()
+            )
+        })?;
+        let shard = &self.shards[e.shard];
+        Ok(TensorRef {
+            name: key,
+            file: &shard.path,
+            dtype: e.dtype,
+            shape: &e.shape,
+            map: &shard.map,
+            range: e.start..e.end,
+        })
+    }
+
+    /// Total bytes of tensor data, by dtype name.
+    pub fn bytes_by_dtype(&self) -> BTreeMap<String, (usize, usize)> {
+        let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for e in self.tensors.values() {
+            let slot = out.entry(e.dtype.name()).or_default();
+            slot.0 += 1;
+            slot.1 += e.end - e.start;
+        }
+        out
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the mapping is read-only and checkpoint files are treated as immutable while
+    // qnext runs; a file truncated or rewritten underneath a running process is outside what
+    // any mmap-based loader (safetensors, llama.cpp, vLLM) can defend against.
+    let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+    Ok(map)
+}

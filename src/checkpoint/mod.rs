@@ -1,0 +1,11 @@
+//! A checkpoint folder as released: `config.json`, one `model.safetensors` or shards with
+//! `model.safetensors.index.json`. Tensors are memory-mapped and handed out as typed views;
+//! nothing is copied unless its dtype has to change.
+
+mod files;
+mod matrix;
+mod view;
+
+pub use files::Checkpoint;
+pub use matrix::{Matrix, MatrixData};
+pub use view::{DType, Elems, TensorRef};

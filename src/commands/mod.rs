@@ -1,0 +1,36 @@
+//! One module per subcommand.
+
+pub mod inspect;
+pub mod run;
+pub mod score;
+
+use anyhow::Result;
+use qnext::model::Model;
+use std::path::Path;
+use std::time::Instant;
+
+/// Loads a model, reporting time and resident memory when `verbose`.
+pub fn load_model(dir: &Path, verbose: bool) -> Result<Model> {
+    let t0 = Instant::now();
+    let model = Model::load(dir)?;
+    if verbose {
+        let (all, active) = model.weight_bytes();
+        eprintln!(
+            "loaded {} in {:.2}s: {:.2} GB of weights, {:.1} MB read per token, RSS {:.1} MB",
+            dir.display(),
+            t0.elapsed().as_secs_f64(),
+            all as f64 / 1e9,
+            active as f64 / 1e6,
+            rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    Ok(model)
+}
+
+/// Resident set size from /proc (Linux only).
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

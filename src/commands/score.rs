@@ -1,0 +1,101 @@
+//! `qnext score`: log-probability of every token given its prefix.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args as ClapArgs;
+use qnext::engine::score::{next_token_logprobs, Feed};
+use std::path::PathBuf;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// JSON array of token ids.
+    #[arg(
+        long,
+        conflicts_with = "text_file",
+        required_unless_present = "text_file"
+    )]
+    ids_file: Option<PathBuf>,
+    /// UTF-8 text, tokenized with the checkpoint's tokenizer.json.
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// How tokens are fed: all at once, one at a time, or in chunks of N.
+    #[arg(long, default_value = "all")]
+    feed: Feed,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: expected a JSON array of token ids", path.display()))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.as_u64()
+                .filter(|&x| x <= u32::MAX as u64)
+                .map(|x| x as u32)
+                .ok_or_else(|| anyhow!("{}: element {i} ({x}) is not a token id", path.display()))
+        })
+        .collect()
+}
+
+pub fn main(args: Args, verbose: bool) -> Result<()> {
+    let ids = match (&args.ids_file, &args.text_file) {
+        (Some(p), _) => read_ids(p)?,
+        (None, Some(p)) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            let tok =
+                qnext::text::tokenizer::Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+            tok.encode(&text, false)?
+        }
+        (None, None) => bail!("give --ids-file or --text-file"),
+    };
+    if ids.len() < 2 {
+        bail!("need at least 2 tokens to score, got {}", ids.len());
+    }
+    let model = super::load_model(&args.model, verbose)?;
+    if ids.len() > model.cfg.max_position_embeddings {
+        bail!(
+            "{} tokens exceed the model's context length {}",
+            ids.len(),
+            model.cfg.max_position_embeddings
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let lp = next_token_logprobs(&model, &ids, args.feed)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mean_nll = -lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64;
+    let ppl = mean_nll.exp();
+    if args.json {
+        let out = serde_json::json!({
+            "tokens": ids.len(),
+            "next_token_logprobs": lp,
+            "mean_nll": mean_nll,
+            "perplexity": ppl,
+        });
+        println!("{out}");
+    } else {
+        for (i, l) in lp.iter().enumerate() {
+            println!("{}\t{}\t{:.6}", i + 1, ids[i + 1], l);
+        }
+        println!("mean_nll {mean_nll:.6}");
+        println!("perplexity {ppl:.4}");
+    }
+    if verbose {
+        eprintln!(
+            "{} tokens in {secs:.2}s ({:.1} tokens/s)",
+            ids.len(),
+            ids.len() as f64 / secs
+        );
+    }
+    Ok(())
+}

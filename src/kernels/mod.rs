@@ -1,0 +1,11 @@
+//! The only place that decides *how* numbers are crunched: matrix products per weight dtype,
+//! norms, activations, RoPE and the delta rule. Model code calls these on plain slices and
+//! typed weight views.
+
+pub mod activation;
+pub mod delta_rule;
+pub mod fp8;
+pub mod matmul;
+pub mod norm;
+pub mod parallel;
+pub mod rope;

@@ -1,0 +1,53 @@
+//! The `qnext` command line: thin wrappers over the library.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "qnext", version, about = "Qwen3-Next inference on CPUs")]
+struct Cli {
+    /// Worker threads for the matrix kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Report load time, memory and other details on stderr.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Log-probability of every token given its prefix; mean NLL and perplexity.
+    Score(commands::score::Args),
+    /// Generate text from a prompt.
+    Run(commands::run::Args),
+    /// Config summary, parameter counts, dtypes and bytes of a checkpoint.
+    Inspect {
+        /// Checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        qnext::kernels::parallel::set_threads(n);
+    }
+    let result = match cli.command {
+        Command::Score(a) => commands::score::main(a, cli.verbose),
+        Command::Run(a) => commands::run::main(a, cli.verbose),
+        Command::Inspect { model } => commands::inspect::main(&model),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Gated DeltaNet mixer ("linear_attn", spec §7): interleaved projections, causal depthwise
+//! conv with SiLU, gates, the delta rule from the carried state, gated RMSNorm, out_proj.
+
+use anyhow::Result;
+use std::ops::Range;
+
+use crate::cache::LayerState;
+use crate::checkpoint::{Checkpoint, Matrix};
+use crate::config::{Config, Fp8Config};
+use crate::kernels::activation::{sigmoid, silu, softplus};
+use crate::kernels::delta_rule::{self, HeadInputs};
+use crate::kernels::matmul::matmul;
+use crate::kernels::norm::{l2_norm, rms_scale};
+
+pub struct DeltaNet {
+    in_qkvz: Matrix,
+    in_ba: Matrix,
+    /// `[conv_dim, Kc]`.
+    conv_w: Vec<f32>,
+    dt_bias: Vec<f32>,
+    /// `−exp(A_log)`, computed once in f32.
+    neg_a: Vec<f32>,
+    /// Plain (not 1+w) weight of the gated norm, `[dv]`.
+    norm_w: Vec<f32>,
+    out_proj: Matrix,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+    kc: usize,
+    eps: f32,
+}
+
+impl DeltaNet {
+    /// `prefix` is e.g. `model.layers.0.linear_attn.`.
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &Config,
+        fp8: Option<&Fp8Config>,
+    ) -> Result<DeltaNet> {
+        let h = cfg.hidden_size;
+        let (hk, hv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads);
+        let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let kc = cfg.linear_conv_kernel_dim;
+        let conv_dim = cfg.linear_conv_dim();
+        let qkvz_rows = 2 * hk * dk + 2 * hv * dv;
+        let vec = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = ck.get(&format!("{prefix}{name}"))?;
+            t.expect_shape(shape)?;
+            t.to_f32()
+        };
+        let a_log = vec("A_log", &[hv])?;
+        Ok(DeltaNet {
+            in_qkvz: Matrix::load(
+                ck,
+                &format!("{prefix}in_proj_qkvz.weight"),
+                qkvz_rows,
+                h,
+                fp8,
+            )?,
+            in_ba: Matrix::load(ck, &format!("{prefix}in_proj_ba.weight"), 2 * hv, h, fp8)?,
+            conv_w: vec("conv1d.weight", &[conv_dim, 1, kc])?,
+            dt_bias: vec("dt_bias", &[hv])?,
+            neg_a: a_log.iter().map(|a| -a.exp()).collect(),
+            norm_w: vec("norm.weight", &[dv])?,
+            out_proj: Matrix::load(ck, &format!("{prefix}out_proj.weight"), h, hv * dv, fp8)?,
+            hk,
+            hv,
+            dk,
+            dv,
+            kc,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.in_qkvz.bytes() + self.in_ba.bytes() + self.out_proj.bytes() + 4 * self.conv_w.len()
+    }
+
+    /// `x` is the normed input `[t, hidden]` of the whole batch; `seqs` gives each sequence's
+    /// rows and its state. Returns `[t, hidden]`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        seqs: &mut [(Range<usize>, &mut LayerState)],
+    ) -> Vec<f32> {
+        let p = matmul(x, t, &self.in_qkvz);
+        let ba = matmul(x, t, &self.in_ba);
+        let vd = self.hv * self.dv;
+        let mut y = vec![0.0f32; t * vd];
+        for (rows, state) in seqs.iter_mut() {
+            let LayerState::Linear { conv, ssm } = &mut **state else {
+                unreachable!("DeltaNet layer given an attention cache");
+            };
+            let n = rows.len();
+            let pw = self.in_qkvz.rows;
+            let bw = self.in_ba.rows;
+            self.sequence(
+                &p[rows.start * pw..rows.end * pw],
+                &ba[rows.start * bw..rows.end * bw],
+                n,
+                conv,
+                ssm,
+                &mut y[rows.start * vd..rows.end * vd],
+            );
+        }
+        matmul(&y, t, &self.out_proj)
+    }
+
+    /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.
+    fn sequence(
+        &self,
+        p: &[f32],
+        ba: &[f32],
+        n: usize,
+        conv: &mut [f32],
+        ssm: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let (hk, hv, dk, dv, kc) = (self.hk, self.hv, self.dk, self.dv, self.kc);
+        let r = hv / hk;
+        let key_dim = hk * dk;
+        let conv_dim = 2 * key_dim + hv * dv;
+        let group = 2 * dk + 2 * r * dv;
+        let vd = hv * dv;
+
+        // De-interleave per key-head group (spec §7.1) into [q | k | v], z, b, a. The conv
+        // input is prefixed with the carried last Kc−1 raw inputs.
+        let hist = kc - 1;
+        let mut mixed = vec![0.0f32; (hist + n) * conv_dim];
+        mixed[..hist * conv_dim].copy_from_slice(conv);
+        let mut z = vec![0.0f32; n * vd];
+        let (mut b, mut a) = (vec![0.0f32; n * hv], vec![0.0f32; n * hv]);
+        for t in 0..n {
+            let pt = &p[t * hk * group..(t + 1) * hk * group];
+            let m = &mut mixed[(hist + t) * conv_dim..(hist + t + 1) * conv_dim];
+            for j in 0..hk {
+                let g = &pt[j * group..(j + 1) * group];
+                m[j * dk..(j + 1) * dk].copy_from_slice(&g[..dk]);
+                m[key_dim + j * dk..key_dim + (j + 1) * dk].copy_from_slice(&g[dk..2 * dk]);
+                let vs = 2 * key_dim + j * r * dv;
+                m[vs..vs + r * dv].copy_from_slice(&g[2 * dk..2 * dk + r * dv]);
+                z[t * vd + j * r * dv..t * vd + (j + 1) * r * dv]
+                    .copy_from_slice(&g[2 * dk + r * dv..]);
+                let bat = &ba[t * 2 * hv + j * 2 * r..t * 2 * hv + (j + 1) * 2 * r];
+                b[t * hv + j * r..t * hv + (j + 1) * r].copy_from_slice(&bat[..r]);
+                a[t * hv + j * r..t * hv + (j + 1) * r].copy_from_slice(&bat[r..]);
+            }
+        }
+        conv.copy_from_slice(&mixed[n * conv_dim..(n + hist) * conv_dim]);
+
+        // Causal depthwise conv + SiLU; tap Kc−1 multiplies the current token.
+        let mut c = vec![0.0f32; n * conv_dim];
+        for t in 0..n {
+            for ch in 0..conv_dim {
+                let w = &self.conv_w[ch * kc..(ch + 1) * kc];
+                let mut s = 0.0f32;
+                for (i, &wi) in w.iter().enumerate() {
+                    s += wi * mixed[(t + i) * conv_dim + ch];
+                }
+                c[t * conv_dim + ch] = silu(s);
+            }
+        }
+
+        // Per key head: l2-normed q (scaled by dk^−½) and k, gathered token-major.
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut qs = vec![0.0f32; hk * n * dk];
+        let mut ks = vec![0.0f32; hk * n * dk];
+        for t in 0..n {
+            for j in 0..hk {
+                let q = &mut qs[(j * n + t) * dk..(j * n + t + 1) * dk];
+                q.copy_from_slice(&c[t * conv_dim + j * dk..t * conv_dim + (j + 1) * dk]);
+                l2_norm(q, 1e-6);
+                q.iter_mut().for_each(|v| *v *= scale);
+                let k = &mut ks[(j * n + t) * dk..(j * n + t + 1) * dk];
+                k.copy_from_slice(
+                    &c[t * conv_dim + key_dim + j * dk..t * conv_dim + key_dim + (j + 1) * dk],
+                );
+                l2_norm(k, 1e-6);
+            }
+        }
+
+        let mut v = vec![0.0f32; n * dv];
+        let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut o = vec![0.0f32; n * dv];
+        for h in 0..hv {
+            let j = h / r; // value head h reads key head h div r (spec §14.2)
+            for t in 0..n {
+                let vs = t * conv_dim + 2 * key_dim + h * dv;
+                v[t * dv..(t + 1) * dv].copy_from_slice(&c[vs..vs + dv]);
+                beta[t] = sigmoid(b[t * hv + h]);
+                g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
+            }
+            let inputs = HeadInputs {
+                q: &qs[j * n * dk..(j + 1) * n * dk],
+                k: &ks[j * n * dk..(j + 1) * n * dk],
+                v: &v,
+                g: &g,
+                beta: &beta,
+                dk,
+                dv,
+            };
+            let s = &mut ssm[h * dk * dv..(h + 1) * dk * dv];
+            if n == 1 {
+                delta_rule::recurrent(&inputs, s, &mut o);
+            } else {
+                delta_rule::chunked(&inputs, s, &mut o);
+            }
+            // Gated RMSNorm: normalise, weight (plain w), then gate by silu(z).
+            for t in 0..n {
+                let ot = &o[t * dv..(t + 1) * dv];
+                let rs = rms_scale(ot, self.eps);
+                let base = t * vd + h * dv;
+                for i in 0..dv {
+                    y[base + i] = self.norm_w[i] * (ot[i] * rs) * silu(z[base + i]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! SwiGLU MLP `down(silu(gate(x)) ⊙ up(x))`: the experts, the shared expert and dense layers.
+
+use anyhow::Result;
+
+use crate::checkpoint::{Checkpoint, Matrix};
+use crate::config::Fp8Config;
+use crate::kernels::activation::silu;
+use crate::kernels::matmul::matmul;
+
+pub struct SwiGlu {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+impl SwiGlu {
+    /// `prefix` is e.g. `model.layers.0.mlp.experts.3.`.
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        fp8: Option<&Fp8Config>,
+    ) -> Result<SwiGlu> {
+        Ok(SwiGlu {
+            gate: Matrix::load(ck, &format!("{prefix}gate_proj.weight"), inter, hidden, fp8)?,
+            up: Matrix::load(ck, &format!("{prefix}up_proj.weight"), inter, hidden, fp8)?,
+            down: Matrix::load(ck, &format!("{prefix}down_proj.weight"), hidden, inter, fp8)?,
+        })
+    }
+
+    /// `x` is `[t, hidden]`; returns `[t, hidden]`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let g = matmul(x, t, &self.gate);
+        let u = matmul(x, t, &self.up);
+        let h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        matmul(&h, t, &self.down)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.gate.bytes() + self.up.bytes() + self.down.bytes()
+    }
+}

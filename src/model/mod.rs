@@ -1,0 +1,314 @@
+//! Qwen3-Next: embeddings → layers of (DeltaNet or gated attention) + (MoE or dense MLP) →
+//! final norm → lm_head (spec §5). One forward call takes a batch of sequences, each with its
+//! own new tokens and cache; the matrix products run over all tokens of the batch at once.
+
+mod attention;
+mod deltanet;
+mod mlp;
+mod moe;
+
+use anyhow::{bail, Context, Result};
+use std::ops::Range;
+use std::path::Path;
+
+use crate::cache::{LayerState, SeqCache};
+use crate::checkpoint::{Checkpoint, Matrix};
+use crate::config::{Config, LayerType};
+use crate::kernels::matmul::matmul;
+use crate::kernels::norm::rms_norm_zc;
+use crate::kernels::rope::Rope;
+use attention::Attention;
+use deltanet::DeltaNet;
+use mlp::SwiGlu;
+use moe::Moe;
+
+enum Mixer {
+    Linear(DeltaNet),
+    Full(Attention),
+}
+
+enum Ffn {
+    Moe(Moe),
+    Dense(SwiGlu),
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    mixer: Mixer,
+    ffn: Ffn,
+}
+
+/// The MTP draft head's weights (spec §11); loaded and checked, used by speculative decoding.
+#[allow(dead_code)]
+struct Mtp {
+    fc: Matrix,
+    pre_fc_norm_embedding: Vec<f32>,
+    pre_fc_norm_hidden: Vec<f32>,
+    norm: Vec<f32>,
+    layer: Layer,
+}
+
+pub struct Model {
+    pub cfg: Config,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Matrix,
+    rope: Rope,
+    mtp: Option<Mtp>,
+}
+
+/// Which rows of logits a sequence wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Only the last new token's (generation).
+    Last,
+    /// Every new token's (scoring, speculative verification).
+    All,
+}
+
+/// One sequence of a batch: its new tokens and its cache.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    pub want: Want,
+}
+
+/// Per sequence: logits `[rows, vocab]` and the final-norm hidden states `[rows, hidden]` of
+/// the wanted rows.
+pub struct SeqOutput {
+    pub logits: Vec<f32>,
+    pub hidden: Vec<f32>,
+    pub rows: usize,
+}
+
+fn load_norm(ck: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = ck.get(name)?;
+    t.expect_shape(&[len])?;
+    t.to_f32()
+}
+
+impl Layer {
+    fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &Config,
+        kind: LayerType,
+        moe: bool,
+    ) -> Result<Layer> {
+        let fp8 = cfg.quantization.as_ref();
+        let h = cfg.hidden_size;
+        let mixer = match kind {
+            LayerType::Linear => Mixer::Linear(DeltaNet::load(
+                ck,
+                &format!("{prefix}linear_attn."),
+                cfg,
+                fp8,
+            )?),
+            LayerType::Full => Mixer::Full(Attention::load(
+                ck,
+                &format!("{prefix}self_attn."),
+                cfg,
+                fp8,
+            )?),
+        };
+        let ffn = if moe {
+            Ffn::Moe(Moe::load(ck, &format!("{prefix}mlp."), cfg, fp8)?)
+        } else {
+            Ffn::Dense(SwiGlu::load(
+                ck,
+                &format!("{prefix}mlp."),
+                h,
+                cfg.intermediate_size,
+                fp8,
+            )?)
+        };
+        Ok(Layer {
+            input_norm: load_norm(ck, &format!("{prefix}input_layernorm.weight"), h)?,
+            post_norm: load_norm(ck, &format!("{prefix}post_attention_layernorm.weight"), h)?,
+            mixer,
+            ffn,
+        })
+    }
+
+    /// (bytes of all weights, bytes read per token).
+    fn bytes(&self) -> (usize, usize) {
+        let mixer = match &self.mixer {
+            Mixer::Linear(d) => d.bytes(),
+            Mixer::Full(a) => a.bytes(),
+        };
+        let (all, active) = match &self.ffn {
+            Ffn::Moe(m) => m.bytes(),
+            Ffn::Dense(d) => (d.bytes(), d.bytes()),
+        };
+        (mixer + all, mixer + active)
+    }
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights of `dir`.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        Model::from_checkpoint(cfg, &ck)
+    }
+
+    pub fn from_checkpoint(cfg: Config, ck: &Checkpoint) -> Result<Model> {
+        let h = cfg.hidden_size;
+        let fp8 = cfg.quantization.as_ref();
+        let embed = Matrix::load(ck, "model.embed_tokens.weight", cfg.vocab_size, h, fp8)?;
+        let lm_name = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = Matrix::load(ck, lm_name, cfg.vocab_size, h, fp8)?;
+        let pb = crate::progress::bar(cfg.num_hidden_layers as u64, "loading layers");
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (l, &kind) in cfg.layer_types.iter().enumerate() {
+            let layer = Layer::load(
+                ck,
+                &format!("model.layers.{l}."),
+                &cfg,
+                kind,
+                cfg.is_moe_layer(l),
+            )
+            .with_context(|| format!("loading layer {l}"))?;
+            layers.push(layer);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let mtp = if ck.contains("mtp.fc.weight") {
+            Some(Mtp {
+                fc: Matrix::load(ck, "mtp.fc.weight", h, 2 * h, fp8)?,
+                pre_fc_norm_embedding: load_norm(ck, "mtp.pre_fc_norm_embedding.weight", h)?,
+                pre_fc_norm_hidden: load_norm(ck, "mtp.pre_fc_norm_hidden.weight", h)?,
+                norm: load_norm(ck, "mtp.norm.weight", h)?,
+                layer: Layer::load(
+                    ck,
+                    "mtp.layers.0.",
+                    &cfg,
+                    LayerType::Full,
+                    cfg.num_experts > 0,
+                )
+                .context("loading the MTP layer")?,
+            })
+        } else {
+            None
+        };
+        let rope = Rope::new(&cfg.rope, cfg.head_dim);
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            norm: load_norm(ck, "model.norm.weight", h)?,
+            lm_head,
+            rope,
+            mtp,
+        })
+    }
+
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    /// A fresh cache for a sequence of at most `max_len` tokens (clamped to the model's context).
+    pub fn new_cache(&self, max_len: usize) -> SeqCache {
+        SeqCache::new(&self.cfg, max_len.min(self.cfg.max_position_embeddings))
+    }
+
+    /// (bytes of all weights, bytes of weights read per generated token).
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let (mut all, mut active) = (self.lm_head.bytes(), self.lm_head.bytes());
+        all += self.embed.bytes();
+        active += self.embed.bytes() / self.cfg.vocab_size;
+        for l in &self.layers {
+            let (a, b) = l.bytes();
+            all += a;
+            active += b;
+        }
+        (all, active)
+    }
+
+    /// Runs the new tokens of every sequence through the model, advancing their caches.
+    /// Inputs are checked before any state changes, so a rejected batch leaves caches intact.
+    pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Vec<SeqOutput>> {
+        let h = self.cfg.hidden_size;
+        let vocab = self.cfg.vocab_size;
+        let mut spans: Vec<Range<usize>> = Vec::with_capacity(batch.len());
+        let mut t = 0;
+        for (i, s) in batch.iter().enumerate() {
+            if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= vocab) {
+                bail!("sequence {i}: token id {bad} is out of range (vocabulary size {vocab})");
+            }
+            let end = s.cache.pos() + s.tokens.len();
+            if end > s.cache.max_len() {
+                bail!(
+                    "sequence {i}: {end} tokens exceed the context length {}",
+                    s.cache.max_len()
+                );
+            }
+            if s.cache.layers.len() != self.layers.len() {
+                bail!("sequence {i}: cache was made for another model");
+            }
+            spans.push(t..t + s.tokens.len());
+            t += s.tokens.len();
+        }
+        let starts: Vec<usize> = batch.iter().map(|s| s.cache.pos()).collect();
+
+        let mut x = vec![0.0f32; t * h];
+        for (s, span) in batch.iter().zip(&spans) {
+            for (i, &id) in s.tokens.iter().enumerate() {
+                let r = span.start + i;
+                self.embed.row_f32(id as usize, &mut x[r * h..(r + 1) * h]);
+            }
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut xn = x.clone();
+            rms_norm_zc(&mut xn, &layer.input_norm, self.cfg.rms_norm_eps);
+            let mut seqs: Vec<(Range<usize>, &mut LayerState)> = batch
+                .iter_mut()
+                .zip(&spans)
+                .map(|(s, span)| (span.clone(), &mut s.cache.layers[l]))
+                .collect();
+            let y = match &layer.mixer {
+                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs),
+                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope),
+            };
+            add(&mut x, &y);
+            let mut xn = x.clone();
+            rms_norm_zc(&mut xn, &layer.post_norm, self.cfg.rms_norm_eps);
+            let y = match &layer.ffn {
+                Ffn::Moe(m) => m.forward(&xn, t),
+                Ffn::Dense(d) => d.forward(&xn, t),
+            };
+            add(&mut x, &y);
+        }
+
+        let mut out = Vec::with_capacity(batch.len());
+        for (s, span) in batch.iter_mut().zip(&spans) {
+            s.cache.advance(span.len());
+            let rows = match s.want {
+                Want::All => span.clone(),
+                Want::Last => span.end.saturating_sub(1).max(span.start)..span.end,
+            };
+            let mut hidden = x[rows.start * h..rows.end * h].to_vec();
+            rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
+            let logits = matmul(&hidden, rows.len(), &self.lm_head);
+            out.push(SeqOutput {
+                logits,
+                hidden,
+                rows: rows.len(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,140 @@
+//! Sparse MoE block (spec §10): softmax over all experts in f32, top-k, optional
+//! renormalisation, plus a shared expert scaled by a per-token sigmoid gate. Tokens of the
+//! whole batch are grouped by expert so every selected expert's weights are read once.
+
+use anyhow::Result;
+
+use super::mlp::SwiGlu;
+use crate::checkpoint::{Checkpoint, Matrix};
+use crate::config::{Config, Fp8Config};
+use crate::kernels::activation::{sigmoid, softmax};
+use crate::kernels::matmul::{axpy, matmul};
+
+pub struct Moe {
+    router: Matrix,
+    experts: Vec<SwiGlu>,
+    shared: Option<SwiGlu>,
+    shared_gate: Option<Matrix>,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+impl Moe {
+    /// `prefix` is e.g. `model.layers.0.mlp.`.
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &Config,
+        fp8: Option<&Fp8Config>,
+    ) -> Result<Moe> {
+        let h = cfg.hidden_size;
+        let router = Matrix::load(ck, &format!("{prefix}gate.weight"), cfg.num_experts, h, fp8)?;
+        let experts = (0..cfg.num_experts)
+            .map(|e| {
+                SwiGlu::load(
+                    ck,
+                    &format!("{prefix}experts.{e}."),
+                    h,
+                    cfg.moe_intermediate_size,
+                    fp8,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (shared, shared_gate) = if cfg.shared_expert_intermediate_size > 0 {
+            (
+                Some(SwiGlu::load(
+                    ck,
+                    &format!("{prefix}shared_expert."),
+                    h,
+                    cfg.shared_expert_intermediate_size,
+                    fp8,
+                )?),
+                Some(Matrix::load(
+                    ck,
+                    &format!("{prefix}shared_expert_gate.weight"),
+                    1,
+                    h,
+                    fp8,
+                )?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Moe {
+            router,
+            experts,
+            shared,
+            shared_gate,
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+        })
+    }
+
+    /// `x` is `[t, hidden]`; returns `[t, hidden]`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let h = self.router.cols;
+        let e_count = self.experts.len();
+        let mut probs = matmul(x, t, &self.router);
+        // For each expert, the (token, weight) pairs routed to it.
+        let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
+        let mut order: Vec<usize> = Vec::with_capacity(e_count);
+        for ti in 0..t {
+            let p = &mut probs[ti * e_count..(ti + 1) * e_count];
+            softmax(p);
+            order.clear();
+            order.extend(0..e_count);
+            // Highest probability first; ties go to the lower expert index, as torch.topk does
+            // on CPU for equal values in practice.
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let chosen = &order[..self.top_k];
+            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+            for &e in chosen {
+                let w = if self.norm_topk_prob {
+                    p[e] / sum
+                } else {
+                    p[e]
+                };
+                routes[e].push((ti, w));
+            }
+        }
+        let mut out = vec![0.0f32; t * h];
+        let mut xs = Vec::new();
+        for (e, toks) in routes.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            xs.clear();
+            for &(ti, _) in toks {
+                xs.extend_from_slice(&x[ti * h..(ti + 1) * h]);
+            }
+            let y = self.experts[e].forward(&xs, toks.len());
+            for (i, &(ti, w)) in toks.iter().enumerate() {
+                axpy(&mut out[ti * h..(ti + 1) * h], w, &y[i * h..(i + 1) * h]);
+            }
+        }
+        if let (Some(shared), Some(gate)) = (&self.shared, &self.shared_gate) {
+            let y = shared.forward(x, t);
+            let g = matmul(x, t, gate);
+            for ti in 0..t {
+                axpy(
+                    &mut out[ti * h..(ti + 1) * h],
+                    sigmoid(g[ti]),
+                    &y[ti * h..(ti + 1) * h],
+                );
+            }
+        }
+        out
+    }
+
+    /// Bytes of all experts, and bytes read per token (router, top-k experts, shared expert).
+    pub fn bytes(&self) -> (usize, usize) {
+        let per_expert = self.experts.first().map_or(0, SwiGlu::bytes);
+        let fixed = self.router.bytes()
+            + self.shared.as_ref().map_or(0, SwiGlu::bytes)
+            + self.shared_gate.as_ref().map_or(0, Matrix::bytes);
+        (
+            fixed + per_expert * self.experts.len(),
+            fixed + per_expert * self.top_k,
+        )
+    }
+}
