@@ -91,3 +91,23 @@ const FEEDS: [Feed; 5] = [
 fn tiny_f32() {
     check("tiny-f32", &FEEDS);
 }
+
+#[test]
+fn bf16_sharded_interval2_v5_config() {
+    check("bf16-interval2", &FEEDS);
+}
+
+#[test]
+fn yarn_f32() {
+    check("yarn-f32", &FEEDS);
+}
+
+#[test]
+fn fp8_f32_scales_partial_blocks() {
+    check("fp8-f32scale", &FEEDS);
+}
+
+#[test]
+fn fp8_bf16_scales() {
+    check("fp8-bf16scale", &FEEDS);
+}

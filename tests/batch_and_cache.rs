@@ -1,0 +1,208 @@
+//! The batch forward and the cache: a sequence's results must not depend on what else is in
+//! the batch, snapshots must restore exactly, and rejected input must leave state untouched.
+
+use qnext::cache::SeqCache;
+use qnext::engine::score::{all_logprobs, Feed};
+use qnext::kernels::activation::log_softmax;
+use qnext::model::{Model, SeqInput, Want};
+use std::path::Path;
+
+fn load(name: &str) -> Model {
+    Model::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Feeds `seqs` together, each in its own pieces (piece sizes cycle per sequence; 0 = sit
+/// this step out), and returns every sequence's logits at every position.
+fn run_batched(model: &Model, seqs: &[Vec<u32>], pieces: &[Vec<usize>]) -> Vec<Vec<f32>> {
+    let mut caches: Vec<SeqCache> = seqs.iter().map(|s| model.new_cache(s.len())).collect();
+    let mut done = vec![0usize; seqs.len()];
+    let mut logits: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+    let mut step = 0;
+    while done.iter().zip(seqs).any(|(&d, s)| d < s.len()) {
+        let mut take = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let n = pieces[i][step % pieces[i].len()].min(s.len() - done[i]);
+            take.push(n);
+        }
+        let mut batch: Vec<SeqInput> = Vec::new();
+        let mut who = Vec::new();
+        for (i, c) in caches.iter_mut().enumerate() {
+            if take[i] > 0 {
+                batch.push(SeqInput {
+                    tokens: &seqs[i][done[i]..done[i] + take[i]],
+                    cache: c,
+                    want: Want::All,
+                });
+                who.push(i);
+            }
+        }
+        if !batch.is_empty() {
+            let out = model.forward(&mut batch).unwrap();
+            for (o, &i) in out.iter().zip(&who) {
+                logits[i].extend_from_slice(&o.logits);
+                done[i] += take[i];
+            }
+        }
+        step += 1;
+    }
+    logits
+}
+
+#[test]
+fn batch_results_do_not_depend_on_the_batch() {
+    for name in ["tiny-f32", "bf16-interval2", "fp8-f32scale"] {
+        let model = load(name);
+        let v = model.cfg.vocab_size;
+        let seqs = vec![ids(150, 1, v), ids(90, 2, v), ids(70, 3, v), ids(5, 4, v)];
+        let pieces = vec![
+            vec![40, 1, 1, 64],
+            vec![1, 0, 30],
+            vec![0, 0, 70],
+            vec![2, 1],
+        ];
+        let together = run_batched(&model, &seqs, &pieces);
+        for (i, s) in seqs.iter().enumerate() {
+            let alone = run_batched(
+                &model,
+                std::slice::from_ref(s),
+                std::slice::from_ref(&pieces[i]),
+            );
+            assert_eq!(
+                together[i], alone[0],
+                "{name}: sequence {i} differs when batched with others"
+            );
+            assert_eq!(together[i].len(), s.len() * v);
+        }
+    }
+}
+
+#[test]
+fn snapshot_restore_resumes_exactly() {
+    let model = load("bf16-interval2");
+    let v = model.cfg.vocab_size;
+    let seq = ids(140, 9, v);
+    let want = all_logprobs(&model, &seq, Feed::All).unwrap();
+
+    let mut cache = model.new_cache(seq.len());
+    model
+        .forward(&mut [SeqInput {
+            tokens: &seq[..100],
+            cache: &mut cache,
+            want: Want::Last,
+        }])
+        .unwrap();
+    let snap = cache.snapshot();
+    // A detour (e.g. rejected speculative tokens) that must leave no trace once restored.
+    let detour = ids(25, 77, v);
+    model
+        .forward(&mut [SeqInput {
+            tokens: &detour,
+            cache: &mut cache,
+            want: Want::Last,
+        }])
+        .unwrap();
+    cache.restore(&snap).unwrap();
+    assert_eq!(cache.pos(), 100);
+    let out = model
+        .forward(&mut [SeqInput {
+            tokens: &seq[100..],
+            cache: &mut cache,
+            want: Want::All,
+        }])
+        .unwrap();
+    let mut lsm = vec![0.0; v];
+    for (i, row) in out[0].logits.chunks(v).enumerate() {
+        log_softmax(row, &mut lsm);
+        let p = 100 + i;
+        let diff = lsm
+            .iter()
+            .zip(&want[p * v..(p + 1) * v])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        // Same computation except the chunking of the DeltaNet prefill: f32 rounding only.
+        assert!(diff < 1e-4, "position {p}: max |Δ| {diff}");
+    }
+    // A snapshot from the future cannot be restored.
+    let mut fresh = model.new_cache(10);
+    assert!(fresh.restore(&snap).is_err());
+}
+
+#[test]
+fn rejected_batches_leave_caches_untouched() {
+    let model = load("tiny-f32");
+    let v = model.cfg.vocab_size;
+    let seq = ids(40, 5, v);
+    let want = all_logprobs(&model, &seq, Feed::All).unwrap();
+    let mut a = model.new_cache(seq.len());
+    let mut b = model.new_cache(8);
+    model
+        .forward(&mut [SeqInput {
+            tokens: &seq[..20],
+            cache: &mut a,
+            want: Want::Last,
+        }])
+        .unwrap();
+    // Second sequence has an out-of-range id: the whole batch is refused, `a` not advanced.
+    let bad = [1u32, v as u32 + 5];
+    let err = model
+        .forward(&mut [
+            SeqInput {
+                tokens: &seq[20..30],
+                cache: &mut a,
+                want: Want::Last,
+            },
+            SeqInput {
+                tokens: &bad,
+                cache: &mut b,
+                want: Want::Last,
+            },
+        ])
+        .err()
+        .expect("out-of-range token must be rejected");
+    assert!(err.to_string().contains("out of range"), "{err}");
+    // Too long for its cache.
+    let long = ids(9, 6, v);
+    let err = model
+        .forward(&mut [SeqInput {
+            tokens: &long,
+            cache: &mut b,
+            want: Want::Last,
+        }])
+        .err()
+        .expect("over-long input must be rejected");
+    assert!(err.to_string().contains("context length"), "{err}");
+    assert_eq!((a.pos(), b.pos()), (20, 0));
+
+    let out = model
+        .forward(&mut [SeqInput {
+            tokens: &seq[20..],
+            cache: &mut a,
+            want: Want::All,
+        }])
+        .unwrap();
+    let mut lsm = vec![0.0; v];
+    log_softmax(&out[0].logits[..v], &mut lsm);
+    let diff = lsm
+        .iter()
+        .zip(&want[20 * v..21 * v])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "state changed by a rejected batch: {diff}");
+}
