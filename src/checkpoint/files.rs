@@ -79,7 +79,7 @@ impl Checkpoint {
             let map = map_file(&path)?;
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
-                    anyhow!("{} is not a valid safetensors file: {e:?}", path.display())
+                    anyhow!("{} is truncated or not a valid safetensors file ({e:?})", path.display())
                 })?;
             let data_start = 8 + header_len;
             for (tname, info) in meta.tensors() {

@@ -149,6 +149,9 @@ impl Layer {
 impl Model {
     /// Loads `dir/config.json` and the weights of `dir`.
     pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            bail!("model folder {} does not exist", dir.display());
+        }
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open(dir)?;
         Model::from_checkpoint(cfg, &ck)
