@@ -118,7 +118,7 @@ impl SeqCache {
                     ssm.copy_from_slice(s);
                 }
                 LayerState::Full { k, v } => {
-                    let row = if self.pos == 0 { 0 } else { k.len() / self.pos };
+                    let row = k.len().checked_div(self.pos).unwrap_or(0);
                     k.truncate(snap.pos * row);
                     v.truncate(snap.pos * row);
                 }

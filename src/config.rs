@@ -177,14 +177,14 @@ impl Config {
                 bail!("field `{name}` must be positive");
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "fields `num_attention_heads` ({}) and `num_key_value_heads` ({}): query heads must be a multiple of KV heads",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.linear_num_value_heads % self.linear_num_key_heads != 0 {
+        if !self.linear_num_value_heads.is_multiple_of(self.linear_num_key_heads) {
             bail!(
                 "fields `linear_num_value_heads` ({}) and `linear_num_key_heads` ({}): value heads must be a multiple of key heads",
                 self.linear_num_value_heads,
@@ -192,7 +192,7 @@ impl Config {
             );
         }
         let rd = self.rotary_dim();
-        if rd % 2 != 0 || rd > self.head_dim {
+        if !rd.is_multiple_of(2) || rd > self.head_dim {
             bail!(
                 "field `partial_rotary_factor` ({}) gives rotary dim {rd} for head_dim {}: must be even and ≤ head_dim",
                 self.rope.partial_rotary_factor,
@@ -256,7 +256,7 @@ impl Config {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     pub fn rotary_dim(&self) -> usize {
@@ -302,7 +302,7 @@ fn parse_layer_types(o: &Map<String, Value>, n: usize) -> Result<Vec<LayerType>>
     }
     Ok((0..n)
         .map(|i| {
-            if (i + 1) % interval == 0 {
+            if (i + 1).is_multiple_of(interval) {
                 LayerType::Full
             } else {
                 LayerType::Linear

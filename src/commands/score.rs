@@ -54,7 +54,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
             let tok =
-                qnext::text::tokenizer::Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+                qnext::text::tokenizer::Tokenizer::from_file(args.model.join("tokenizer.json"))?;
             tok.encode(&text, false)?
         }
         (None, None) => bail!("give --ids-file or --text-file"),
