@@ -111,3 +111,73 @@ fn fp8_f32_scales_partial_blocks() {
 fn fp8_bf16_scales() {
     check("fp8-bf16scale", &FEEDS);
 }
+
+fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn tensor_i64(st: &safetensors::SafeTensors, name: &str) -> Vec<i64> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The real Qwen vocabulary (151,936 rows): the text is tokenized by our tokenizer into the
+/// ids transformers saw, and the log-probabilities agree — full rows at the first and last
+/// position, the reference's top-20 entries and the next-token log-probability everywhere.
+#[test]
+fn qwen_vocab_real_tokenizer() {
+    let dir = fixture("qwen-vocab");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = tensor_i64(&st, "ids").iter().map(|&x| x as u32).collect();
+    let text = std::fs::read_to_string(dir.join("reference_text.txt")).unwrap();
+    let tok = qnext::text::tokenizer::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        tok.encode(&text, false).unwrap(),
+        ids,
+        "tokenization differs from transformers'"
+    );
+
+    let model = Model::load(&dir).unwrap();
+    let v = model.cfg.vocab_size;
+    let t = ids.len();
+    let at_pos = tensor_i64(&st, "logprobs_at_positions");
+    let at = tensor_f32(&st, "logprobs_at");
+    let topk_ids = tensor_i64(&st, "topk_ids");
+    let topk_lp = tensor_f32(&st, "topk_logprobs");
+    let next = tensor_f32(&st, "next_token_logprobs");
+    let k = topk_ids.len() / t;
+    for feed in [Feed::All, Feed::Chunks(64), Feed::Single] {
+        let ours = all_logprobs(&model, &ids, feed).unwrap();
+        let mut worst = 0.0f32;
+        for (r, &p) in at_pos.iter().enumerate() {
+            let p = p as usize;
+            for j in 0..v {
+                worst = worst.max((ours[p * v + j] - at[r * v + j]).abs());
+            }
+        }
+        for p in 0..t {
+            for j in 0..k {
+                let id = topk_ids[p * k + j] as usize;
+                worst = worst.max((ours[p * v + id] - topk_lp[p * k + j]).abs());
+            }
+            if p + 1 < t {
+                worst = worst.max((ours[p * v + ids[p + 1] as usize] - next[p]).abs());
+            }
+        }
+        assert!(
+            worst <= MAX_ABS,
+            "qwen-vocab feed {feed:?}: max |Δ logprob| = {worst}"
+        );
+        eprintln!("qwen-vocab feed {feed:?}: max |Δ logprob| = {worst:.2e}");
+    }
+}

@@ -1,0 +1,137 @@
+//! The commands end to end on the bundled checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn qnext(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_qnext"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qnext {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn run_greedy_is_deterministic_and_stdout_is_only_text() {
+    let m = fixture("qwen-vocab");
+    let m = m.to_str().unwrap();
+    let args = [
+        "run",
+        "--model",
+        m,
+        "--chat",
+        "--prompt",
+        "Hi there",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ];
+    let a = qnext(&args);
+    let b = qnext(&args);
+    assert_eq!(a.stdout, b.stdout, "greedy generation differs between runs");
+    let text = String::from_utf8(a.stdout).unwrap();
+    assert!(!text.trim().is_empty());
+    assert!(
+        !text.contains("tokens/s"),
+        "statistics leaked to stdout: {text}"
+    );
+    assert!(String::from_utf8_lossy(&a.stderr).contains("tokens/s"));
+}
+
+#[test]
+fn run_same_seed_same_text() {
+    let m = fixture("qwen-vocab");
+    let m = m.to_str().unwrap();
+    let run = |seed: &str| {
+        qnext(&[
+            "run",
+            "--model",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+        ])
+        .stdout
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(
+        run("7"),
+        run("8"),
+        "different seeds gave the same 16 tokens"
+    );
+}
+
+#[test]
+fn score_json_matches_reference() {
+    let dir = fixture("qwen-vocab");
+    let out = qnext(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text-file",
+        dir.join("reference_text.txt").to_str().unwrap(),
+        "--feed",
+        "chunks:50",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<f64> = v["next_token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<f64> = st
+        .tensor("next_token_logprobs")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    assert_eq!(ours.len(), want.len());
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 2e-4, "token {}: {a} vs {b}", i + 1);
+    }
+    let nll = -want.iter().sum::<f64>() / want.len() as f64;
+    assert!((v["mean_nll"].as_f64().unwrap() - nll).abs() < 1e-4);
+    assert!((v["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-3 * nll.exp());
+}
+
+#[test]
+fn inspect_reports_counts_and_dtypes() {
+    let out = qnext(&[
+        "inspect",
+        "--model",
+        fixture("fp8-f32scale").to_str().unwrap(),
+    ]);
+    let s = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "parameters",
+        "active per token",
+        "F8_E4M3",
+        "BF16",
+        "mtp parameters",
+        "fp8 e4m3",
+    ] {
+        assert!(s.contains(needle), "inspect output lacks {needle}: {s}");
+    }
+}
