@@ -25,6 +25,8 @@ enum Command {
     Score(commands::score::Args),
     /// Generate text from a prompt.
     Run(commands::run::Args),
+    /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
+    Synth(commands::synth::Args),
     /// Config summary, parameter counts, dtypes and bytes of a checkpoint.
     Inspect {
         /// Checkpoint folder.
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Score(a) => commands::score::main(a, cli.verbose),
         Command::Run(a) => commands::run::main(a, cli.verbose),
         Command::Inspect { model } => commands::inspect::main(&model),
+        Command::Synth(a) => commands::synth::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 mod files;
 mod matrix;
 mod view;
+pub mod writer;
 
 pub use files::Checkpoint;
 pub use matrix::{Matrix, MatrixData};

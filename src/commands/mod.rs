@@ -3,6 +3,7 @@
 pub mod inspect;
 pub mod run;
 pub mod score;
+pub mod synth;
 
 use anyhow::Result;
 use qnext::model::Model;
