@@ -25,6 +25,8 @@ enum Command {
     Score(commands::score::Args),
     /// Generate text from a prompt.
     Run(commands::run::Args),
+    /// Prompt-processing and generation throughput (like llama-bench).
+    Bench(commands::bench::Args),
     /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
     Synth(commands::synth::Args),
     /// Config summary, parameter counts, dtypes and bytes of a checkpoint.
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::main(a, cli.verbose),
         Command::Inspect { model } => commands::inspect::main(&model),
         Command::Synth(a) => commands::synth::main(a),
+        Command::Bench(a) => commands::bench::main(a, cli.verbose),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

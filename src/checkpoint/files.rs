@@ -32,6 +32,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens `dir`: `model.safetensors.index.json` + its shards, or `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
+        Checkpoint::open_with(dir, false)
+    }
+
+    /// Like [`Checkpoint::open`]; `populate` reads every page in now (MAP_POPULATE) instead of
+    /// on first use, so timings and the first requests do not pay for page faults.
+    pub fn open_with(dir: &Path, populate: bool) -> Result<Checkpoint> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
@@ -76,7 +82,7 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
-            let map = map_file(&path)?;
+            let map = map_file(&path, populate)?;
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
                     anyhow!("{} is truncated or not a valid safetensors file ({e:?})", path.display())
@@ -175,11 +181,15 @@ impl Checkpoint {
     }
 }
 
-fn map_file(path: &Path) -> Result<Mmap> {
+fn map_file(path: &Path, populate: bool) -> Result<Mmap> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the mapping is read-only and checkpoint files are treated as immutable while
     // qnext runs; a file truncated or rewritten underneath a running process is outside what
     // any mmap-based loader (safetensors, llama.cpp, vLLM) can defend against.
-    let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let mut opts = memmap2::MmapOptions::new();
+    if populate {
+        opts.populate();
+    }
+    let map = unsafe { opts.map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
     Ok(map)
 }

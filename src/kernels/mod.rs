@@ -8,4 +8,5 @@ pub mod fp8;
 pub mod matmul;
 pub mod norm;
 pub mod parallel;
+pub mod pool;
 pub mod rope;

@@ -151,11 +151,16 @@ impl Layer {
 impl Model {
     /// Loads `dir/config.json` and the weights of `dir`.
     pub fn load(dir: &Path) -> Result<Model> {
+        Model::load_with(dir, false)
+    }
+
+    /// Like [`Model::load`]; `populate` faults every weight page in up front.
+    pub fn load_with(dir: &Path, populate: bool) -> Result<Model> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
         let cfg = Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open(dir)?;
+        let ck = Checkpoint::open_with(dir, populate)?;
         Model::from_checkpoint(cfg, &ck)
     }
 

@@ -1,0 +1,158 @@
+//! `qnext bench`: prompt processing (pp) and generation (tg) throughput, like `llama-bench`,
+//! plus the bytes of weights read per generated token and the bandwidth that implies.
+
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use qnext::model::{Model, SeqInput, Want};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length for pp.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens generated for tg.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Context already in the cache before tg starts (llama-bench's `-d`).
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Stay within the ids a tokenizer defines (151,669 for Qwen) when the vocabulary is padded.
+            ((s >> 33) % vocab.min(151_669) as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Seconds to prefill `n` tokens in one forward call.
+fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
+    let ids = random_ids(n, model.cfg.vocab_size, seed);
+    let mut cache = model.new_cache(n);
+    let t0 = Instant::now();
+    model.forward(&mut [SeqInput { tokens: &ids, cache: &mut cache, want: Want::Last }])?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Seconds to generate `n` tokens greedily after `depth` tokens of context.
+fn tg(model: &Model, depth: usize, n: usize, seed: u64) -> Result<f64> {
+    let mut cache = model.new_cache(depth + n + 1);
+    let first = random_ids(depth + 1, model.cfg.vocab_size, seed);
+    let out = model.forward(&mut [SeqInput { tokens: &first, cache: &mut cache, want: Want::Last }])?;
+    let mut next = argmax(&out[0].logits);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let out = model.forward(&mut [SeqInput { tokens: &[next], cache: &mut cache, want: Want::Last }])?;
+        next = argmax(&out[0].logits);
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn main(a: Args, verbose: bool) -> Result<()> {
+    if a.repeat == 0 || (a.prompt_tokens == 0 && a.gen_tokens == 0) {
+        bail!("nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive");
+    }
+    let t0 = Instant::now();
+    let model = Model::load_with(&a.model, true)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let (all_bytes, token_bytes) = model.weight_bytes();
+    let threads = qnext::kernels::parallel::threads();
+    // One untimed round warms caches and the thread pool.
+    if a.prompt_tokens > 0 {
+        pp(&model, a.prompt_tokens.min(64), 1)?;
+    }
+    if a.gen_tokens > 0 {
+        tg(&model, 0, 2, 1)?;
+    }
+    let (mut pps, mut tgs) = (Vec::new(), Vec::new());
+    for r in 0..a.repeat {
+        if a.prompt_tokens > 0 {
+            let s = pp(&model, a.prompt_tokens, 100 + r as u64)?;
+            pps.push(a.prompt_tokens as f64 / s);
+        }
+        if a.gen_tokens > 0 {
+            let s = tg(&model, a.depth, a.gen_tokens, 200 + r as u64)?;
+            tgs.push(a.gen_tokens as f64 / s);
+        }
+        if verbose {
+            eprintln!("repeat {r}: pp {:?} tg {:?}", pps.last(), tgs.last());
+        }
+    }
+    let pp_tps = if pps.is_empty() { 0.0 } else { median(pps.clone()) };
+    let tg_tps = if tgs.is_empty() { 0.0 } else { median(tgs.clone()) };
+    let gbps = token_bytes as f64 * tg_tps / 1e9;
+    let rss = peak_rss_bytes();
+    if a.json {
+        let out = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "threads": threads,
+            "prompt_tokens": a.prompt_tokens,
+            "gen_tokens": a.gen_tokens,
+            "depth": a.depth,
+            "repeat": a.repeat,
+            "pp_tokens_per_s": pp_tps,
+            "tg_tokens_per_s": tg_tps,
+            "pp_runs": pps,
+            "tg_runs": tgs,
+            "bytes_per_token": token_bytes,
+            "weight_bytes": all_bytes,
+            "gb_per_s": gbps,
+            "peak_rss_bytes": rss,
+            "load_s": load_s,
+        });
+        println!("{out}");
+    } else {
+        println!("model      {}", a.model.display());
+        println!("threads    {threads}");
+        println!("pp{:<8} {pp_tps:.2} tokens/s", a.prompt_tokens);
+        println!("tg{:<8} {tg_tps:.2} tokens/s (depth {})", a.gen_tokens, a.depth);
+        println!("weights    {:.3} GB, {:.1} MB read per token, {gbps:.1} GB/s", all_bytes as f64 / 1e9, token_bytes as f64 / 1e6);
+        println!("peak RSS   {:.2} GB", rss as f64 / 1e9);
+    }
+    Ok(())
+}
