@@ -70,7 +70,11 @@ fn same_seed_same_sequence() {
     let mut a = Sampler::new(SamplingParams::default()).unwrap();
     let mut b = Sampler::new(SamplingParams::default()).unwrap();
     let flat = vec![0.0f32; 1 << 16];
-    let seq = |s: &mut Sampler| (0..8).map(|_| s.sample(&flat, &[], &[]).unwrap()).collect::<Vec<_>>();
+    let seq = |s: &mut Sampler| {
+        (0..8)
+            .map(|_| s.sample(&flat, &[], &[]).unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_ne!(seq(&mut a), seq(&mut b));
 }
 
@@ -222,7 +226,7 @@ fn full_vocabulary_truncation_matches_brute_force() {
     }
     let mut s = sampler(|p| p.top_p = 0.9);
     let mut seen = std::collections::HashSet::new();
-    for _ in 0..2000 {
+    for _ in 0..1000 {
         let t = s.sample(&logits, &[], &[]).unwrap();
         assert!(in_nucleus[t as usize], "token {t} is outside the nucleus");
         seen.insert(t);
@@ -238,10 +242,51 @@ fn full_vocabulary_truncation_matches_brute_force() {
         p.top_k = 20;
         p.top_p = 0.8;
     });
-    for _ in 0..500 {
+    for _ in 0..300 {
         let t = s.sample(&logits, &[], &[]).unwrap();
         assert!(top20.contains(&t));
     }
+}
+
+#[test]
+fn top_p_cut_is_exact_on_a_full_vocabulary() {
+    // Three heavy tokens (0.5, 0.3, 0.15 of the mass) at scattered ids, the remaining 0.05
+    // spread evenly over the rest of the vocabulary: the cut falls between heavy tokens, inside
+    // the histogram path (the candidate set is the whole vocabulary).
+    let heavy = [(70_001usize, 0.5f64), (12, 0.3), (151_000, 0.15)];
+    let rest = 0.05 / (VOCAB - heavy.len()) as f64;
+    let mut logits = vec![rest.ln() as f32; VOCAB];
+    for (id, p) in heavy {
+        logits[id] = p.ln() as f32;
+    }
+    // Fewer draws than elsewhere (each one scans the vocabulary); the 5-SE bounds follow n.
+    const DRAWS: usize = 2000;
+    let heavy_freq = |s: &mut Sampler| {
+        let mut counts = [0usize; 4];
+        for _ in 0..DRAWS {
+            let t = s.sample(&logits, &[], &[]).unwrap() as usize;
+            let slot = heavy.iter().position(|h| h.0 == t).unwrap_or(3);
+            counts[slot] += 1;
+        }
+        counts.map(|c| c as f64 / DRAWS as f64)
+    };
+    // 0.75: 0.5 and 0.3 stay (0 and 0.5 before them); 0.15 has 0.8 before it.
+    let mut s = sampler(|p| p.top_p = 0.75);
+    assert_matches(
+        &heavy_freq(&mut s),
+        &[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0],
+        DRAWS,
+    );
+    // 0.85: the third stays too; every light token has 0.95 before it.
+    let mut s = sampler(|p| p.top_p = 0.85);
+    assert_matches(
+        &heavy_freq(&mut s),
+        &[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0],
+        DRAWS,
+    );
+    // No truncation: the light tail keeps its 5%.
+    let mut s = sampler(|_| {});
+    assert_matches(&heavy_freq(&mut s), &[0.5, 0.3, 0.15, 0.05], DRAWS);
 }
 
 #[test]
@@ -258,7 +303,10 @@ fn penalties_change_the_right_logits() {
     });
     // Output only: token 3 three times, token 4 once; prompt token 0 untouched.
     let got = s.processed_logits(&logits, &[0, 0], &[3, 4, 3, 3]).unwrap();
-    assert_eq!(got, [2.0, -1.0, 0.5, 3.0 - 1.5 - 0.25, -0.5 - 0.5 - 0.25, 1.0]);
+    assert_eq!(
+        got,
+        [2.0, -1.0, 0.5, 3.0 - 1.5 - 0.25, -0.5 - 0.5 - 0.25, 1.0]
+    );
 
     let mut s = sampler(|p| p.logit_bias = vec![(1, 10.0), (5, -100.0)]);
     let got = s.processed_logits(&logits, &[], &[]).unwrap();
@@ -291,7 +339,9 @@ fn infinite_logits() {
     let freq = frequencies(&mut s, &logits, 4000);
     assert_eq!(freq[0] + freq[2], 0.0);
     assert!(freq[1] > 0.4 && freq[3] > 0.4);
-    let err = s.sample(&[f32::NEG_INFINITY, f32::NAN], &[], &[]).unwrap_err();
+    let err = s
+        .sample(&[f32::NEG_INFINITY, f32::NAN], &[], &[])
+        .unwrap_err();
     assert!(err.to_string().contains("-inf"), "{err}");
 }
 
@@ -312,7 +362,10 @@ fn bad_inputs_are_errors() {
         ("top_p", params(|p| p.top_p = 1.5)),
         ("min_p", params(|p| p.min_p = -0.1)),
         ("presence_penalty", params(|p| p.presence_penalty = 3.0)),
-        ("frequency_penalty", params(|p| p.frequency_penalty = f32::NAN)),
+        (
+            "frequency_penalty",
+            params(|p| p.frequency_penalty = f32::NAN),
+        ),
         ("repetition_penalty", params(|p| p.repetition_penalty = 0.0)),
         ("logit_bias", params(|p| p.logit_bias = vec![(1, f32::NAN)])),
     ] {
@@ -325,7 +378,11 @@ fn bad_inputs_are_errors() {
 fn logprobs_are_log_softmax() {
     let lp = logprobs(&log_p());
     for (got, p) in lp.iter().zip(P) {
-        assert!((f64::from(*got) - p.ln()).abs() < 1e-6, "{got} vs {}", p.ln());
+        assert!(
+            (f64::from(*got) - p.ln()).abs() < 1e-6,
+            "{got} vs {}",
+            p.ln()
+        );
     }
     let big = fake_logits(VOCAB, 9);
     let lp = logprobs(&big);

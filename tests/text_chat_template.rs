@@ -123,7 +123,8 @@ fn serde_json_preserves_order() -> bool {
 fn keys_sorted(v: &OrderedJson) -> bool {
     match v {
         OrderedJson::Object(entries) => {
-            entries.windows(2).all(|w| w[0].0 < w[1].0) && entries.iter().all(|(_, v)| keys_sorted(v))
+            entries.windows(2).all(|w| w[0].0 < w[1].0)
+                && entries.iter().all(|(_, v)| keys_sorted(v))
         }
         OrderedJson::Array(items) => items.iter().all(keys_sorted),
         _ => true,
@@ -151,7 +152,8 @@ fn goldens_through_serde_json_values() {
     let thinking = template("thinking");
     let mut checked = 0;
     for case in cases() {
-        let order_safe = case.tools.as_ref().is_none_or(keys_sorted) && arguments_sorted(&case.messages);
+        let order_safe =
+            case.tools.as_ref().is_none_or(keys_sorted) && arguments_sorted(&case.messages);
         if !preserved && !order_safe {
             continue;
         }
@@ -169,7 +171,12 @@ fn goldens_through_serde_json_values() {
             .map(|(k, v)| (k.clone(), to_serde(v)))
             .collect();
         let got = tpl
-            .render(&messages, tools.as_ref(), case.add_generation_prompt, &extra)
+            .render(
+                &messages,
+                tools.as_ref(),
+                case.add_generation_prompt,
+                &extra,
+            )
             .unwrap();
         assert_eq!(got, case.expected, "{}", case.name);
         checked += 1;
@@ -248,8 +255,11 @@ fn template_globals_and_python_methods() {
 
 #[test]
 fn raise_exception_is_an_error() {
-    let err = render_source("{{ raise_exception('Only user and assistant roles') }}", r#"[{"role": "x"}]"#)
-        .unwrap_err();
+    let err = render_source(
+        "{{ raise_exception('Only user and assistant roles') }}",
+        r#"[{"role": "x"}]"#,
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("Only user and assistant roles"), "{msg}");
     assert!(msg.contains("inline.json"), "{msg}");
@@ -267,7 +277,8 @@ fn bad_inputs_are_errors_naming_the_field() {
     assert!(render("{}", None).contains("messages must be an array"));
     assert!(render("[]", None).contains("empty"));
     assert!(render(r#"[{"role": "user", "content": "x"}, 3]"#, None).contains("messages[1]"));
-    assert!(render(r#"[{"role": "user", "content": "x"}]"#, Some("{}")).contains("tools must be an array"));
+    assert!(render(r#"[{"role": "user", "content": "x"}]"#, Some("{}"))
+        .contains("tools must be an array"));
     assert!(render(r#"[{"role": "user", "content": "x"}]"#, Some("[1]")).contains("tools[0]"));
     let msgs = OrderedJson::parse(r#"[{"role": "user", "content": "x"}]"#).unwrap();
     let extra = vec![("messages".to_owned(), OrderedJson::Null)];
@@ -286,7 +297,10 @@ fn loads_every_source_form() {
     // A .jinja file: Jinja2 drops a single trailing newline of the source.
     let jinja = dir.path().join("t.jinja");
     std::fs::write(&jinja, "J:{{ messages[0].content }}\n").unwrap();
-    assert_eq!(render(&ChatTemplate::from_file(&jinja).unwrap(), false), "J:hi");
+    assert_eq!(
+        render(&ChatTemplate::from_file(&jinja).unwrap(), false),
+        "J:hi"
+    );
 
     // The list-of-named-templates form: "tool_use" when tools are given, else "default".
     let listed = dir.path().join("listed.json");

@@ -23,7 +23,10 @@ const SPLIT_TEXT: &str = "Rust 🦀 and 𠮷野家 龘靐齉 𝔘𝔫𝔦 🧑�
 fn encodes_like_hugging_face() {
     let t = tokenizer();
     // Ids from the Python `tokenizers` package on the same file.
-    assert_eq!(t.encode("Hello, world!", false).unwrap(), [9707, 11, 1879, 0]);
+    assert_eq!(
+        t.encode("Hello, world!", false).unwrap(),
+        [9707, 11, 1879, 0]
+    );
     assert_eq!(
         t.encode("<|im_start|>user\n你好，世界！🌍👋🏽<|im_end|>\n", false)
             .unwrap(),
@@ -71,7 +74,10 @@ fn decode_round_trips_and_skips_only_special_tokens() {
         "<think>x</think>"
     );
     let err = t.decode(&[9707, 151_900], false).unwrap_err().to_string();
-    assert!(err.contains("151900") && err.contains("tokenizer.json"), "{err}");
+    assert!(
+        err.contains("151900") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -115,7 +121,11 @@ fn stream_never_splits_a_character() {
         assert!(!p.contains('\u{FFFD}'), "broken character in piece {p:?}");
     }
     assert_eq!(pieces.concat(), SPLIT_TEXT);
-    assert!(pieces.len() > 30, "pieces should follow tokens, got {}", pieces.len());
+    assert!(
+        pieces.len() > 30,
+        "pieces should follow tokens, got {}",
+        pieces.len()
+    );
 }
 
 #[test]
@@ -136,7 +146,11 @@ fn stream_matches_decode_with_special_tokens() {
 fn stream_flush_releases_an_incomplete_character() {
     let t = tokenizer();
     let ids = t.encode("a𓀀", false).unwrap();
-    assert_eq!(ids.len(), 4, "the hieroglyph should take three byte-level tokens");
+    assert_eq!(
+        ids.len(),
+        4,
+        "the hieroglyph should take three byte-level tokens"
+    );
     // Cut the hieroglyph short: the stream holds them back until the end, then releases
     // exactly what a full decode gives (U+FFFD for the incomplete character).
     let cut = &ids[..ids.len() - 1];
@@ -157,4 +171,33 @@ fn stream_flush_releases_an_incomplete_character() {
 fn stream_rejects_unknown_ids() {
     let mut s = DecodeStream::new(false);
     assert!(s.step(tokenizer(), 999_999).is_err());
+}
+
+#[test]
+fn stream_equals_decode_on_arbitrary_ids() {
+    // Random ids make invalid UTF-8 in the middle of the text too (lone continuation bytes):
+    // whatever the bytes, the pieces must add up to the full decode.
+    let t = tokenizer();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % m) as u32
+    };
+    for _ in 0..20 {
+        let ids: Vec<u32> = (0..300)
+            .map(|_| {
+                // Mostly the byte tokens and short merges (ids < 300 are single bytes).
+                if next(4) == 0 {
+                    next(151_669)
+                } else {
+                    next(300)
+                }
+            })
+            .collect();
+        for skip in [false, true] {
+            assert_eq!(stream(&ids, skip).concat(), t.decode(&ids, skip).unwrap());
+        }
+    }
 }

@@ -168,7 +168,7 @@ fn worker(sh: Arc<Shared>, index: usize) {
                 break g;
             }
             spins += 1;
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 sh.sleeping[index].store(true, Ordering::Release);
                 // Re-check after announcing sleep, so a job published in between is not missed.
                 let (g, count, next) = unpack(sh.state.load(Ordering::Acquire));
