@@ -122,7 +122,7 @@ fn not_converted(a: &Args) -> Vec<String> {
 }
 
 fn is_attention(l: usize) -> bool {
-    (l + 1) % 4 == 0
+    (l + 1).is_multiple_of(4)
 }
 
 /// How a tensor's values are drawn.
