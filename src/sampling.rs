@@ -3,13 +3,15 @@
 //! [`Sampler::sample`] applies, in vLLM's order: logit bias; repetition penalty (HF/vLLM:
 //! positive logits divided, negative multiplied, for every token of prompt + output);
 //! frequency and presence penalties (OpenAI: `-= frequency·count + presence·[count > 0]` over
-//! output tokens only); temperature (below 1e-5 → greedy argmax, lowest id on ties); then top-k,
-//! top-p and min-p (HF's warper order — vLLM v1 applies min-p before top-k/top-p, which differs
-//! only when min-p and top-p are both set), and draws from what is left with the sampler's
-//! own seeded generator.
+//! output tokens only); temperature (below 1e-5 → greedy argmax, lowest id on ties); min-p;
+//! top-k; top-p (renormalised over what min-p and top-k left, as vLLM v1 does — HF's warpers
+//! run min-p last, which differs only when min-p and top-p are both set); then a draw from what
+//! is left with the sampler's own seeded generator.
 //!
-//! The vocabulary is ~152k entries, so nothing sorts it whole unless top-p needs most of it:
-//! top-k selects with `select_nth_unstable_by`, top-p grows a sorted head by doubling.
+//! The vocabulary is ~152k entries, so nothing sorts it whole: small top-k keeps a heap during
+//! one scan (large k uses `select_nth_unstable_by`), top-p finds its cut with a histogram of the
+//! logits and sorts only the bin the cut falls in. About 0.2 ms per token with Qwen's defaults
+//! (top_k 20), under 1.5 ms with top-p alone.
 //!
 //! Defaults come from a checkpoint's `generation_config.json` ([`GenerationConfig`]); fields it
 //! lacks keep vLLM's neutral defaults.
@@ -324,7 +326,8 @@ impl Sampler {
         }));
         for &(id, bias) in &self.params.logit_bias {
             match self.work.get_mut(id as usize) {
-                Some(l) => *l += bias,
+                // inf + -inf is NaN: a banned token stays banned.
+                Some(l) => *l = (*l + bias).max(f32::NEG_INFINITY),
                 None => bail!("sampling: logit_bias token id {id} is outside the vocabulary ({n})"),
             }
         }
@@ -368,45 +371,48 @@ impl Sampler {
         Ok(())
     }
 
-    /// Fills `self.cand` with the tokens that survive top-k, top-p and min-p; returns true
-    /// instead when nothing is truncated (every token is a candidate).
+    /// Fills `self.cand` with the tokens that survive min-p, top-k and top-p (vLLM v1's order);
+    /// returns true instead when nothing is truncated (every token is a candidate).
     fn select_candidates(&mut self, max: f32) -> bool {
         let n = self.work.len();
         let top_k = self.params.top_k;
-        let truncating = (top_k > 0 && top_k < n) || self.params.top_p < 1.0;
-        if !truncating && self.params.min_p == 0.0 {
+        let use_top_k = top_k > 0 && top_k < n;
+        let use_top_p = self.params.top_p < 1.0;
+        let use_min_p = self.params.min_p > 0.0;
+        if !use_top_k && !use_top_p && !use_min_p {
             return true;
         }
         self.cand.clear();
-        if top_k > 0 && top_k < n {
-            self.top_k(top_k);
+        let work = &self.work;
+        if use_min_p {
+            let min_p = f64::from(self.params.min_p);
+            // p / p_max is the weight exp(l - max).
+            self.cand
+                .extend((0..n as u32).filter(|&i| weight(work[i as usize], max) >= min_p));
         } else {
             self.cand.extend(0..n as u32);
         }
-        if self.params.top_p < 1.0 {
-            self.apply_top_p(max, f64::from(self.params.top_p));
+        if use_top_k && top_k < self.cand.len() {
+            self.top_k(top_k);
         }
-        if self.params.min_p > 0.0 {
-            let min_p = f64::from(self.params.min_p);
-            let work = &self.work;
-            // The max token always survives top-k/top-p, so p/p_max = weight.
-            self.cand
-                .retain(|&i| weight(work[i as usize], max) >= min_p);
+        if use_top_p {
+            self.apply_top_p(max, f64::from(self.params.top_p));
         }
         false
     }
 
-    /// The `k` best tokens into `self.cand` (unordered). Small k: one scan keeping a heap of
-    /// the best so far, where most tokens cost one comparison; large k: a selection.
+    /// Keeps the `k` best of `self.cand` (unordered). Small k: one scan keeping a heap of the
+    /// best so far, where most tokens cost one comparison; large k: a selection.
     fn top_k(&mut self, k: usize) {
         let work = &self.work;
         if k <= TOP_K_HEAP_UP_TO {
-            let mut heap = BinaryHeap::from(std::mem::take(&mut self.heap));
-            heap.clear();
-            for (i, &logit) in work.iter().enumerate() {
+            let mut storage = std::mem::take(&mut self.heap);
+            storage.clear();
+            let mut heap = BinaryHeap::from(storage);
+            for &id in &self.cand {
                 let r = Ranked {
-                    logit,
-                    id: i as u32,
+                    logit: work[id as usize],
+                    id,
                 };
                 if heap.len() < k {
                     heap.push(r);
@@ -417,9 +423,9 @@ impl Sampler {
                 }
             }
             self.heap = heap.into_vec();
+            self.cand.clear();
             self.cand.extend(self.heap.iter().map(|r| r.id));
         } else {
-            self.cand.extend(0..work.len() as u32);
             self.cand
                 .select_nth_unstable_by(k - 1, |a, b| desc(work, a, b));
             self.cand.truncate(k);

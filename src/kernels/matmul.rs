@@ -1,43 +1,73 @@
 //! `y = x · Wᵀ` for every stored weight dtype: x is `[t, cols]` f32, W is `[rows, cols]`,
-//! y is `[t, rows]`. Each weight row is decoded once per call and used for all t rows of x, so
-//! a batch reads the weights once. FP8 rows are widened with their block scales applied, which
-//! equals the reference's dequantised weight exactly (one f32 product per weight).
+//! y is `[t, rows]`. Rows are split over the worker pool; each task runs the best kernel the
+//! CPU has (see `x86::avx512`) or the portable one. Weights are read once per call however
+//! many tokens the batch has. f32 activations and accumulation throughout: FP8 and BF16
+//! weights are widened exactly, so results match the reference up to summation order.
 
-use super::parallel::map_ranges;
+use std::sync::Mutex;
+
+use super::isa::{isa, Isa};
+use super::pool;
 use crate::checkpoint::{Matrix, MatrixData};
+
+/// Multiply-adds below which a product runs on the calling thread alone.
+const PARALLEL_WORK: usize = 1 << 17;
 
 pub fn matmul(x: &[f32], t: usize, w: &Matrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), t * k, "matmul: x is not [t, cols]");
-    let parts = map_ranges(n, t * n * k, |a, b| {
-        let len = b - a;
-        let mut out = vec![0.0f32; t * len];
-        let mut buf = vec![0.0f32; k];
-        for r in a..b {
-            let row: &[f32] = match &w.data {
-                MatrixData::F32(d) => &d.as_slice()[r * k..(r + 1) * k],
-                _ => {
-                    w.row_f32(r, &mut buf);
-                    &buf
-                }
-            };
-            for ti in 0..t {
-                out[ti * len + (r - a)] = dot(&x[ti * k..(ti + 1) * k], row);
-            }
-        }
-        (a, b, out)
-    });
-    if parts.len() == 1 {
-        return parts.into_iter().next().map(|p| p.2).unwrap_or_default();
+    let mut out_nt = vec![0.0f32; n * t];
+    let pool = pool::global();
+    let tasks = if t * n * k < PARALLEL_WORK {
+        1
+    } else {
+        (pool.threads() * 4).min(n.div_ceil(4)).max(1)
+    };
+    let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
+    if tasks == 1 {
+        rows_kernel(x, t, w, 0, n, &mut out_nt);
+    } else {
+        let parts: Vec<Mutex<&mut [f32]>> = out_nt.chunks_mut(rows_per * t).map(Mutex::new).collect();
+        pool.run(parts.len(), &|i| {
+            let mut o = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let r0 = i * rows_per;
+            rows_kernel(x, t, w, r0, (r0 + rows_per).min(n), &mut o);
+        });
+    }
+    if t == 1 {
+        return out_nt;
     }
     let mut y = vec![0.0f32; t * n];
-    for (a, b, part) in parts {
-        let len = b - a;
-        for ti in 0..t {
-            y[ti * n + a..ti * n + b].copy_from_slice(&part[ti * len..(ti + 1) * len]);
+    for r in 0..n {
+        for j in 0..t {
+            y[j * n + r] = out_nt[r * t + j];
         }
     }
     y
+}
+
+/// Rows `r0..r1` into `out` (`[(r1 - r0), t]`).
+fn rows_kernel(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 && super::x86::avx512::supports(w) {
+        // SAFETY: `isa()` verified AVX-512 F and BW on this CPU.
+        unsafe { super::x86::avx512::rows(x, t, w, r0..r1, out) };
+        return;
+    }
+    let k = w.cols;
+    let mut buf = vec![0.0f32; k];
+    for r in r0..r1 {
+        let row: &[f32] = match &w.data {
+            MatrixData::F32(d) => &d.as_slice()[r * k..(r + 1) * k],
+            _ => {
+                w.row_f32(r, &mut buf);
+                &buf
+            }
+        };
+        for j in 0..t {
+            out[(r - r0) * t + j] = dot(&x[j * k..(j + 1) * k], row);
+        }
+    }
 }
 
 /// Dot product with eight independent partial sums, so the compiler can vectorise it.

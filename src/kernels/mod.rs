@@ -5,8 +5,11 @@
 pub mod activation;
 pub mod delta_rule;
 pub mod fp8;
+pub mod isa;
 pub mod matmul;
 pub mod norm;
 pub mod parallel;
 pub mod pool;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;

@@ -1,0 +1,30 @@
+//! Which SIMD kernels this CPU can run, detected once at run time.
+
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F + BW (x86-64).
+    Avx512,
+    /// Portable Rust; the compiler vectorises what it can for the baseline target.
+    Portable,
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+pub fn isa() -> Isa {
+    *ISA.get_or_init(detect)
+}
+
+fn detect() -> Isa {
+    if std::env::var("QNEXT_ISA").as_deref() == Ok("portable") {
+        return Isa::Portable;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            return Isa::Avx512;
+        }
+    }
+    Isa::Portable
+}

@@ -1,0 +1,3 @@
+//! x86-64 SIMD kernels, chosen at run time by CPU feature detection.
+
+pub mod avx512;
