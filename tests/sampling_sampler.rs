@@ -193,6 +193,32 @@ fn top_k_top_p_min_p_truncate_and_renormalise() {
     );
 }
 
+#[test]
+fn min_p_comes_before_top_p_as_in_vllm() {
+    // min_p 0.4 (threshold 0.16) leaves {0.2, 0.3, 0.4}, renormalised to 2/9, 3/9, 4/9; top_p
+    // 0.75 over those drops 2/9 (7/9 before it). HF's order (top-p on the raw distribution,
+    // then min-p) would keep token 1 (0.7 before it).
+    let mut s = sampler(|p| {
+        p.min_p = 0.4;
+        p.top_p = 0.75;
+    });
+    assert_matches(
+        &frequencies(&mut s, &log_p(), N),
+        &[0.0, 0.0, 0.3 / 0.7, 0.4 / 0.7],
+        N,
+    );
+    // min_p with top_k: both keep a head of the ranking, so the order does not matter.
+    let mut s = sampler(|p| {
+        p.min_p = 0.3;
+        p.top_k = 3;
+    });
+    assert_matches(
+        &frequencies(&mut s, &log_p(), N),
+        &[0.0, 0.2 / 0.9, 0.3 / 0.9, 0.4 / 0.9],
+        N,
+    );
+}
+
 /// The nucleus by brute force: sort everything, keep while the mass before is < top_p.
 fn reference_nucleus(logits: &[f32], temperature: f32, top_p: f64) -> Vec<u32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -341,3 +341,14 @@ fn loads_every_source_form() {
     assert!(ChatTemplate::from_file(&bad_syntax).is_err());
     assert!(ChatTemplate::from_checkpoint_dir(dir.path().join("nowhere")).is_err());
 }
+
+#[test]
+fn text_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<ChatTemplate>();
+    shared::<qnext::text::Tokenizer>();
+    shared::<OrderedJson>();
+    fn owned<T: Send>() {}
+    owned::<qnext::text::DecodeStream>();
+    owned::<qnext::sampling::Sampler>();
+}

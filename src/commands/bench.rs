@@ -27,6 +27,9 @@ pub struct Args {
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Also measure the memory read bandwidth (4 GiB buffer, best of 10) to compare with.
+    #[arg(long)]
+    read_bandwidth: bool,
 }
 
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -127,6 +130,11 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     let tg_tps = if tgs.is_empty() { 0.0 } else { median(tgs.clone()) };
     let gbps = token_bytes as f64 * tg_tps / 1e9;
     let rss = peak_rss_bytes();
+    let bw = if a.read_bandwidth {
+        qnext::kernels::bandwidth::read_bandwidth(4 << 30, 10) / 1e9
+    } else {
+        0.0
+    };
     if a.json {
         let out = serde_json::json!({
             "model": a.model.display().to_string(),
@@ -144,6 +152,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "gb_per_s": gbps,
             "peak_rss_bytes": rss,
             "load_s": load_s,
+            "read_bandwidth_gb_per_s": bw,
+            "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
         });
         println!("{out}");
     } else {
@@ -153,6 +163,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         println!("tg{:<8} {tg_tps:.2} tokens/s (depth {})", a.gen_tokens, a.depth);
         println!("weights    {:.3} GB, {:.1} MB read per token, {gbps:.1} GB/s", all_bytes as f64 / 1e9, token_bytes as f64 / 1e6);
         println!("peak RSS   {:.2} GB", rss as f64 / 1e9);
+        if bw > 0.0 {
+            println!("read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it", 100.0 * gbps / bw);
+        }
     }
     Ok(())
 }

@@ -1,0 +1,41 @@
+//! Measuring the machine's memory read bandwidth, the bound for decode speed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::isa::{isa, Isa};
+use super::pool;
+
+fn sum(buf: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: `isa()` verified AVX-512 F.
+        return unsafe { super::x86::avx512::read_sum(buf) };
+    }
+    buf.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .fold(0u64, u64::wrapping_add)
+}
+
+/// Best-of-`rounds` read bandwidth in bytes/s over a pre-faulted buffer of `bytes`, read by
+/// every pool thread (each its own contiguous share).
+pub fn read_bandwidth(bytes: usize, rounds: usize) -> f64 {
+    // Touch every page first so the timing sees no page faults.
+    let buf: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let p = pool::global();
+    let parts = p.threads();
+    let share = (bytes / parts) & !255;
+    let sink = AtomicU64::new(0);
+    let mut best = 0.0f64;
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        p.run(parts, &|i| {
+            let s = sum(&buf[i * share..(i + 1) * share]);
+            sink.fetch_add(s, Ordering::Relaxed);
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        best = best.max((share * parts) as f64 / secs);
+    }
+    std::hint::black_box(sink.load(Ordering::Relaxed));
+    best
+}
