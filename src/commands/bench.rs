@@ -30,6 +30,9 @@ pub struct Args {
     /// Also measure the memory read bandwidth (4 GiB buffer, best of 10) to compare with.
     #[arg(long)]
     read_bandwidth: bool,
+    /// Only run kernel micro-benchmarks (matrix products on synthetic weights; no model needed).
+    #[arg(long)]
+    kernels: bool,
 }
 
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -99,6 +102,16 @@ fn peak_rss_bytes() -> u64 {
 pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.repeat == 0 || (a.prompt_tokens == 0 && a.gen_tokens == 0) {
         bail!("nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive");
+    }
+    if a.kernels {
+        let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
+        println!("read bandwidth {bw:.1} GB/s");
+        for t in [1usize, 4] {
+            for (name, gbps, secs) in qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5) {
+                println!("matmul {name:<5} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)", secs * 1e6);
+            }
+        }
+        return Ok(());
     }
     let t0 = Instant::now();
     let model = Model::load_with(&a.model, true)?;

@@ -8,6 +8,7 @@ pub mod delta_rule;
 pub mod fp8;
 pub mod isa;
 pub mod matmul;
+pub mod microbench;
 pub mod norm;
 pub mod parallel;
 pub mod pool;

@@ -4,32 +4,44 @@
 //! One arithmetic for every batch size: for row `n` and token `j`, 32-weight chunks are
 //! multiplied into one 16-lane accumulator per scale block (two FMAs per chunk, low half
 //! first), the block's accumulator is folded into a running total with the block scale, a
-//! scalar tail handles `K mod 32`, and the lanes are summed at the end. Decode (one token)
-//! converts weights on the fly; batches convert a few rows to f32 once and reuse them for
-//! every token. The values and the order of operations are the same in both, so a sequence's
-//! logits do not depend on what else is in its batch.
+//! scalar tail handles the columns past the last full chunk of a block, and the lanes are
+//! summed at the end. Decode (one token) converts weights on the fly; batches convert a few
+//! rows to f32 once and reuse them for every token. Values and order of operations are the
+//! same in both, so a sequence's logits do not depend on what else is in its batch.
 //!
-//! FP8 e4m3 → f32 without a table: sign-extend the byte to 16 bits, shift left by 7 and keep
-//! the sign and the 7 magnitude bits; the result is an IEEE half of exactly `value · 2⁻⁸`
-//! (subnormals included), which `vcvtph2ps` widens. The `2⁸` goes into the block scale.
+//! FP8 e4m3 → f32 with three integer operations: sign-extend the byte to 32 bits, shift left
+//! by 20 and keep the sign and the 7 exponent/mantissa bits. The result is an IEEE single of
+//! exactly `value · 2⁻¹²⁰` — e4m3 and f32 subnormals line up too, both being `0.m · 2^(1−bias)`
+//! — and the `2¹²⁰` goes into the block scale. (`vcvtph2ps`, the obvious alternative via
+//! halves, is several times slower on AMD cores.)
+//!
+//! Pointer arithmetic: every kernel checks up front that the rows, activations and outputs it
+//! touches are in bounds (`assert!`s in [`rows`] and [`run`]); the loops then stay below those
+//! bounds, which is what each `SAFETY` comment refers to.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use crate::checkpoint::{Matrix, MatrixData};
 
 /// Rows per register tile.
 const RB: usize = 4;
+/// Tokens per register tile in batched products.
+const TB: usize = 2;
+const PREFETCH: bool = true;
 
-/// A weight dtype as seen by the kernels: 32 weights at a time as two f32 vectors, one at a
-/// time for tails, and a scale per (row, block).
+/// A weight dtype as the kernels see it.
 trait Weights: Sync {
+    type E: Copy;
     fn cols(&self) -> usize;
     /// Columns per scale block (a multiple of 32, or `cols` when unscaled).
     fn block(&self) -> usize;
     fn scale(&self, row: usize, block: usize) -> f32;
-    /// Weights `k..k+32` of `row`; `k + 32 <= cols`.
-    unsafe fn load32(&self, row: usize, k: usize) -> (__m512, __m512);
-    fn one(&self, row: usize, k: usize) -> f32;
+    fn row(&self, r: usize) -> *const Self::E;
+    /// Weights `p[0..32]` as two f32 vectors (unscaled).
+    unsafe fn load32(p: *const Self::E) -> (__m512, __m512);
+    /// Weight `p[0]` (unscaled), for tails.
+    unsafe fn one(p: *const Self::E) -> f32;
 }
 
 struct Fp8<'a> {
@@ -42,6 +54,7 @@ struct Fp8<'a> {
 }
 
 impl Weights for Fp8<'_> {
+    type E = u8;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -50,28 +63,32 @@ impl Weights for Fp8<'_> {
     }
     #[inline(always)]
     fn scale(&self, row: usize, block: usize) -> f32 {
-        // 2⁸ undoes the half-precision trick of `load32`.
-        self.scales[(row / self.block_n) * self.scale_cols + block] * 256.0
+        // 2¹²⁰ undoes the exponent rebias of `load32`.
+        self.scales[(row / self.block_n) * self.scale_cols + block] * TWO_POW_120
     }
     #[inline(always)]
-    unsafe fn load32(&self, row: usize, k: usize) -> (__m512, __m512) {
-        let p = self.w[row * self.cols + k..row * self.cols + k + 32].as_ptr();
-        // SAFETY: the slice above holds exactly the 32 bytes read.
-        let b = unsafe { _mm256_loadu_si256(p as *const __m256i) };
-        let h = _mm512_and_si512(
-            _mm512_slli_epi16::<7>(_mm512_cvtepi8_epi16(b)),
-            _mm512_set1_epi16(0xBF80u16 as i16),
-        );
+    fn row(&self, r: usize) -> *const u8 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load32(p: *const u8) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 32 readable bytes at `p`.
+        let (a, b) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(p.add(16) as *const __m128i)) };
+        let mask = _mm512_set1_epi32(0x87F0_0000u32 as i32);
         (
-            _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
-            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(a)), mask)),
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)), mask)),
         )
     }
     #[inline(always)]
-    fn one(&self, row: usize, k: usize) -> f32 {
-        super::super::fp8::e4m3_to_f32(self.w[row * self.cols + k]) * (1.0 / 256.0)
+    unsafe fn one(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        super::super::fp8::e4m3_to_f32(unsafe { *p }) * TWO_POW_MINUS_120
     }
 }
+
+const TWO_POW_120: f32 = f32::from_bits((127 + 120) << 23);
+const TWO_POW_MINUS_120: f32 = f32::from_bits((127 - 120) << 23);
 
 struct Bf16<'a> {
     w: &'a [u16],
@@ -79,6 +96,7 @@ struct Bf16<'a> {
 }
 
 impl Weights for Bf16<'_> {
+    type E = u16;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -90,13 +108,16 @@ impl Weights for Bf16<'_> {
         1.0
     }
     #[inline(always)]
-    unsafe fn load32(&self, row: usize, k: usize) -> (__m512, __m512) {
-        let s = &self.w[row * self.cols + k..row * self.cols + k + 32];
-        // SAFETY: each load reads 16 of the 32 u16 in `s`.
+    fn row(&self, r: usize) -> *const u16 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load32(p: *const u16) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 32 readable u16 at `p`.
         let (a, b) = unsafe {
             (
-                _mm256_loadu_si256(s.as_ptr() as *const __m256i),
-                _mm256_loadu_si256(s[16..].as_ptr() as *const __m256i),
+                _mm256_loadu_si256(p as *const __m256i),
+                _mm256_loadu_si256(p.add(16) as *const __m256i),
             )
         };
         (
@@ -105,8 +126,9 @@ impl Weights for Bf16<'_> {
         )
     }
     #[inline(always)]
-    fn one(&self, row: usize, k: usize) -> f32 {
-        f32::from_bits((self.w[row * self.cols + k] as u32) << 16)
+    unsafe fn one(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        f32::from_bits((unsafe { *p } as u32) << 16)
     }
 }
 
@@ -116,6 +138,7 @@ struct F16<'a> {
 }
 
 impl Weights for F16<'_> {
+    type E = u16;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -127,19 +150,23 @@ impl Weights for F16<'_> {
         1.0
     }
     #[inline(always)]
-    unsafe fn load32(&self, row: usize, k: usize) -> (__m512, __m512) {
-        let s = &self.w[row * self.cols + k..row * self.cols + k + 32];
-        // SAFETY: each load reads 16 of the 32 u16 in `s`.
+    fn row(&self, r: usize) -> *const u16 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load32(p: *const u16) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 32 readable u16 at `p`.
         unsafe {
             (
-                _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr() as *const __m256i)),
-                _mm512_cvtph_ps(_mm256_loadu_si256(s[16..].as_ptr() as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i)),
             )
         }
     }
     #[inline(always)]
-    fn one(&self, row: usize, k: usize) -> f32 {
-        half::f16::from_bits(self.w[row * self.cols + k]).to_f32()
+    unsafe fn one(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        half::f16::from_bits(unsafe { *p }).to_f32()
     }
 }
 
@@ -149,6 +176,7 @@ struct F32<'a> {
 }
 
 impl Weights for F32<'_> {
+    type E = f32;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -160,18 +188,28 @@ impl Weights for F32<'_> {
         1.0
     }
     #[inline(always)]
-    unsafe fn load32(&self, row: usize, k: usize) -> (__m512, __m512) {
-        let s = &self.w[row * self.cols + k..row * self.cols + k + 32];
-        // SAFETY: each load reads 16 of the 32 f32 in `s`.
-        unsafe { (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(s[16..].as_ptr())) }
+    fn row(&self, r: usize) -> *const f32 {
+        self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    fn one(&self, row: usize, k: usize) -> f32 {
-        self.w[row * self.cols + k]
+    unsafe fn load32(p: *const f32) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 32 readable f32 at `p`.
+        unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p }
     }
 }
 
-/// Whether this module can handle `w` (block widths must be multiples of 32).
+/// Widened (unscaled) rows in a buffer, read like any other weights.
+struct Widened<'a> {
+    buf: &'a [f32],
+    cols: usize,
+}
+
+/// Whether this module can handle `w` (FP8 block widths must be multiples of 32).
 pub fn supports(w: &Matrix) -> bool {
     match &w.data {
         MatrixData::Fp8 { block_k, .. } => block_k % 32 == 0,
@@ -184,65 +222,106 @@ pub fn supports(w: &Matrix) -> bool {
 /// # Safety
 /// The CPU must support AVX-512 F and BW (checked by the caller's dispatch).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: std::ops::Range<usize>, out: &mut [f32]) {
+pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
     let cols = w.cols;
-    // SAFETY (all calls below): same target features as this function.
+    assert!(rows.end <= w.rows && x.len() >= t * cols && out.len() >= rows.len() * t);
+    // SAFETY (all calls below): same target features as this function; bounds checked above
+    // and by the slices each `Weights` holds.
     unsafe {
         match &w.data {
-            MatrixData::Fp8 { w: q, scales, block_n, block_k } => run(
-                &Fp8 {
-                    w: q.as_slice(),
-                    scales,
-                    cols,
-                    block_n: *block_n,
-                    block_k: *block_k,
-                    scale_cols: cols.div_ceil(*block_k),
-                },
-                x,
-                t,
-                rows,
-                out,
-            ),
-            MatrixData::Bf16(d) => run(&Bf16 { w: d.as_slice(), cols }, x, t, rows, out),
-            MatrixData::F16(d) => run(&F16 { w: d.as_slice(), cols }, x, t, rows, out),
-            MatrixData::F32(d) => run(&F32 { w: d.as_slice(), cols }, x, t, rows, out),
+            MatrixData::Fp8 { w: q, scales, block_n, block_k } => {
+                let q = q.as_slice();
+                assert!(q.len() >= w.rows * cols);
+                run(
+                    &Fp8 {
+                        w: q,
+                        scales,
+                        cols,
+                        block_n: *block_n,
+                        block_k: *block_k,
+                        scale_cols: cols.div_ceil(*block_k),
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+            MatrixData::Bf16(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run(&Bf16 { w: d.as_slice(), cols }, x, t, rows, out)
+            }
+            MatrixData::F16(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run(&F16 { w: d.as_slice(), cols }, x, t, rows, out)
+            }
+            MatrixData::F32(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run(&F32 { w: d.as_slice(), cols }, x, t, rows, out)
+            }
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &mut [f32]) {
     let k = w.cols();
     let mut buf: Vec<f32> = Vec::new();
     let mut r = rows.start;
     while r < rows.end {
         let nr = RB.min(rows.end - r);
         let o = &mut out[(r - rows.start) * t..(r - rows.start + nr) * t];
-        // SAFETY: same target features.
+        let ptrs: [*const W::E; RB] = std::array::from_fn(|i| w.row(r + i.min(nr - 1)));
+        let scale = |i: usize, b: usize| w.scale(r + i, b);
+        // SAFETY: rows r..r+nr exist (each pointer has `k` elements), x has t·k, o has nr·t.
         unsafe {
             if t == 1 {
-                tile_direct(w, x, r, nr, o);
+                match nr {
+                    4 => tile::<W::E, W, 4, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    3 => tile::<W::E, W, 3, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    2 => tile::<W::E, W, 2, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    _ => tile::<W::E, W, 1, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                }
             } else {
-                // Widen the rows once (unscaled, exactly as `load32` gives them), then reuse.
+                // Widen the rows once (unscaled, exactly as `load32` gives them), then reuse
+                // them for every pair of tokens.
                 buf.resize(nr * k, 0.0);
-                for i in 0..nr {
-                    let dst = &mut buf[i * k..(i + 1) * k];
+                for (i, &p) in ptrs.iter().enumerate().take(nr) {
+                    let dst = buf[i * k..(i + 1) * k].as_mut_ptr();
                     let mut c = 0;
                     while c + 32 <= k {
-                        let (lo, hi) = w.load32(r + i, c);
-                        _mm512_storeu_ps(dst[c..c + 16].as_mut_ptr(), lo);
-                        _mm512_storeu_ps(dst[c + 16..c + 32].as_mut_ptr(), hi);
+                        let (lo, hi) = W::load32(p.add(c));
+                        _mm512_storeu_ps(dst.add(c), lo);
+                        _mm512_storeu_ps(dst.add(c + 16), hi);
                         c += 32;
                     }
-                    for (cc, d) in dst.iter_mut().enumerate().skip(c) {
-                        *d = w.one(r + i, cc);
+                    while c < k {
+                        *dst.add(c) = W::one(p.add(c));
+                        c += 1;
                     }
                 }
+                let wp: [*const f32; RB] = std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
                 let mut j = 0;
                 while j < t {
-                    let nt = 2.min(t - j);
-                    tile_buffered(w, &buf, x, t, r, nr, j, nt, o);
-                    j += nt;
+                    let xs = &x[j * k..];
+                    let os = &mut o[j..];
+                    if t - j >= TB {
+                        match nr {
+                            4 => tile::<f32, Widened, 4, TB>(wp, &scale, k, w.block(), xs, k, os, t),
+                            3 => tile::<f32, Widened, 3, TB>(wp, &scale, k, w.block(), xs, k, os, t),
+                            2 => tile::<f32, Widened, 2, TB>(wp, &scale, k, w.block(), xs, k, os, t),
+                            _ => tile::<f32, Widened, 1, TB>(wp, &scale, k, w.block(), xs, k, os, t),
+                        }
+                        j += TB;
+                    } else {
+                        match nr {
+                            4 => tile::<f32, Widened, 4, 1>(wp, &scale, k, w.block(), xs, k, os, t),
+                            3 => tile::<f32, Widened, 3, 1>(wp, &scale, k, w.block(), xs, k, os, t),
+                            2 => tile::<f32, Widened, 2, 1>(wp, &scale, k, w.block(), xs, k, os, t),
+                            _ => tile::<f32, Widened, 1, 1>(wp, &scale, k, w.block(), xs, k, os, t),
+                        }
+                        j += 1;
+                    }
                 }
             }
         }
@@ -250,106 +329,105 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: std::ops::Range<usiz
     }
 }
 
-/// One token, up to `RB` rows, weights converted on the fly.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tile_direct<W: Weights>(w: &W, x: &[f32], r0: usize, nr: usize, out: &mut [f32]) {
-    let k = w.cols();
-    let bk = w.block();
-    let mut total = [_mm512_setzero_ps(); RB];
-    let mut total_s = [0.0f32; RB];
-    let mut b0 = 0;
-    let mut bi = 0;
-    while b0 < k {
-        let b1 = (b0 + bk).min(k);
-        let mut acc = [_mm512_setzero_ps(); RB];
-        let mut c = b0;
-        while c + 32 <= b1 {
-            // SAFETY: c + 32 <= k, so the 32 activations exist.
-            let (xl, xh) = unsafe { (_mm512_loadu_ps(x[c..].as_ptr()), _mm512_loadu_ps(x[c + 16..].as_ptr())) };
-            for i in 0..nr {
-                // SAFETY: c + 32 <= cols.
-                let (lo, hi) = unsafe { w.load32(r0 + i, c) };
-                acc[i] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, acc[i]));
-            }
-            c += 32;
-        }
-        for i in 0..nr {
-            let s = w.scale(r0 + i, bi);
-            total[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(s), total[i]);
-            let mut tail = 0.0f32;
-            for cc in c..b1 {
-                tail += w.one(r0 + i, cc) * x[cc];
-            }
-            total_s[i] += tail * s;
-        }
-        b0 = b1;
-        bi += 1;
+impl Weights for Widened<'_> {
+    type E = f32;
+    fn cols(&self) -> usize {
+        self.cols
     }
-    for i in 0..nr {
-        out[i] = _mm512_reduce_add_ps(total[i]) + total_s[i];
+    fn block(&self) -> usize {
+        self.cols.max(1)
+    }
+    fn scale(&self, _: usize, _: usize) -> f32 {
+        1.0
+    }
+    fn row(&self, r: usize) -> *const f32 {
+        self.buf[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load32(p: *const f32) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 32 readable f32 at `p`.
+        unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p }
     }
 }
 
-/// Tokens `j0..j0+nt` (nt ≤ 2) × rows `r0..r0+nr` from widened rows in `buf`; the same
-/// arithmetic as [`tile_direct`].
+/// `N` rows × `T` tokens. Row `i`'s weights start at `w[i]` (`k` elements), token `j`'s
+/// activations at `x[j · xstride]`, and the result goes to `out[i · ostride + j]`. `L` says
+/// how to read the weights (`W::load32`, `W::one`); scales come from `scale(i, block)`.
+///
+/// # Safety
+/// AVX-512 F/BW; the pointers and slices must cover what is described above.
 #[allow(clippy::too_many_arguments)]
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tile_buffered<W: Weights>(
-    w: &W,
-    buf: &[f32],
+unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
+    w: [*const E; RB],
+    scale: &impl Fn(usize, usize) -> f32,
+    k: usize,
+    bk: usize,
     x: &[f32],
-    t: usize,
-    r0: usize,
-    nr: usize,
-    j0: usize,
-    nt: usize,
+    xstride: usize,
     out: &mut [f32],
+    ostride: usize,
 ) {
-    let k = w.cols();
-    let bk = w.block();
-    let mut total = [[_mm512_setzero_ps(); 2]; RB];
-    let mut total_s = [[0.0f32; 2]; RB];
+    debug_assert!(x.len() >= (T - 1) * xstride + k);
+    let xp = x.as_ptr();
+    let mut total = [[_mm512_setzero_ps(); T]; N];
+    let mut total_s = [[0.0f32; T]; N];
     let mut b0 = 0;
     let mut bi = 0;
     while b0 < k {
         let b1 = (b0 + bk).min(k);
-        let mut acc = [[_mm512_setzero_ps(); 2]; RB];
+        let mut acc = [[_mm512_setzero_ps(); T]; N];
+        let mut acc2 = [[_mm512_setzero_ps(); T]; N];
         let mut c = b0;
         while c + 32 <= b1 {
-            let mut xs = [(_mm512_setzero_ps(), _mm512_setzero_ps()); 2];
-            for (jj, xv) in xs.iter_mut().enumerate().take(nt) {
-                let xr = &x[(j0 + jj) * k + c..(j0 + jj) * k + c + 32];
-                // SAFETY: `xr` holds the 32 activations read.
-                *xv = unsafe { (_mm512_loadu_ps(xr.as_ptr()), _mm512_loadu_ps(xr[16..].as_ptr())) };
+            let mut xv = [(_mm512_setzero_ps(), _mm512_setzero_ps()); T];
+            for (j, v) in xv.iter_mut().enumerate() {
+                // SAFETY: c + 32 <= k, within token j's activations.
+                *v = unsafe { (_mm512_loadu_ps(xp.add(j * xstride + c)), _mm512_loadu_ps(xp.add(j * xstride + c + 16))) };
             }
-            for i in 0..nr {
-                let wr = &buf[i * k + c..i * k + c + 32];
-                // SAFETY: `wr` holds the 32 widened weights read.
-                let (lo, hi) = unsafe { (_mm512_loadu_ps(wr.as_ptr()), _mm512_loadu_ps(wr[16..].as_ptr())) };
-                for jj in 0..nt {
-                    acc[i][jj] = _mm512_fmadd_ps(hi, xs[jj].1, _mm512_fmadd_ps(lo, xs[jj].0, acc[i][jj]));
+            for i in 0..N {
+                if PREFETCH {
+                    // The same columns of the tile after this one (rows are contiguous, so
+                    // that is `RB` rows further on). A hint only: past the end is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(RB * k + c) as *const i8);
+                    if std::mem::size_of::<E>() * 32 > 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(RB * k + c + 16) as *const i8);
+                    }
+                }
+                // SAFETY: c + 32 <= k, within row i.
+                let (lo, hi) = unsafe { L::load32(w[i].add(c)) };
+                for j in 0..T {
+                    acc[i][j] = _mm512_fmadd_ps(lo, xv[j].0, acc[i][j]);
+                    acc2[i][j] = _mm512_fmadd_ps(hi, xv[j].1, acc2[i][j]);
                 }
             }
             c += 32;
         }
-        for i in 0..nr {
-            let s = w.scale(r0 + i, bi);
-            for jj in 0..nt {
-                total[i][jj] = _mm512_fmadd_ps(acc[i][jj], _mm512_set1_ps(s), total[i][jj]);
-                let xr = &x[(j0 + jj) * k..(j0 + jj + 1) * k];
+        for i in 0..N {
+            let s = scale(i, bi);
+            for j in 0..T {
+                let a = _mm512_add_ps(acc[i][j], acc2[i][j]);
+                total[i][j] = _mm512_fmadd_ps(a, _mm512_set1_ps(s), total[i][j]);
                 let mut tail = 0.0f32;
                 for cc in c..b1 {
-                    tail += buf[i * k + cc] * xr[cc];
+                    // SAFETY: cc < k, within row i and token j.
+                    tail += unsafe { L::one(w[i].add(cc)) * *xp.add(j * xstride + cc) };
                 }
-                total_s[i][jj] += tail * s;
+                total_s[i][j] += tail * s;
             }
         }
         b0 = b1;
         bi += 1;
     }
-    for i in 0..nr {
-        for jj in 0..nt {
-            out[i * t + j0 + jj] = _mm512_reduce_add_ps(total[i][jj]) + total_s[i][jj];
+    for i in 0..N {
+        for j in 0..T {
+            out[i * ostride + j] = _mm512_reduce_add_ps(total[i][j]) + total_s[i][j];
         }
     }
 }
@@ -361,8 +439,7 @@ unsafe fn tile_buffered<W: Weights>(
 #[target_feature(enable = "avx512f")]
 pub unsafe fn read_sum(buf: &[u8]) -> u64 {
     let mut acc = [_mm512_setzero_si512(); 4];
-    let chunks = buf.chunks_exact(256);
-    for c in chunks {
+    for c in buf.chunks_exact(256) {
         for (i, a) in acc.iter_mut().enumerate() {
             // SAFETY: `c` has 256 bytes; each load reads 64 of them.
             let v = unsafe { _mm512_loadu_si512(c[i * 64..].as_ptr() as *const __m512i) };
