@@ -106,7 +106,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.kernels {
         let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
         println!("read bandwidth {bw:.1} GB/s");
-        for t in [1usize, 4] {
+        for t in [1usize, 4, 64] {
             for (name, gbps, secs) in qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5) {
                 println!("matmul {name:<5} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)", secs * 1e6);
             }

@@ -8,6 +8,7 @@
 //! chunks of [`CHUNK`] tokens with matrix products inside each chunk (prefill).
 
 use super::matmul::{axpy, dot};
+use multiversion::multiversion;
 
 pub const CHUNK: usize = 64;
 
@@ -23,6 +24,7 @@ pub struct HeadInputs<'a> {
 }
 
 /// Token-by-token recurrence; writes `o` (`[n, dv]`) and updates `state`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
     let (dk, dv) = (x.dk, x.dv);
     let mut d = vec![0.0f32; dv];
@@ -61,6 +63,7 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
 /// `L[i,j] = β_i e^{G_i−G_j} k_i·k_j` (i > j), a unit lower-triangular system solved by forward
 /// substitution; then `O = γ ⊙ Q S₀ + ((Q Kᵀ) ⊙ D) U` and `S ← γ_last S₀ + (K ⊙ e^{G_last−G})ᵀ U`.
 /// Mathematically identical to [`recurrent`] (derivation in spec §7.5).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
     let (dk, dv) = (x.dk, x.dv);
     let n = x.g.len();

@@ -2,7 +2,9 @@
 //! partial RoPE, GQA over the K/V cache, sigmoid output gate, o_proj.
 
 use anyhow::Result;
+use multiversion::multiversion;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
@@ -10,6 +12,7 @@ use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, softmax};
 use crate::kernels::matmul::{axpy, dot, matmul};
 use crate::kernels::norm::rms_norm_zc;
+use crate::kernels::pool;
 use crate::kernels::rope::Rope;
 
 pub struct Attention {
@@ -78,59 +81,99 @@ impl Attention {
         let v_new = matmul(x, t, &self.v_proj);
         let kvw = nkv * hd;
         let group = nh / nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut o = vec![0.0f32; t * nh * hd];
         let half = rope.rotary_dim / 2;
         let (mut cos, mut sin) = (vec![0.0f32; half], vec![0.0f32; half]);
-        let mut q = vec![0.0f32; nh * hd];
-        let mut scores = Vec::new();
 
+        // Queries: split from the gates, normed, rotated. Keys: normed, rotated, appended.
+        let mut q = vec![0.0f32; t * nh * hd];
         for ((rows, state), &start) in seqs.iter_mut().zip(starts) {
             let LayerState::Full { k: kc, v: vc } = &mut **state else {
                 unreachable!("attention layer given a DeltaNet cache");
             };
-            // New keys: norm + RoPE, then append with the values.
             for (i, ti) in rows.clone().enumerate() {
+                rope.cos_sin(start + i, &mut cos, &mut sin);
                 let kt = &mut k_new[ti * kvw..(ti + 1) * kvw];
                 rms_norm_zc(kt, &self.k_norm, self.eps);
-                rope.cos_sin(start + i, &mut cos, &mut sin);
                 for head in kt.chunks_mut(hd) {
                     rope.apply(head, &cos, &sin);
                 }
                 kc.extend_from_slice(kt);
                 vc.extend_from_slice(&v_new[ti * kvw..(ti + 1) * kvw]);
-            }
-            for (i, ti) in rows.clone().enumerate() {
-                let pos = start + i;
-                let qt = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
+                let qt = &mut q[ti * nh * hd..(ti + 1) * nh * hd];
+                let src = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
                 for h in 0..nh {
-                    q[h * hd..(h + 1) * hd].copy_from_slice(&qt[h * 2 * hd..h * 2 * hd + hd]);
+                    qt[h * hd..(h + 1) * hd].copy_from_slice(&src[h * 2 * hd..h * 2 * hd + hd]);
                 }
-                rms_norm_zc(&mut q, &self.q_norm, self.eps);
-                rope.cos_sin(pos, &mut cos, &mut sin);
-                for head in q.chunks_mut(hd) {
+                rms_norm_zc(qt, &self.q_norm, self.eps);
+                for head in qt.chunks_mut(hd) {
                     rope.apply(head, &cos, &sin);
                 }
-                let ctx = pos + 1;
-                for h in 0..nh {
-                    let kvh = h / group;
-                    let qh = &q[h * hd..(h + 1) * hd];
-                    scores.clear();
-                    scores.extend((0..ctx).map(|j| {
-                        dot(qh, &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd]) * scale
-                    }));
-                    softmax(&mut scores);
-                    let oh = &mut o[(ti * nh + h) * hd..(ti * nh + h + 1) * hd];
-                    for (j, &pj) in scores.iter().enumerate() {
-                        axpy(oh, pj, &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd]);
-                    }
-                    let gate = &qt[h * 2 * hd + hd..(h + 1) * 2 * hd];
+            }
+        }
+
+        // One task per (token, KV head): the group of query heads sharing that KV head reads
+        // each cached key and value once.
+        let mut o = vec![0.0f32; t * nh * hd];
+        {
+            let mut owner = vec![0usize; t];
+            for (s, (rows, _)) in seqs.iter().enumerate() {
+                for ti in rows.clone() {
+                    owner[ti] = s;
+                }
+            }
+            let caches: Vec<(&[f32], &[f32])> = seqs
+                .iter()
+                .map(|(_, st)| match &**st {
+                    LayerState::Full { k, v } => (k.as_slice(), v.as_slice()),
+                    LayerState::Linear { .. } => unreachable!("attention layer given a DeltaNet cache"),
+                })
+                .collect();
+            let outs: Vec<Mutex<&mut [f32]>> = o.chunks_mut(group * hd).map(Mutex::new).collect();
+            let task = |idx: usize| {
+                let (ti, g) = (idx / nkv, idx % nkv);
+                let s = owner[ti];
+                let ctx = starts[s] + (ti - seqs[s].0.start) + 1;
+                let (kc, vc) = caches[s];
+                let qh = &q[(ti * nh + g * group) * hd..(ti * nh + (g + 1) * group) * hd];
+                let mut out = outs[idx].lock().unwrap_or_else(|e| e.into_inner());
+                attend_group(qh, kc, vc, ctx, kvw, g * hd, hd, &mut out);
+                let gates = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
+                for (hh, oh) in out.chunks_mut(hd).enumerate() {
+                    let h = g * group + hh;
+                    let gate = &gates[h * 2 * hd + hd..(h + 1) * 2 * hd];
                     for (ov, &gv) in oh.iter_mut().zip(gate) {
                         *ov *= sigmoid(gv);
                     }
                 }
-            }
+            };
+            pool::global().run(t * nkv, &task);
         }
         matmul(&o, t, &self.o_proj)
+    }
+}
+
+/// Causal softmax attention of the query heads `q` (`[group, hd]`) over the first `ctx` cached
+/// positions of one KV head (at column `off` of rows `kvw` wide), into `out` (`[group, hd]`).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn attend_group(q: &[f32], kc: &[f32], vc: &[f32], ctx: usize, kvw: usize, off: usize, hd: usize, out: &mut [f32]) {
+    let group = q.len() / hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0.0f32; group * ctx];
+    for j in 0..ctx {
+        let kj = &kc[j * kvw + off..j * kvw + off + hd];
+        for h in 0..group {
+            scores[h * ctx + j] = dot(&q[h * hd..(h + 1) * hd], kj) * scale;
+        }
+    }
+    for h in 0..group {
+        softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+    }
+    out.fill(0.0);
+    for j in 0..ctx {
+        let vj = &vc[j * kvw + off..j * kvw + off + hd];
+        for h in 0..group {
+            axpy(&mut out[h * hd..(h + 1) * hd], scores[h * ctx + j], vj);
+        }
     }
 }

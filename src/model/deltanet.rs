@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
@@ -11,6 +12,7 @@ use crate::kernels::activation::{sigmoid, silu, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
 use crate::kernels::matmul::matmul;
 use crate::kernels::norm::{l2_norm, rms_scale};
+use crate::kernels::pool;
 
 pub struct DeltaNet {
     in_qkvz: Matrix,
@@ -182,35 +184,44 @@ impl DeltaNet {
             }
         }
 
-        let mut v = vec![0.0f32; n * dv];
-        let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
-        let mut o = vec![0.0f32; n * dv];
-        for h in 0..hv {
-            let j = h / r; // value head h reads key head h div r (spec §14.2)
-            for t in 0..n {
-                let vs = t * conv_dim + 2 * key_dim + h * dv;
-                v[t * dv..(t + 1) * dv].copy_from_slice(&c[vs..vs + dv]);
-                beta[t] = sigmoid(b[t * hv + h]);
-                g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
-            }
-            let inputs = HeadInputs {
-                q: &qs[j * n * dk..(j + 1) * n * dk],
-                k: &ks[j * n * dk..(j + 1) * n * dk],
-                v: &v,
-                g: &g,
-                beta: &beta,
-                dk,
-                dv,
+        // Value heads are independent: one task each, writing its own state and output rows.
+        let mut o_all = vec![0.0f32; hv * n * dv];
+        {
+            let states: Vec<Mutex<&mut [f32]>> = ssm.chunks_mut(dk * dv).map(Mutex::new).collect();
+            let outs: Vec<Mutex<&mut [f32]>> = o_all.chunks_mut(n * dv).map(Mutex::new).collect();
+            let head = |h: usize| {
+                let j = h / r; // value head h reads key head h div r (spec §14.2)
+                let mut v = vec![0.0f32; n * dv];
+                let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
+                for t in 0..n {
+                    let vs = t * conv_dim + 2 * key_dim + h * dv;
+                    v[t * dv..(t + 1) * dv].copy_from_slice(&c[vs..vs + dv]);
+                    beta[t] = sigmoid(b[t * hv + h]);
+                    g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
+                }
+                let inputs = HeadInputs {
+                    q: &qs[j * n * dk..(j + 1) * n * dk],
+                    k: &ks[j * n * dk..(j + 1) * n * dk],
+                    v: &v,
+                    g: &g,
+                    beta: &beta,
+                    dk,
+                    dv,
+                };
+                let mut s = states[h].lock().unwrap_or_else(|e| e.into_inner());
+                let mut o = outs[h].lock().unwrap_or_else(|e| e.into_inner());
+                if n == 1 {
+                    delta_rule::recurrent(&inputs, &mut s, &mut o);
+                } else {
+                    delta_rule::chunked(&inputs, &mut s, &mut o);
+                }
             };
-            let s = &mut ssm[h * dk * dv..(h + 1) * dk * dv];
-            if n == 1 {
-                delta_rule::recurrent(&inputs, s, &mut o);
-            } else {
-                delta_rule::chunked(&inputs, s, &mut o);
-            }
-            // Gated RMSNorm: normalise, weight (plain w), then gate by silu(z).
+            pool::global().run(hv, &head);
+        }
+        // Gated RMSNorm: normalise, weight (plain w), then gate by silu(z).
+        for h in 0..hv {
             for t in 0..n {
-                let ot = &o[t * dv..(t + 1) * dv];
+                let ot = &o_all[(h * n + t) * dv..(h * n + t + 1) * dv];
                 let rs = rms_scale(ot, self.eps);
                 let base = t * vd + h * dv;
                 for i in 0..dv {

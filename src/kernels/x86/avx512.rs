@@ -27,12 +27,15 @@ use crate::checkpoint::{Matrix, MatrixData};
 /// Rows per register tile.
 const RB: usize = 4;
 /// Tokens per register tile in batched products.
-const TB: usize = 2;
-const PREFETCH: bool = true;
+const TB: usize = 4;
 
 /// A weight dtype as the kernels see it.
 trait Weights: Sync {
     type E: Copy;
+    /// Read from memory (prefetch ahead) rather than from a cache-resident buffer.
+    const STREAM: bool = true;
+    /// Has per-block scales to apply.
+    const SCALED: bool = false;
     fn cols(&self) -> usize;
     /// Columns per scale block (a multiple of 32, or `cols` when unscaled).
     fn block(&self) -> usize;
@@ -55,6 +58,7 @@ struct Fp8<'a> {
 
 impl Weights for Fp8<'_> {
     type E = u8;
+    const SCALED: bool = true;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -273,9 +277,10 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
         let o = &mut out[(r - rows.start) * t..(r - rows.start + nr) * t];
         let ptrs: [*const W::E; RB] = std::array::from_fn(|i| w.row(r + i.min(nr - 1)));
         let scale = |i: usize, b: usize| w.scale(r + i, b);
+        let t_direct = t == 1;
         // SAFETY: rows r..r+nr exist (each pointer has `k` elements), x has t·k, o has nr·t.
         unsafe {
-            if t == 1 {
+            if t_direct {
                 match nr {
                     4 => tile::<W::E, W, 4, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
                     3 => tile::<W::E, W, 3, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
@@ -288,40 +293,43 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
                 buf.resize(nr * k, 0.0);
                 for (i, &p) in ptrs.iter().enumerate().take(nr) {
                     let dst = buf[i * k..(i + 1) * k].as_mut_ptr();
-                    let mut c = 0;
-                    while c + 32 <= k {
-                        let (lo, hi) = W::load32(p.add(c));
-                        _mm512_storeu_ps(dst.add(c), lo);
-                        _mm512_storeu_ps(dst.add(c + 16), hi);
-                        c += 32;
-                    }
-                    while c < k {
-                        *dst.add(c) = W::one(p.add(c));
-                        c += 1;
+                    let bk = w.block();
+                    let mut b0 = 0;
+                    let mut bi = 0;
+                    while b0 < k {
+                        let b1 = (b0 + bk).min(k);
+                        let s = if W::SCALED { w.scale(r + i, bi) } else { 1.0 };
+                        let sv = _mm512_set1_ps(s);
+                        let mut c = b0;
+                        while c + 32 <= b1 {
+                            // Prefetch the next tile's rows, as the one-token path does.
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(RB * k + c) as *const i8);
+                            if std::mem::size_of::<W::E>() * 32 > 64 {
+                                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(RB * k + c + 16) as *const i8);
+                            }
+                            let (mut lo, mut hi) = W::load32(p.add(c));
+                            if W::SCALED {
+                                lo = _mm512_mul_ps(lo, sv);
+                                hi = _mm512_mul_ps(hi, sv);
+                            }
+                            _mm512_storeu_ps(dst.add(c), lo);
+                            _mm512_storeu_ps(dst.add(c + 16), hi);
+                            c += 32;
+                        }
+                        while c < b1 {
+                            *dst.add(c) = W::one(p.add(c)) * s;
+                            c += 1;
+                        }
+                        b0 = b1;
+                        bi += 1;
                     }
                 }
                 let wp: [*const f32; RB] = std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
                 let mut j = 0;
                 while j < t {
-                    let xs = &x[j * k..];
-                    let os = &mut o[j..];
-                    if t - j >= TB {
-                        match nr {
-                            4 => tile::<f32, Widened, 4, TB>(wp, &scale, k, w.block(), xs, k, os, t),
-                            3 => tile::<f32, Widened, 3, TB>(wp, &scale, k, w.block(), xs, k, os, t),
-                            2 => tile::<f32, Widened, 2, TB>(wp, &scale, k, w.block(), xs, k, os, t),
-                            _ => tile::<f32, Widened, 1, TB>(wp, &scale, k, w.block(), xs, k, os, t),
-                        }
-                        j += TB;
-                    } else {
-                        match nr {
-                            4 => tile::<f32, Widened, 4, 1>(wp, &scale, k, w.block(), xs, k, os, t),
-                            3 => tile::<f32, Widened, 3, 1>(wp, &scale, k, w.block(), xs, k, os, t),
-                            2 => tile::<f32, Widened, 2, 1>(wp, &scale, k, w.block(), xs, k, os, t),
-                            _ => tile::<f32, Widened, 1, 1>(wp, &scale, k, w.block(), xs, k, os, t),
-                        }
-                        j += 1;
-                    }
+                    let nt = TB.min(t - j);
+                    buffered_tile(wp, &scale, k, k, &x[j * k..], &mut o[j..], t, nr, nt);
+                    j += nt;
                 }
             }
         }
@@ -329,8 +337,49 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
     }
 }
 
+/// Dispatches a tile of widened rows to the kernel instance for its shape.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn buffered_tile(
+    wp: [*const f32; RB],
+    scale: &impl Fn(usize, usize) -> f32,
+    k: usize,
+    bk: usize,
+    x: &[f32],
+    o: &mut [f32],
+    t: usize,
+    nr: usize,
+    nt: usize,
+) {
+    macro_rules! go {
+        ($n:literal, $t:literal) => {
+            // SAFETY: forwarded from the caller (rows `nr`, tokens `nt` in bounds).
+            unsafe { tile::<f32, Widened, $n, $t>(wp, scale, k, bk, x, k, o, t) }
+        };
+    }
+    match (nr, nt) {
+        (4, 4) => go!(4, 4),
+        (4, 3) => go!(4, 3),
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (3, 4) => go!(3, 4),
+        (3, 3) => go!(3, 3),
+        (3, 2) => go!(3, 2),
+        (3, _) => go!(3, 1),
+        (2, 4) => go!(2, 4),
+        (2, 3) => go!(2, 3),
+        (2, 2) => go!(2, 2),
+        (2, _) => go!(2, 1),
+        (_, 4) => go!(1, 4),
+        (_, 3) => go!(1, 3),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
 impl Weights for Widened<'_> {
     type E = f32;
+    const STREAM: bool = false;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -357,7 +406,9 @@ impl Weights for Widened<'_> {
 
 /// `N` rows × `T` tokens. Row `i`'s weights start at `w[i]` (`k` elements), token `j`'s
 /// activations at `x[j · xstride]`, and the result goes to `out[i · ostride + j]`. `L` says
-/// how to read the weights (`W::load32`, `W::one`); scales come from `scale(i, block)`.
+/// how to read the weights; when `L::SCALED`, every chunk is multiplied by its block's scale
+/// `scale(i, block)` before use (the dequantised weight), so the one-token path and the
+/// widened buffer of batched products see the same values.
 ///
 /// # Safety
 /// AVX-512 F/BW; the pointers and slices must cover what is described above.
@@ -376,14 +427,14 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
 ) {
     debug_assert!(x.len() >= (T - 1) * xstride + k);
     let xp = x.as_ptr();
-    let mut total = [[_mm512_setzero_ps(); T]; N];
-    let mut total_s = [[0.0f32; T]; N];
+    let mut acc = [[_mm512_setzero_ps(); T]; N];
+    let mut tail = [[0.0f32; T]; N];
     let mut b0 = 0;
     let mut bi = 0;
     while b0 < k {
         let b1 = (b0 + bk).min(k);
-        let mut acc = [[_mm512_setzero_ps(); T]; N];
-        let mut acc2 = [[_mm512_setzero_ps(); T]; N];
+        let s: [f32; N] = std::array::from_fn(|i| if L::SCALED { scale(i, bi) } else { 1.0 });
+        let sv: [__m512; N] = std::array::from_fn(|i| _mm512_set1_ps(s[i]));
         let mut c = b0;
         while c + 32 <= b1 {
             let mut xv = [(_mm512_setzero_ps(), _mm512_setzero_ps()); T];
@@ -392,7 +443,7 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
                 *v = unsafe { (_mm512_loadu_ps(xp.add(j * xstride + c)), _mm512_loadu_ps(xp.add(j * xstride + c + 16))) };
             }
             for i in 0..N {
-                if PREFETCH {
+                if L::STREAM {
                     // The same columns of the tile after this one (rows are contiguous, so
                     // that is `RB` rows further on). A hint only: past the end is harmless.
                     _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(RB * k + c) as *const i8);
@@ -401,25 +452,25 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
                     }
                 }
                 // SAFETY: c + 32 <= k, within row i.
-                let (lo, hi) = unsafe { L::load32(w[i].add(c)) };
+                let (mut lo, mut hi) = unsafe { L::load32(w[i].add(c)) };
+                if L::SCALED {
+                    lo = _mm512_mul_ps(lo, sv[i]);
+                    hi = _mm512_mul_ps(hi, sv[i]);
+                }
                 for j in 0..T {
-                    acc[i][j] = _mm512_fmadd_ps(lo, xv[j].0, acc[i][j]);
-                    acc2[i][j] = _mm512_fmadd_ps(hi, xv[j].1, acc2[i][j]);
+                    acc[i][j] = _mm512_fmadd_ps(hi, xv[j].1, _mm512_fmadd_ps(lo, xv[j].0, acc[i][j]));
                 }
             }
             c += 32;
         }
-        for i in 0..N {
-            let s = scale(i, bi);
-            for j in 0..T {
-                let a = _mm512_add_ps(acc[i][j], acc2[i][j]);
-                total[i][j] = _mm512_fmadd_ps(a, _mm512_set1_ps(s), total[i][j]);
-                let mut tail = 0.0f32;
-                for cc in c..b1 {
-                    // SAFETY: cc < k, within row i and token j.
-                    tail += unsafe { L::one(w[i].add(cc)) * *xp.add(j * xstride + cc) };
+        for cc in c..b1 {
+            for i in 0..N {
+                // SAFETY: cc < k, within row i.
+                let wv = unsafe { L::one(w[i].add(cc)) } * s[i];
+                for j in 0..T {
+                    // SAFETY: cc < k, within token j.
+                    tail[i][j] += wv * unsafe { *xp.add(j * xstride + cc) };
                 }
-                total_s[i][j] += tail * s;
             }
         }
         b0 = b1;
@@ -427,7 +478,7 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
     }
     for i in 0..N {
         for j in 0..T {
-            out[i * ostride + j] = _mm512_reduce_add_ps(total[i][j]) + total_s[i][j];
+            out[i * ostride + j] = _mm512_reduce_add_ps(acc[i][j]) + tail[i][j];
         }
     }
 }
