@@ -467,9 +467,9 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
             for i in 0..N {
                 // SAFETY: cc < k, within row i.
                 let wv = unsafe { L::one(w[i].add(cc)) } * s[i];
-                for j in 0..T {
+                for (j, tj) in tail[i].iter_mut().enumerate() {
                     // SAFETY: cc < k, within token j.
-                    tail[i][j] += wv * unsafe { *xp.add(j * xstride + cc) };
+                    *tj += wv * unsafe { *xp.add(j * xstride + cc) };
                 }
             }
         }
