@@ -12,4 +12,5 @@ pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod sampling;
+pub mod server;
 pub mod text;

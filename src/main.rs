@@ -25,6 +25,8 @@ enum Command {
     Score(commands::score::Args),
     /// Generate text from a prompt.
     Run(commands::run::Args),
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(commands::serve::Args),
     /// Prompt-processing and generation throughput (like llama-bench).
     Bench(commands::bench::Args),
     /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Inspect { model } => commands::inspect::main(&model),
         Command::Synth(a) => commands::synth::main(a),
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
+        Command::Serve(a) => commands::serve::main(a, cli.verbose),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

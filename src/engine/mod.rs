@@ -1,4 +1,7 @@
-//! Driving the model over sequences: scoring now; generation, scheduling and speculative
-//! decoding build on the same batch forward.
+//! Driving the model over sequences: scoring, and continuous batching for generation.
 
+pub mod scheduler;
 pub mod score;
+pub mod stats;
+
+pub use scheduler::{Engine, EngineConfig, Event, FinishReason, GenRequest, RequestId};

@@ -68,6 +68,8 @@ pub enum Want {
     Last,
     /// Every new token's (scoring, speculative verification).
     All,
+    /// None: a prompt chunk that does not end the prompt only fills the cache.
+    None,
 }
 
 /// One sequence of a batch: its new tokens and its cache.
@@ -297,21 +299,36 @@ impl Model {
             add(&mut x, &y);
         }
 
-        let mut out = Vec::with_capacity(batch.len());
+        // Wanted rows of every sequence go through the final norm and lm_head together, so
+        // the head's weights are read once per step, not once per sequence.
+        let mut rows_of = Vec::with_capacity(batch.len());
+        let mut hidden = Vec::new();
         for (s, span) in batch.iter_mut().zip(&spans) {
             s.cache.advance(span.len());
             let rows = match s.want {
                 Want::All => span.clone(),
                 Want::Last => span.end.saturating_sub(1).max(span.start)..span.end,
+                Want::None => span.end..span.end,
             };
-            let mut hidden = x[rows.start * h..rows.end * h].to_vec();
-            rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
-            let logits = matmul(&hidden, rows.len(), &self.lm_head);
+            hidden.extend_from_slice(&x[rows.start * h..rows.end * h]);
+            rows_of.push(rows.len());
+        }
+        let total: usize = rows_of.iter().sum();
+        rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
+        let logits = if total > 0 {
+            matmul(&hidden, total, &self.lm_head)
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        let mut r0 = 0;
+        for rows in rows_of {
             out.push(SeqOutput {
-                logits,
-                hidden,
-                rows: rows.len(),
+                logits: logits[r0 * vocab..(r0 + rows) * vocab].to_vec(),
+                hidden: hidden[r0 * h..(r0 + rows) * h].to_vec(),
+                rows,
             });
+            r0 += rows;
         }
         Ok(out)
     }

@@ -11,10 +11,17 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod ordered_json;
 mod pyjson;
+pub mod reasoning;
 mod strftime;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use chat_template::ChatTemplate;
 pub use detokenizer::DecodeStream;
 pub use ordered_json::OrderedJson;
+pub use reasoning::{parse_reasoning, ReasoningDelta, ReasoningStream};
 pub use tokenizer::Tokenizer;
+pub use tool_calls::{
+    finish_reason, parse_output, parse_tool_calls, OutputDelta, OutputParsers, OutputStream,
+    ParsedOutput, ToolCall, ToolCallDelta, ToolCallIds, ToolCallStream, ToolStreamDelta,
+};

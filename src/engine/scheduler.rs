@@ -1,0 +1,474 @@
+//! Continuous batching. One scheduler thread owns the model's caches and runs steps: between
+//! steps it admits queued requests into free cache slots; each step runs, in a single forward
+//! pass, the next prompt chunk of sequences still prefilling and one token of every decoding
+//! sequence. Tokens go back to the requester over a channel; a requester that hangs up frees
+//! its slot at the next step.
+//!
+//! Results do not depend on the batch: every sequence's prompt is cut into the same chunks
+//! whatever else runs (chunk boundaries are fixed per sequence), and the model's kernels give
+//! a row the same value whatever the batch size.
+
+use anyhow::{bail, Result};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::stats::Stats;
+use crate::cache::SeqCache;
+use crate::model::{Model, SeqInput, Want};
+use crate::sampling::{top_logprobs, Sampler, SamplingParams};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together at most (cache slots).
+    pub max_num_seqs: usize,
+    /// Prompt + generated tokens of one sequence at most.
+    pub max_model_len: usize,
+    /// Prompt tokens a sequence feeds per step.
+    pub prefill_chunk: usize,
+    /// Sequences prefilling in the same step at most, so running streams keep flowing.
+    pub max_prefills_per_step: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 8,
+            max_model_len: 4096,
+            prefill_chunk: 256,
+            max_prefills_per_step: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most (clamped to the room left in `max_model_len`).
+    pub max_tokens: usize,
+    /// Ids that end generation (EOS); the stop id itself is reported but not part of the text.
+    pub stop_token_ids: Vec<u32>,
+    /// `Some(n)`: report the chosen token's log-probability and the `n` most likely.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The requester cancelled (e.g. a stop string matched).
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token {
+        id: u32,
+        /// Set when the request asked for log-probabilities.
+        logprob: Option<f32>,
+        top_logprobs: Vec<(u32, f32)>,
+        /// Whether this token is a stop token (not to be shown as text).
+        is_stop: bool,
+    },
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+pub type RequestId = u64;
+
+enum Cmd {
+    Submit {
+        id: RequestId,
+        req: GenRequest,
+        events: UnboundedSender<Event>,
+        at: Instant,
+    },
+    Cancel(RequestId),
+}
+
+/// A handle to the scheduler thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Cmd>,
+    next_id: Arc<AtomicU64>,
+    pub stats: Arc<Stats>,
+    pub config: EngineConfig,
+}
+
+impl Engine {
+    pub fn start(model: Arc<Model>, config: EngineConfig) -> Engine {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        stats
+            .free_slots
+            .store(config.max_num_seqs, Ordering::Relaxed);
+        let st = stats.clone();
+        let cfg = config.clone();
+        std::thread::Builder::new()
+            .name("qnext-scheduler".into())
+            .spawn(move || Scheduler::new(model, cfg, st).run(rx))
+            .expect("spawning the scheduler thread");
+        Engine {
+            tx,
+            next_id: Arc::new(AtomicU64::new(1)),
+            stats,
+            config,
+        }
+    }
+
+    /// Queues a request; events arrive on the returned receiver until `Done` or `Error`.
+    pub fn submit(&self, req: GenRequest) -> Result<(RequestId, UnboundedReceiver<Event>)> {
+        if req.prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if req.prompt.len() >= self.config.max_model_len {
+            bail!(
+                "the prompt has {} tokens; the maximum context length is {}",
+                req.prompt.len(),
+                self.config.max_model_len
+            );
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = unbounded_channel();
+        self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Cmd::Submit {
+                id,
+                req,
+                events: etx,
+                at: Instant::now(),
+            })
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
+        Ok((id, erx))
+    }
+
+    /// Stops a request at the next step; its slot is freed.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.send(Cmd::Cancel(id));
+    }
+}
+
+struct Running {
+    id: RequestId,
+    req: GenRequest,
+    events: UnboundedSender<Event>,
+    slot: usize,
+    sampler: Sampler,
+    /// Prompt tokens already fed.
+    fed: usize,
+    output: Vec<u32>,
+    max_new: usize,
+    submitted: Instant,
+    last_token: Option<Instant>,
+}
+
+struct Scheduler {
+    model: Arc<Model>,
+    cfg: EngineConfig,
+    stats: Arc<Stats>,
+    slots: Vec<SeqCache>,
+    free: Vec<usize>,
+    waiting: VecDeque<(RequestId, GenRequest, UnboundedSender<Event>, Instant)>,
+    running: Vec<Running>,
+}
+
+impl Scheduler {
+    fn new(model: Arc<Model>, cfg: EngineConfig, stats: Arc<Stats>) -> Scheduler {
+        let slots = (0..cfg.max_num_seqs)
+            .map(|_| model.new_cache(cfg.max_model_len))
+            .collect();
+        Scheduler {
+            free: (0..cfg.max_num_seqs).rev().collect(),
+            model,
+            cfg,
+            stats,
+            slots,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            // Block only when there is nothing to do.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(c) => self.command(c),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.command(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.running.is_empty() && self.waiting.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::Submit {
+                id,
+                req,
+                events,
+                at,
+            } => self.waiting.push_back((id, req, events, at)),
+            Cmd::Cancel(id) => {
+                if let Some(i) = self.waiting.iter().position(|w| w.0 == id) {
+                    if let Some((_, req, ev, _)) = self.waiting.remove(i) {
+                        let _ = ev.send(Event::Done {
+                            reason: FinishReason::Cancelled,
+                            prompt_tokens: req.prompt.len(),
+                            completion_tokens: 0,
+                        });
+                    }
+                }
+                if let Some(i) = self.running.iter().position(|r| r.id == id) {
+                    let r = self.running.swap_remove(i);
+                    self.finish(r, FinishReason::Cancelled);
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(slot) = self.free.pop() else { break };
+            let Some((id, req, events, at)) = self.waiting.pop_front() else {
+                self.free.push(slot);
+                break;
+            };
+            if events.is_closed() {
+                self.free.push(slot);
+                continue;
+            }
+            let sampler = match Sampler::new(req.sampling.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = events.send(Event::Error(format!("{e:#}")));
+                    self.free.push(slot);
+                    continue;
+                }
+            };
+            self.slots[slot] = self.model.new_cache(self.cfg.max_model_len);
+            let room = self.cfg.max_model_len.saturating_sub(req.prompt.len());
+            let max_new = req.max_tokens.min(room);
+            self.running.push(Running {
+                id,
+                max_new,
+                req,
+                events,
+                slot,
+                sampler,
+                fed: 0,
+                output: Vec::new(),
+                submitted: at,
+                last_token: None,
+            });
+        }
+    }
+
+    /// One forward pass over every running sequence, then sampling.
+    fn step(&mut self) {
+        // Drop sequences whose requester went away.
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let r = self.running.swap_remove(i);
+                self.finish(r, FinishReason::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+        // Pick this step's work: decode tokens for everyone past the prompt, prompt chunks
+        // for up to `max_prefills_per_step` others (oldest first).
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].submitted);
+        let mut prefills = 0;
+        let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new(); // (running idx, prompt range) or decode
+        for &i in &order {
+            let r = &self.running[i];
+            if r.fed < r.req.prompt.len() {
+                if prefills < self.cfg.max_prefills_per_step {
+                    let end = (r.fed + self.cfg.prefill_chunk).min(r.req.prompt.len());
+                    plan.push((i, r.fed..end));
+                    prefills += 1;
+                }
+            } else {
+                plan.push((i, 0..0));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let decode_tokens: Vec<[u32; 1]> = plan
+            .iter()
+            .map(|&(i, _)| [self.running[i].output.last().copied().unwrap_or(0)])
+            .collect();
+        let mut slot_refs: Vec<Option<&mut SeqCache>> = self.slots.iter_mut().map(Some).collect();
+        let mut batch: Vec<SeqInput> = Vec::with_capacity(plan.len());
+        for (p, &(i, ref range)) in plan.iter().enumerate() {
+            let r = &self.running[i];
+            let cache = slot_refs[r.slot].take().expect("one sequence per slot");
+            if range.is_empty() {
+                batch.push(SeqInput {
+                    tokens: &decode_tokens[p],
+                    cache,
+                    want: Want::Last,
+                });
+            } else {
+                let last = range.end == r.req.prompt.len();
+                batch.push(SeqInput {
+                    tokens: &r.req.prompt[range.clone()],
+                    cache,
+                    want: if last { Want::Last } else { Want::None },
+                });
+            }
+        }
+        let result = self.model.forward(&mut batch);
+        drop(batch);
+        let outs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                // Inputs were validated at submission; fail the step's requests, keep serving.
+                let msg = format!("{e:#}");
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let r = self.running.swap_remove(i);
+                    let _ = r.events.send(Event::Error(msg.clone()));
+                    self.free.push(r.slot);
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut done: Vec<(usize, FinishReason)> = Vec::new();
+        for ((i, range), out) in plan.into_iter().zip(outs) {
+            let r = &mut self.running[i];
+            if !range.is_empty() {
+                r.fed = range.end;
+                self.stats
+                    .prompt_tokens
+                    .fetch_add(range.len() as u64, Ordering::Relaxed);
+                if r.fed < r.req.prompt.len() {
+                    continue;
+                }
+            }
+            if r.max_new == 0 {
+                done.push((i, FinishReason::Length));
+                continue;
+            }
+            let next = match r.sampler.sample(&out.logits, &r.req.prompt, &r.output) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = r.events.send(Event::Error(format!("{e:#}")));
+                    done.push((i, FinishReason::Cancelled));
+                    continue;
+                }
+            };
+            let (logprob, top) = match r.req.logprobs {
+                Some(n) => {
+                    let lp = crate::sampling::logprobs(&out.logits);
+                    (Some(lp[next as usize]), top_logprobs(&lp, n))
+                }
+                None => (None, Vec::new()),
+            };
+            let is_stop = r.req.stop_token_ids.contains(&next);
+            r.output.push(next);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            match r.last_token {
+                None => self.stats.ttft.observe(now.duration_since(r.submitted)),
+                Some(t) => self.stats.itl.observe(now.duration_since(t)),
+            }
+            r.last_token = Some(now);
+            let _ = r.events.send(Event::Token {
+                id: next,
+                logprob,
+                top_logprobs: top,
+                is_stop,
+            });
+            if is_stop {
+                done.push((i, FinishReason::Stop));
+            } else if r.output.len() >= r.max_new {
+                done.push((i, FinishReason::Length));
+            }
+        }
+        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in done {
+            let r = self.running.swap_remove(i);
+            self.finish(r, reason);
+        }
+    }
+
+    fn finish(&mut self, r: Running, reason: FinishReason) {
+        let _ = r.events.send(Event::Done {
+            reason,
+            prompt_tokens: r.req.prompt.len(),
+            completion_tokens: r.output.len(),
+        });
+        self.free.push(r.slot);
+    }
+
+    fn publish(&self) {
+        self.stats
+            .queued
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .free_slots
+            .store(self.free.len(), Ordering::Relaxed);
+    }
+}
+
+/// Waits for every event of a request (for tests and the CLI).
+pub fn collect(mut rx: UnboundedReceiver<Event>, timeout: Duration) -> Vec<Event> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(e) => {
+                let end = matches!(e, Event::Done { .. } | Event::Error(_));
+                out.push(e);
+                if end {
+                    break;
+                }
+            }
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Slots currently in use (queued + running), for leak checks.
+pub fn in_use(stats: &Stats) -> usize {
+    stats.running.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed)
+}
