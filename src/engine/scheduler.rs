@@ -356,7 +356,7 @@ impl Scheduler {
                 // Inputs were validated at submission; fail the step's requests, keep serving.
                 let msg = format!("{e:#}");
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     let r = self.running.swap_remove(i);
                     let _ = r.events.send(Event::Error(msg.clone()));
@@ -417,7 +417,7 @@ impl Scheduler {
                 done.push((i, FinishReason::Length));
             }
         }
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let r = self.running.swap_remove(i);
             self.finish(r, reason);
