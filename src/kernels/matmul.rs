@@ -54,6 +54,13 @@ fn rows_kernel(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut 
         unsafe { super::x86::avx512::rows(x, t, w, r0..r1, out) };
         return;
     }
+    rows_portable(x, t, w, r0, r1, out);
+}
+
+/// The portable kernel: each row widened to f32, then dot products. Compiled for AVX2+FMA and
+/// AVX-512 too (chosen at run time) so the compiler's vectorisation uses the wider registers.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma+f16c"))]
+fn rows_portable(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
     let k = w.cols;
     let mut buf = vec![0.0f32; k];
     for r in r0..r1 {

@@ -27,7 +27,7 @@ use crate::checkpoint::{Matrix, MatrixData};
 /// Rows per register tile.
 const RB: usize = 4;
 /// Tokens per register tile in batched products.
-const TB: usize = 4;
+const TB: usize = 3;
 
 /// A weight dtype as the kernels see it.
 trait Weights: Sync {
@@ -45,6 +45,17 @@ trait Weights: Sync {
     unsafe fn load32(p: *const Self::E) -> (__m512, __m512);
     /// Weight `p[0]` (unscaled), for tails.
     unsafe fn one(p: *const Self::E) -> f32;
+    /// Weights `p[16h..16h+16]`: one half of [`Weights::load32`].
+    #[inline(always)]
+    unsafe fn load16(p: *const Self::E, h: usize) -> __m512 {
+        // SAFETY: forwarded from the caller.
+        let (lo, hi) = unsafe { Self::load32(p) };
+        if h == 0 {
+            lo
+        } else {
+            hi
+        }
+    }
 }
 
 struct Fp8<'a> {
@@ -380,6 +391,11 @@ unsafe fn buffered_tile(
 impl Weights for Widened<'_> {
     type E = f32;
     const STREAM: bool = false;
+    #[inline(always)]
+    unsafe fn load16(p: *const f32, h: usize) -> __m512 {
+        // SAFETY: the caller guarantees 32 readable f32 at `p`.
+        unsafe { _mm512_loadu_ps(p.add(16 * h)) }
+    }
     fn cols(&self) -> usize {
         self.cols
     }
@@ -436,12 +452,31 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
         let s: [f32; N] = std::array::from_fn(|i| if L::SCALED { scale(i, bi) } else { 1.0 });
         let sv: [__m512; N] = std::array::from_fn(|i| _mm512_set1_ps(s[i]));
         let mut c = b0;
-        while c + 32 <= b1 {
-            let mut xv = [(_mm512_setzero_ps(), _mm512_setzero_ps()); T];
-            for (j, v) in xv.iter_mut().enumerate() {
-                // SAFETY: c + 32 <= k, within token j's activations.
-                *v = unsafe { (_mm512_loadu_ps(xp.add(j * xstride + c)), _mm512_loadu_ps(xp.add(j * xstride + c + 16))) };
+        while c + 32 <= b1 && T > 1 {
+            // Several tokens: one half-chunk at a time keeps the live registers at
+            // N·T accumulators + T activations + 1 weight vector (no spills). Each
+            // accumulator still adds its low half before its high half.
+            for h in 0..2 {
+                let xv: [__m512; T] = std::array::from_fn(|j| {
+                    // SAFETY: c + 32 <= k, within token j's activations.
+                    unsafe { _mm512_loadu_ps(xp.add(j * xstride + c + 16 * h)) }
+                });
+                for i in 0..N {
+                    // SAFETY: c + 32 <= k, within row i.
+                    let mut wv = unsafe { L::load16(w[i].add(c), h) };
+                    if L::SCALED {
+                        wv = _mm512_mul_ps(wv, sv[i]);
+                    }
+                    for j in 0..T {
+                        acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+                    }
+                }
             }
+            c += 32;
+        }
+        while c + 32 <= b1 && T == 1 {
+            // SAFETY: c + 32 <= k, within the token's activations.
+            let (xl, xh) = unsafe { (_mm512_loadu_ps(xp.add(c)), _mm512_loadu_ps(xp.add(c + 16))) };
             for i in 0..N {
                 if L::STREAM {
                     // The same columns of the tile after this one (rows are contiguous, so
@@ -457,9 +492,7 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
                     lo = _mm512_mul_ps(lo, sv[i]);
                     hi = _mm512_mul_ps(hi, sv[i]);
                 }
-                for j in 0..T {
-                    acc[i][j] = _mm512_fmadd_ps(hi, xv[j].1, _mm512_fmadd_ps(lo, xv[j].0, acc[i][j]));
-                }
+                acc[i][0] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, acc[i][0]));
             }
             c += 32;
         }
