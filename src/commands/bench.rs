@@ -30,6 +30,9 @@ pub struct Args {
     /// Also measure the memory read bandwidth (4 GiB buffer, best of 10) to compare with.
     #[arg(long)]
     read_bandwidth: bool,
+    /// Print the time per kind of work of the generation steps (one decode step's profile).
+    #[arg(long)]
+    profile: bool,
     /// Only run kernel micro-benchmarks (matrix products on synthetic weights; no model needed).
     #[arg(long)]
     kernels: bool,
@@ -124,6 +127,23 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     }
     if a.gen_tokens > 0 {
         tg(&model, 0, 2, 1)?;
+    }
+    if a.profile && a.gen_tokens > 0 {
+        qnext::kernels::profile::reset();
+        qnext::kernels::profile::enable(true);
+        let secs = tg(&model, a.depth, a.gen_tokens, 7)?;
+        qnext::kernels::profile::enable(false);
+        let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
+        println!("profile of one decode step ({per_token_ms:.1} ms per token, depth {}):", a.depth);
+        let totals = qnext::kernels::profile::totals();
+        let sum: u64 = totals.iter().map(|t| t.1).sum();
+        // The spans also saw the one-token forward that starts generation: n + 1 steps.
+        let steps = (a.gen_tokens + 1) as f64;
+        for (kind, ns) in totals {
+            let ms = ns as f64 / 1e6 / steps;
+            println!("  {:<40} {ms:8.2} ms {:5.1}%", kind.name(), 100.0 * ns as f64 / sum.max(1) as f64);
+        }
+        println!("  {:<40} {:8.2} ms", "(outside these spans)", per_token_ms - sum as f64 / 1e6 / steps);
     }
     let (mut pps, mut tgs) = (Vec::new(), Vec::new());
     for r in 0..a.repeat {

@@ -14,36 +14,62 @@ use crate::checkpoint::{Matrix, MatrixData};
 const PARALLEL_WORK: usize = 1 << 17;
 
 pub fn matmul(x: &[f32], t: usize, w: &Matrix) -> Vec<f32> {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), t * k, "matmul: x is not [t, cols]");
-    let mut out_nt = vec![0.0f32; n * t];
+    matmul_many(&[(x, t, w)]).pop().unwrap_or_default()
+}
+
+/// Several independent products in one dispatch to the pool (e.g. the gate and up
+/// projections of every selected expert): fewer synchronisations per token, and the threads
+/// keep streaming weights from one matrix into the next. Each result is exactly what
+/// [`matmul`] gives.
+pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
+    for (x, t, w) in jobs {
+        assert_eq!(x.len(), t * w.cols, "matmul: x is not [t, cols]");
+    }
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(_, t, w)| vec![0.0f32; w.rows * t]).collect();
     let pool = pool::global();
-    let tasks = if t * n * k < PARALLEL_WORK {
-        1
+    let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
+    let total: usize = work.iter().sum();
+    if total < PARALLEL_WORK || pool.threads() == 1 {
+        for ((x, t, w), o) in jobs.iter().zip(&mut outs) {
+            rows_kernel(x, *t, w, 0, w.rows, o);
+        }
     } else {
-        (pool.threads() * 4).min(n.div_ceil(4)).max(1)
-    };
-    let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
-    if tasks == 1 {
-        rows_kernel(x, t, w, 0, n, &mut out_nt);
-    } else {
-        let parts: Vec<Mutex<&mut [f32]>> = out_nt.chunks_mut(rows_per * t).map(Mutex::new).collect();
+        // About four tasks per thread over all jobs, in proportion to their work; tasks are
+        // claimed dynamically, so uneven sizes even out.
+        let target = pool.threads() * 4;
+        let mut parts: Vec<(usize, usize, usize, Mutex<&mut [f32]>)> = Vec::new();
+        for (j, ((_, t, w), o)) in jobs.iter().zip(outs.iter_mut()).enumerate() {
+            let n = w.rows;
+            let tasks = (target * work[j]).div_ceil(total).clamp(1, n.div_ceil(4).max(1));
+            let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
+            for (i, chunk) in o.chunks_mut(rows_per * t).enumerate() {
+                let r0 = i * rows_per;
+                parts.push((j, r0, (r0 + rows_per).min(n), Mutex::new(chunk)));
+            }
+        }
         pool.run(parts.len(), &|i| {
-            let mut o = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-            let r0 = i * rows_per;
-            rows_kernel(x, t, w, r0, (r0 + rows_per).min(n), &mut o);
+            let (j, r0, r1, ref m) = parts[i];
+            let mut o = m.lock().unwrap_or_else(|e| e.into_inner());
+            let (x, t, w) = jobs[j];
+            rows_kernel(x, t, w, r0, r1, &mut o);
         });
     }
-    if t == 1 {
-        return out_nt;
-    }
-    let mut y = vec![0.0f32; t * n];
-    for r in 0..n {
-        for j in 0..t {
-            y[j * n + r] = out_nt[r * t + j];
-        }
-    }
-    y
+    jobs.iter()
+        .zip(outs)
+        .map(|((_, t, w), out_nt)| {
+            if *t == 1 {
+                return out_nt;
+            }
+            let n = w.rows;
+            let mut y = vec![0.0f32; t * n];
+            for r in 0..n {
+                for j in 0..*t {
+                    y[j * n + r] = out_nt[r * t + j];
+                }
+            }
+            y
+        })
+        .collect()
 }
 
 /// Rows `r0..r1` into `out` (`[(r1 - r0), t]`).

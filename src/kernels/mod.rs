@@ -12,6 +12,7 @@ pub mod microbench;
 pub mod norm;
 pub mod parallel;
 pub mod pool;
+pub mod profile;
 pub mod rope;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;

@@ -10,9 +10,10 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, softmax};
-use crate::kernels::matmul::{axpy, dot, matmul};
+use crate::kernels::matmul::{axpy, dot, matmul, matmul_many};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
+use crate::kernels::profile::{time, Kind, Span};
 use crate::kernels::rope::Rope;
 
 pub struct Attention {
@@ -76,9 +77,13 @@ impl Attention {
         rope: &Rope,
     ) -> Vec<f32> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let qg = matmul(x, t, &self.q_proj);
-        let mut k_new = matmul(x, t, &self.k_proj);
-        let v_new = matmul(x, t, &self.v_proj);
+        let mut qkv = time(Kind::AttnProj, || {
+            matmul_many(&[(x, t, &self.q_proj), (x, t, &self.k_proj), (x, t, &self.v_proj)])
+        });
+        let v_new = qkv.pop().unwrap_or_default();
+        let mut k_new = qkv.pop().unwrap_or_default();
+        let qg = qkv.pop().unwrap_or_default();
+        let core = Span::new(Kind::AttnCore);
         let kvw = nkv * hd;
         let group = nh / nkv;
         let half = rope.rotary_dim / 2;
@@ -148,7 +153,8 @@ impl Attention {
             };
             pool::global().run(t * nkv, &task);
         }
-        matmul(&o, t, &self.o_proj)
+        drop(core);
+        time(Kind::AttnOut, || matmul(&o, t, &self.o_proj))
     }
 }
 

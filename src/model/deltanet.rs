@@ -10,9 +10,10 @@ use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, silu, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
-use crate::kernels::matmul::matmul;
+use crate::kernels::matmul::{matmul, matmul_many};
 use crate::kernels::norm::{l2_norm, rms_scale};
 use crate::kernels::pool;
+use crate::kernels::profile::{time, Kind, Span};
 
 pub struct DeltaNet {
     in_qkvz: Matrix,
@@ -88,8 +89,9 @@ impl DeltaNet {
         t: usize,
         seqs: &mut [(Range<usize>, &mut LayerState)],
     ) -> Vec<f32> {
-        let p = matmul(x, t, &self.in_qkvz);
-        let ba = matmul(x, t, &self.in_ba);
+        let mut pb = time(Kind::DeltaNetProj, || matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)]));
+        let ba = pb.pop().unwrap_or_default();
+        let p = pb.pop().unwrap_or_default();
         let vd = self.hv * self.dv;
         let mut y = vec![0.0f32; t * vd];
         for (rows, state) in seqs.iter_mut() {
@@ -108,7 +110,7 @@ impl DeltaNet {
                 &mut y[rows.start * vd..rows.end * vd],
             );
         }
-        matmul(&y, t, &self.out_proj)
+        time(Kind::DeltaNetOut, || matmul(&y, t, &self.out_proj))
     }
 
     /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.
@@ -128,6 +130,7 @@ impl DeltaNet {
         let group = 2 * dk + 2 * r * dv;
         let vd = hv * dv;
 
+        let conv_span = Span::new(Kind::DeltaNetConv);
         // De-interleave per key-head group (spec §7.1) into [q | k | v], z, b, a. The conv
         // input is prefixed with the carried last Kc−1 raw inputs.
         let hist = kc - 1;
@@ -184,6 +187,8 @@ impl DeltaNet {
             }
         }
 
+        drop(conv_span);
+        let _rule = Span::new(Kind::DeltaNetRule);
         // Value heads are independent: one task each, writing its own state and output rows.
         let mut o_all = vec![0.0f32; hv * n * dv];
         {

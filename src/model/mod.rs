@@ -16,6 +16,7 @@ use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, LayerType};
 use crate::kernels::matmul::matmul;
 use crate::kernels::norm::rms_norm_zc;
+use crate::kernels::profile::{time, Kind};
 use crate::kernels::rope::Rope;
 use attention::Attention;
 use deltanet::DeltaNet;
@@ -270,16 +271,21 @@ impl Model {
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.pos()).collect();
 
         let mut x = vec![0.0f32; t * h];
-        for (s, span) in batch.iter().zip(&spans) {
-            for (i, &id) in s.tokens.iter().enumerate() {
-                let r = span.start + i;
-                self.embed.row_f32(id as usize, &mut x[r * h..(r + 1) * h]);
+        time(Kind::Embed, || {
+            for (s, span) in batch.iter().zip(&spans) {
+                for (i, &id) in s.tokens.iter().enumerate() {
+                    let r = span.start + i;
+                    self.embed.row_f32(id as usize, &mut x[r * h..(r + 1) * h]);
+                }
             }
-        }
+        });
 
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut xn = x.clone();
-            rms_norm_zc(&mut xn, &layer.input_norm, self.cfg.rms_norm_eps);
+            let xn = time(Kind::Norms, || {
+                let mut xn = x.clone();
+                rms_norm_zc(&mut xn, &layer.input_norm, self.cfg.rms_norm_eps);
+                xn
+            });
             let mut seqs: Vec<(Range<usize>, &mut LayerState)> = batch
                 .iter_mut()
                 .zip(&spans)
@@ -289,14 +295,17 @@ impl Model {
                 Mixer::Linear(d) => d.forward(&xn, t, &mut seqs),
                 Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope),
             };
-            add(&mut x, &y);
-            let mut xn = x.clone();
-            rms_norm_zc(&mut xn, &layer.post_norm, self.cfg.rms_norm_eps);
+            let xn = time(Kind::Norms, || {
+                add(&mut x, &y);
+                let mut xn = x.clone();
+                rms_norm_zc(&mut xn, &layer.post_norm, self.cfg.rms_norm_eps);
+                xn
+            });
             let y = match &layer.ffn {
                 Ffn::Moe(m) => m.forward(&xn, t),
                 Ffn::Dense(d) => d.forward(&xn, t),
             };
-            add(&mut x, &y);
+            time(Kind::Norms, || add(&mut x, &y));
         }
 
         // Wanted rows of every sequence go through the final norm and lm_head together, so
@@ -314,12 +323,14 @@ impl Model {
             rows_of.push(rows.len());
         }
         let total: usize = rows_of.iter().sum();
-        rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
-        let logits = if total > 0 {
-            matmul(&hidden, total, &self.lm_head)
-        } else {
-            Vec::new()
-        };
+        let logits = time(Kind::LmHead, || {
+            rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
+            if total > 0 {
+                matmul(&hidden, total, &self.lm_head)
+            } else {
+                Vec::new()
+            }
+        });
         let mut out = Vec::with_capacity(batch.len());
         let mut r0 = 0;
         for rows in rows_of {

@@ -7,8 +7,9 @@ use anyhow::Result;
 use super::mlp::SwiGlu;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
-use crate::kernels::activation::{sigmoid, softmax};
-use crate::kernels::matmul::{axpy, matmul};
+use crate::kernels::activation::{sigmoid, silu, softmax};
+use crate::kernels::matmul::{axpy, matmul, matmul_many};
+use crate::kernels::profile::{Kind, Span};
 
 pub struct Moe {
     router: Matrix,
@@ -74,6 +75,7 @@ impl Moe {
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
         let h = self.router.cols;
         let e_count = self.experts.len();
+        let router = Span::new(Kind::MoeRouter);
         let mut probs = matmul(x, t, &self.router);
         // For each expert, the (token, weight) pairs routed to it.
         let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
@@ -97,30 +99,54 @@ impl Moe {
                 routes[e].push((ti, w));
             }
         }
+        drop(router);
+        let experts = Span::new(Kind::MoeExperts);
         let mut out = vec![0.0f32; t * h];
-        let mut xs = Vec::new();
-        for (e, toks) in routes.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
-            xs.clear();
-            for &(ti, _) in toks {
-                xs.extend_from_slice(&x[ti * h..(ti + 1) * h]);
-            }
-            let y = self.experts[e].forward(&xs, toks.len());
-            for (i, &(ti, w)) in toks.iter().enumerate() {
-                axpy(&mut out[ti * h..(ti + 1) * h], w, &y[i * h..(i + 1) * h]);
+        // Gather each selected expert's tokens, then run every gate/up projection (and the
+        // shared expert's) in one dispatch, and every down projection in a second.
+        let active: Vec<usize> = (0..e_count).filter(|&e| !routes[e].is_empty()).collect();
+        let xs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|&e| routes[e].iter().flat_map(|&(ti, _)| x[ti * h..(ti + 1) * h].iter().copied()).collect())
+            .collect();
+        let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
+        for (i, &e) in active.iter().enumerate() {
+            let m = routes[e].len();
+            jobs.push((&xs[i], m, &self.experts[e].gate));
+            jobs.push((&xs[i], m, &self.experts[e].up));
+        }
+        if let (Some(s), Some(g)) = (&self.shared, &self.shared_gate) {
+            jobs.push((x, t, &s.gate));
+            jobs.push((x, t, &s.up));
+            jobs.push((x, t, g));
+        }
+        let gu = matmul_many(&jobs);
+        let hs: Vec<Vec<f32>> = gu
+            .chunks(2)
+            .take(active.len() + usize::from(self.shared.is_some()))
+            .map(|p| p[0].iter().zip(&p[1]).map(|(&g, &u)| silu(g) * u).collect())
+            .collect();
+        let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
+        for (i, &e) in active.iter().enumerate() {
+            jobs.push((&hs[i], routes[e].len(), &self.experts[e].down));
+        }
+        if let Some(s) = &self.shared {
+            jobs.push((&hs[active.len()], t, &s.down));
+        }
+        let downs = matmul_many(&jobs);
+        for (i, &e) in active.iter().enumerate() {
+            let y = &downs[i];
+            for (r, &(ti, w)) in routes[e].iter().enumerate() {
+                axpy(&mut out[ti * h..(ti + 1) * h], w, &y[r * h..(r + 1) * h]);
             }
         }
-        if let (Some(shared), Some(gate)) = (&self.shared, &self.shared_gate) {
-            let y = shared.forward(x, t);
-            let g = matmul(x, t, gate);
+        drop(experts);
+        let _shared = Span::new(Kind::MoeShared);
+        if self.shared.is_some() {
+            let g = &gu[2 * active.len() + 2];
+            let y = &downs[active.len()];
             for ti in 0..t {
-                axpy(
-                    &mut out[ti * h..(ti + 1) * h],
-                    sigmoid(g[ti]),
-                    &y[ti * h..(ti + 1) * h],
-                );
+                axpy(&mut out[ti * h..(ti + 1) * h], sigmoid(g[ti]), &y[ti * h..(ti + 1) * h]);
             }
         }
         out

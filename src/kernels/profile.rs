@@ -1,0 +1,105 @@
+//! Time per kind of work in the forward pass, for `qnext bench --profile`. Off by default;
+//! when off a span costs one relaxed atomic load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Embed,
+    Norms,
+    DeltaNetProj,
+    DeltaNetConv,
+    DeltaNetRule,
+    DeltaNetOut,
+    AttnProj,
+    AttnCore,
+    AttnOut,
+    MoeRouter,
+    MoeExperts,
+    MoeShared,
+    LmHead,
+}
+
+pub const KINDS: [Kind; 13] = [
+    Kind::Embed,
+    Kind::Norms,
+    Kind::DeltaNetProj,
+    Kind::DeltaNetConv,
+    Kind::DeltaNetRule,
+    Kind::DeltaNetOut,
+    Kind::AttnProj,
+    Kind::AttnCore,
+    Kind::AttnOut,
+    Kind::MoeRouter,
+    Kind::MoeExperts,
+    Kind::MoeShared,
+    Kind::LmHead,
+];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Embed => "embedding lookup",
+            Kind::Norms => "RMS norms + residual",
+            Kind::DeltaNetProj => "DeltaNet in_proj (qkvz, ba)",
+            Kind::DeltaNetConv => "DeltaNet split + conv + l2norm",
+            Kind::DeltaNetRule => "DeltaNet delta rule + gated norm",
+            Kind::DeltaNetOut => "DeltaNet out_proj",
+            Kind::AttnProj => "attention q/k/v proj",
+            Kind::AttnCore => "attention norm + RoPE + softmax(QK)V",
+            Kind::AttnOut => "attention o_proj",
+            Kind::MoeRouter => "MoE router + top-k",
+            Kind::MoeExperts => "MoE routed experts",
+            Kind::MoeShared => "MoE shared expert",
+            Kind::LmHead => "final norm + lm_head",
+        }
+    }
+}
+
+static ON: AtomicBool = AtomicBool::new(false);
+static NANOS: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+
+pub fn enable(on: bool) {
+    ON.store(on, Ordering::Relaxed);
+}
+
+pub fn reset() {
+    for n in &NANOS {
+        n.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Nanoseconds recorded per kind since the last reset.
+pub fn totals() -> Vec<(Kind, u64)> {
+    KINDS.iter().map(|&k| (k, NANOS[k as usize].load(Ordering::Relaxed))).collect()
+}
+
+/// Records the time until it is dropped under `kind`.
+pub struct Span {
+    kind: Kind,
+    start: Option<Instant>,
+}
+
+impl Span {
+    #[inline]
+    pub fn new(kind: Kind) -> Span {
+        let start = ON.load(Ordering::Relaxed).then(Instant::now);
+        Span { kind, start }
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(s) = self.start {
+            NANOS[self.kind as usize].fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `f` under a span of `kind`.
+#[inline]
+pub fn time<R>(kind: Kind, f: impl FnOnce() -> R) -> R {
+    let _s = Span::new(kind);
+    f()
+}
