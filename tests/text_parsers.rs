@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use qnext::text::{
     finish_reason, parse_output, parse_reasoning, parse_tool_calls, DecodeStream, OutputParsers,
-    OutputStream, ParsedOutput, ReasoningStream, ToolCall, ToolCallIds, ToolCallStream, Tokenizer,
+    OutputStream, ParsedOutput, ReasoningStream, Tokenizer, ToolCall, ToolCallIds, ToolCallStream,
 };
 
 const THINK_END_ID: u32 = 151668;
@@ -113,7 +113,10 @@ fn check_reasoning(text: &str, reasoning: &str, content: Option<&str>) {
 fn tags_are_single_non_special_tokens() {
     let tok = tokenizer();
     let ids = tok
-        .encode("<think>\na\n</think>\n\n<tool_call>\n{}\n</tool_call>", false)
+        .encode(
+            "<think>\na\n</think>\n\n<tool_call>\n{}\n</tool_call>",
+            false,
+        )
         .unwrap();
     for id in [THINK_START_ID, THINK_END_ID, TOOL_START_ID, TOOL_END_ID] {
         assert!(ids.contains(&id), "{id} in {ids:?}");
@@ -175,7 +178,11 @@ fn think_start_in_output_is_dropped() {
     // Whitespace before the tag is dropped with it.
     check_reasoning("\n\n<think>abc</think>xyz", "abc", Some("xyz"));
     // Only the first `<think>` is special; the first `</think>` after it ends reasoning.
-    check_reasoning("<think>a<think>b</think>c</think>d", "a<think>b", Some("c</think>d"));
+    check_reasoning(
+        "<think>a<think>b</think>c</think>d",
+        "a<think>b",
+        Some("c</think>d"),
+    );
     check_reasoning("<think>", "", None);
     check_reasoning("<think></think>", "", None);
 }
@@ -515,7 +522,8 @@ fn stream_output(parsers: OutputParsers, pieces: &[String]) -> (ParsedOutput, bo
                 call.id = id;
                 call.name = t.name.unwrap_or_default();
             }
-            call.arguments.push_str(t.arguments.as_deref().unwrap_or(""));
+            call.arguments
+                .push_str(t.arguments.as_deref().unwrap_or(""));
         }
     }
     let out = ParsedOutput {
@@ -555,7 +563,9 @@ const BOTH: OutputParsers = OutputParsers {
 #[test]
 fn thinking_then_tool_call() {
     // vLLM keeps the "\n\n" after `</think>` as content, since the tool parser does not strip.
-    let text = format!("The user wants the weather in Paris.\nI'll call get_weather.\n</think>\n\n{WEATHER}");
+    let text = format!(
+        "The user wants the weather in Paris.\nI'll call get_weather.\n</think>\n\n{WEATHER}"
+    );
     let expected = ParsedOutput {
         reasoning: Some("The user wants the weather in Paris.\nI'll call get_weather.\n".into()),
         content: Some("\n\n".into()),
@@ -694,13 +704,28 @@ const ATOMS: &[&str] = &[
     "{\"name\": \"g\", \"arguments\": {\"b\": [1.5, null]}}",
 ];
 
+const BLOCKS: &[&str] = &[
+    "<tool_call>\n{\"name\": \"g\", \"arguments\": {\"b\": [1.5, null]}}\n</tool_call>",
+    "<tool_call>{\"name\": \"h\", \"arguments\": \"{}\"}</tool_call>\n",
+    "<tool_call>\n{\"name\": \"é\", \"arguments\": {\"s\": \"🤔\"}}",
+    "</think>\n\n",
+];
+
 #[test]
 fn arbitrary_inputs() {
     let mut rng = Lcg(42);
+    // How many cases exercised each branch, so that the generator is known to reach them.
+    let (mut split, mut called) = (0, 0);
     for case in 0..3000 {
         let mut text = String::new();
         for _ in 0..rng.next(14) {
-            text.push_str(ATOMS[rng.next(ATOMS.len())]);
+            // Whole blocks often enough that well-formed calls are common.
+            let atom = if rng.next(4) == 0 {
+                BLOCKS[rng.next(BLOCKS.len())]
+            } else {
+                ATOMS[rng.next(ATOMS.len())]
+            };
+            text.push_str(atom);
         }
         let pieces = match case % 3 {
             0 => char_pieces(&text),
@@ -715,6 +740,7 @@ fn arbitrary_inputs() {
             Some(s) => text[..s].trim().is_empty(),
         };
         if exact {
+            split += usize::from(c.is_some());
             assert_eq!(
                 (sr, sc),
                 (r.unwrap_or_default(), c.unwrap_or_default()),
@@ -724,6 +750,7 @@ fn arbitrary_inputs() {
 
         let (content, calls) = parse_tool_calls(&text, &mut ToolCallIds::from_seed(SEED));
         let (s_content, s_calls, _) = stream_tools(&pieces);
+        called += usize::from(!calls.is_empty());
         if s_calls.is_empty() || !calls.is_empty() {
             assert_eq!(s_content, content.unwrap_or_default(), "{text:?}");
             assert_eq!(s_calls, calls, "{text:?}");
@@ -734,4 +761,8 @@ fn arbitrary_inputs() {
             let _ = stream_output(parsers, &pieces);
         }
     }
+    assert!(
+        split > 500 && called > 500,
+        "split {split}, called {called}"
+    );
 }
