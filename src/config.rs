@@ -177,14 +177,20 @@ impl Config {
                 bail!("field `{name}` must be positive");
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "fields `num_attention_heads` ({}) and `num_key_value_heads` ({}): query heads must be a multiple of KV heads",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if !self.linear_num_value_heads.is_multiple_of(self.linear_num_key_heads) {
+        if !self
+            .linear_num_value_heads
+            .is_multiple_of(self.linear_num_key_heads)
+        {
             bail!(
                 "fields `linear_num_value_heads` ({}) and `linear_num_key_heads` ({}): value heads must be a multiple of key heads",
                 self.linear_num_value_heads,

@@ -9,6 +9,19 @@ use std::sync::Arc;
 
 use super::view::{DType, TensorRef};
 
+/// Where tensor bytes live once a checkpoint is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Mapped from the files, paged in on first use (fast start; tests, scoring).
+    Mmap,
+    /// Mapped from the files, every page read in up front (MAP_POPULATE).
+    Populate,
+    /// Copied into anonymous memory backed by 2 MiB transparent huge pages. Streaming the
+    /// weights every token through 4 KiB file pages costs a TLB miss per page; with huge
+    /// pages decode reads measurably faster (see BENCHMARKS.md). Resident memory is the same.
+    HugePages,
+}
+
 struct Shard {
     path: PathBuf,
     map: Arc<Mmap>,
@@ -32,12 +45,11 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens `dir`: `model.safetensors.index.json` + its shards, or `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        Checkpoint::open_with(dir, false)
+        Checkpoint::open_with(dir, LoadMode::Mmap)
     }
 
-    /// Like [`Checkpoint::open`]; `populate` reads every page in now (MAP_POPULATE) instead of
-    /// on first use, so timings and the first requests do not pay for page faults.
-    pub fn open_with(dir: &Path, populate: bool) -> Result<Checkpoint> {
+    /// Like [`Checkpoint::open`], placing the tensors as `mode` says.
+    pub fn open_with(dir: &Path, mode: LoadMode) -> Result<Checkpoint> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
@@ -82,10 +94,16 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
-            let map = map_file(&path, populate)?;
+            let map = match mode {
+                LoadMode::HugePages => copy_to_huge_pages(&path)?,
+                _ => map_file(&path, mode == LoadMode::Populate)?,
+            };
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
-                    anyhow!("{} is truncated or not a valid safetensors file ({e:?})", path.display())
+                    anyhow!(
+                        "{} is truncated or not a valid safetensors file ({e:?})",
+                        path.display()
+                    )
                 })?;
             let data_start = 8 + header_len;
             for (tname, info) in meta.tensors() {
@@ -179,6 +197,24 @@ impl Checkpoint {
         }
         out
     }
+}
+
+/// Reads a file into a read-only anonymous mapping advised to use transparent huge pages.
+fn copy_to_huge_pages(path: &Path) -> Result<Mmap> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len() as usize;
+    let mut anon = memmap2::MmapMut::map_anon(len.max(1))
+        .with_context(|| format!("cannot allocate {len} bytes for {}", path.display()))?;
+    // Only a hint: without THP support the copy still works, on small pages.
+    let _ = anon.advise(memmap2::Advice::HugePage);
+    f.read_exact(&mut anon[..len])
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    anon.make_read_only()
+        .with_context(|| format!("cannot protect the copy of {}", path.display()))
 }
 
 fn map_file(path: &Path, populate: bool) -> Result<Mmap> {

@@ -7,6 +7,6 @@ mod matrix;
 mod view;
 pub mod writer;
 
-pub use files::Checkpoint;
+pub use files::{Checkpoint, LoadMode};
 pub use matrix::{Matrix, MatrixData};
 pub use view::{DType, Elems, TensorRef};

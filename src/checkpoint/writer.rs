@@ -27,10 +27,7 @@ pub fn write_safetensors(
     mut fill: impl FnMut(&TensorSpec) -> Result<Vec<u8>>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt"}),
-    );
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut off = 0usize;
     for s in specs {
         let end = off + s.bytes();
@@ -52,7 +49,12 @@ pub fn write_safetensors(
     for s in specs {
         let data = fill(s)?;
         if data.len() != s.bytes() {
-            bail!("tensor `{}`: produced {} bytes, expected {}", s.name, data.len(), s.bytes());
+            bail!(
+                "tensor `{}`: produced {} bytes, expected {}",
+                s.name,
+                data.len(),
+                s.bytes()
+            );
         }
         w.write_all(&data)
             .with_context(|| format!("writing {}", path.display()))?;

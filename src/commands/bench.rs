@@ -30,6 +30,8 @@ pub struct Args {
     /// Also measure the memory read bandwidth (4 GiB buffer, best of 10) to compare with.
     #[arg(long)]
     read_bandwidth: bool,
+    #[command(flatten)]
+    load: super::LoadArg,
     /// Print the time per kind of work of the generation steps (one decode step's profile).
     #[arg(long)]
     profile: bool,
@@ -42,7 +44,9 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Stay within the ids a tokenizer defines (151,669 for Qwen) when the vocabulary is padded.
             ((s >> 33) % vocab.min(151_669) as u64) as u32
         })
@@ -64,7 +68,11 @@ fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
     let ids = random_ids(n, model.cfg.vocab_size, seed);
     let mut cache = model.new_cache(n);
     let t0 = Instant::now();
-    model.forward(&mut [SeqInput { tokens: &ids, cache: &mut cache, want: Want::Last }])?;
+    model.forward(&mut [SeqInput {
+        tokens: &ids,
+        cache: &mut cache,
+        want: Want::Last,
+    }])?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -72,11 +80,19 @@ fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
 fn tg(model: &Model, depth: usize, n: usize, seed: u64) -> Result<f64> {
     let mut cache = model.new_cache(depth + n + 1);
     let first = random_ids(depth + 1, model.cfg.vocab_size, seed);
-    let out = model.forward(&mut [SeqInput { tokens: &first, cache: &mut cache, want: Want::Last }])?;
+    let out = model.forward(&mut [SeqInput {
+        tokens: &first,
+        cache: &mut cache,
+        want: Want::Last,
+    }])?;
     let mut next = argmax(&out[0].logits);
     let t0 = Instant::now();
     for _ in 0..n {
-        let out = model.forward(&mut [SeqInput { tokens: &[next], cache: &mut cache, want: Want::Last }])?;
+        let out = model.forward(&mut [SeqInput {
+            tokens: &[next],
+            cache: &mut cache,
+            want: Want::Last,
+        }])?;
         next = argmax(&out[0].logits);
     }
     Ok(t0.elapsed().as_secs_f64())
@@ -104,20 +120,27 @@ fn peak_rss_bytes() -> u64 {
 
 pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.repeat == 0 || (a.prompt_tokens == 0 && a.gen_tokens == 0) {
-        bail!("nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive");
+        bail!(
+            "nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive"
+        );
     }
     if a.kernels {
         let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
         println!("read bandwidth {bw:.1} GB/s");
         for t in [1usize, 4, 64] {
-            for (name, gbps, secs) in qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5) {
-                println!("matmul {name:<5} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)", secs * 1e6);
+            for (name, gbps, secs) in
+                qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5)
+            {
+                println!(
+                    "matmul {name:<5} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)",
+                    secs * 1e6
+                );
             }
         }
         return Ok(());
     }
     let t0 = Instant::now();
-    let model = Model::load_with(&a.model, true)?;
+    let model = Model::load_with(&a.model, a.load.mode())?;
     let load_s = t0.elapsed().as_secs_f64();
     let (all_bytes, token_bytes) = model.weight_bytes();
     let threads = qnext::kernels::parallel::threads();
@@ -134,16 +157,27 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         let secs = tg(&model, a.depth, a.gen_tokens, 7)?;
         qnext::kernels::profile::enable(false);
         let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
-        println!("profile of one decode step ({per_token_ms:.1} ms per token, depth {}):", a.depth);
+        println!(
+            "profile of one decode step ({per_token_ms:.1} ms per token, depth {}):",
+            a.depth
+        );
         let totals = qnext::kernels::profile::totals();
         let sum: u64 = totals.iter().map(|t| t.1).sum();
         // The spans also saw the one-token forward that starts generation: n + 1 steps.
         let steps = (a.gen_tokens + 1) as f64;
         for (kind, ns) in totals {
             let ms = ns as f64 / 1e6 / steps;
-            println!("  {:<40} {ms:8.2} ms {:5.1}%", kind.name(), 100.0 * ns as f64 / sum.max(1) as f64);
+            println!(
+                "  {:<40} {ms:8.2} ms {:5.1}%",
+                kind.name(),
+                100.0 * ns as f64 / sum.max(1) as f64
+            );
         }
-        println!("  {:<40} {:8.2} ms", "(outside these spans)", per_token_ms - sum as f64 / 1e6 / steps);
+        println!(
+            "  {:<40} {:8.2} ms",
+            "(outside these spans)",
+            per_token_ms - sum as f64 / 1e6 / steps
+        );
     }
     let (mut pps, mut tgs) = (Vec::new(), Vec::new());
     for r in 0..a.repeat {
@@ -159,8 +193,16 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             eprintln!("repeat {r}: pp {:?} tg {:?}", pps.last(), tgs.last());
         }
     }
-    let pp_tps = if pps.is_empty() { 0.0 } else { median(pps.clone()) };
-    let tg_tps = if tgs.is_empty() { 0.0 } else { median(tgs.clone()) };
+    let pp_tps = if pps.is_empty() {
+        0.0
+    } else {
+        median(pps.clone())
+    };
+    let tg_tps = if tgs.is_empty() {
+        0.0
+    } else {
+        median(tgs.clone())
+    };
     let gbps = token_bytes as f64 * tg_tps / 1e9;
     let rss = peak_rss_bytes();
     let bw = if a.read_bandwidth {
@@ -185,6 +227,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "gb_per_s": gbps,
             "peak_rss_bytes": rss,
             "load_s": load_s,
+            "load_mode": format!("{:?}", a.load.load).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
         });
@@ -193,11 +236,21 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         println!("model      {}", a.model.display());
         println!("threads    {threads}");
         println!("pp{:<8} {pp_tps:.2} tokens/s", a.prompt_tokens);
-        println!("tg{:<8} {tg_tps:.2} tokens/s (depth {})", a.gen_tokens, a.depth);
-        println!("weights    {:.3} GB, {:.1} MB read per token, {gbps:.1} GB/s", all_bytes as f64 / 1e9, token_bytes as f64 / 1e6);
+        println!(
+            "tg{:<8} {tg_tps:.2} tokens/s (depth {})",
+            a.gen_tokens, a.depth
+        );
+        println!(
+            "weights    {:.3} GB, {:.1} MB read per token, {gbps:.1} GB/s",
+            all_bytes as f64 / 1e9,
+            token_bytes as f64 / 1e6
+        );
         println!("peak RSS   {:.2} GB", rss as f64 / 1e9);
         if bw > 0.0 {
-            println!("read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it", 100.0 * gbps / bw);
+            println!(
+                "read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it",
+                100.0 * gbps / bw
+            );
         }
     }
     Ok(())

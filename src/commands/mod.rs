@@ -8,14 +8,15 @@ pub mod serve;
 pub mod synth;
 
 use anyhow::Result;
+use qnext::checkpoint::LoadMode;
 use qnext::model::Model;
 use std::path::Path;
 use std::time::Instant;
 
 /// Loads a model, reporting time and resident memory when `verbose`.
-pub fn load_model(dir: &Path, verbose: bool) -> Result<Model> {
+pub fn load_model(dir: &Path, verbose: bool, mode: LoadMode) -> Result<Model> {
     let t0 = Instant::now();
-    let model = Model::load(dir)?;
+    let model = Model::load_with(dir, mode)?;
     if verbose {
         let (all, active) = model.weight_bytes();
         eprintln!(
@@ -36,4 +37,30 @@ pub fn rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// `--load`: where the weights live once loaded.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct LoadArg {
+    /// mmap: map the files (fast start, pages fault in on use); populate: map and read every
+    /// page now; hugepages: copy into anonymous memory on 2 MiB pages (fastest decode).
+    #[arg(long = "load", value_enum, default_value_t = LoadChoice::Hugepages)]
+    pub load: LoadChoice,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadChoice {
+    Mmap,
+    Populate,
+    Hugepages,
+}
+
+impl LoadArg {
+    pub fn mode(self) -> LoadMode {
+        match self.load {
+            LoadChoice::Mmap => LoadMode::Mmap,
+            LoadChoice::Populate => LoadMode::Populate,
+            LoadChoice::Hugepages => LoadMode::HugePages,
+        }
+    }
 }

@@ -45,6 +45,8 @@ pub struct Args {
     /// Seed for sampling (same seed, same output).
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    load: super::LoadArg,
 }
 
 pub fn main(args: Args, verbose: bool) -> Result<()> {
@@ -72,7 +74,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = super::load_model(&args.model, verbose)?;
+    let model = super::load_model(&args.model, verbose, args.load.mode())?;
     let ctx = model.cfg.max_position_embeddings;
     if ids.len() >= ctx {
         bail!(

@@ -62,7 +62,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
-    let model = super::load_model(&args.model, verbose)?;
+    let model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
     if ids.len() > model.cfg.max_position_embeddings {
         bail!(
             "{} tokens exceed the model's context length {}",

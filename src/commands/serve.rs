@@ -1,14 +1,98 @@
-//! `qnext serve`: the OpenAI-compatible server.
+//! `qnext serve`: the OpenAI-compatible server, with vLLM's flag names.
 
 use anyhow::Result;
-use clap::Args as ClapArgs;
+use clap::{Args as ClapArgs, ValueEnum};
+use qnext::server::{self, ReasoningParser, ServerConfig, ToolCallParser};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Reasoning {
+    /// `<think>…</think>` → `reasoning_content` (Qwen3-Next-Thinking).
+    #[value(name = "deepseek_r1")]
+    DeepseekR1,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ToolParser {
+    /// `<tool_call>{json}</tool_call>` → `tool_calls` (Qwen3-Next).
+    Hermes,
+    None,
+}
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Checkpoint folder or Hugging Face repo id.
+    /// Checkpoint folder or Hugging Face repo id (looked up in the Hugging Face cache).
     model: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model name(s) clients use in `model` (default: MODEL as given).
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Prompt + output tokens of one request at most (default: the model's context length).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Sequences generated together at most; more requests wait.
+    #[arg(long, default_value_t = 8)]
+    max_num_seqs: usize,
+    #[arg(long, value_enum, default_value = "none")]
+    reasoning_parser: Reasoning,
+    #[arg(long, value_enum, default_value = "hermes")]
+    tool_call_parser: ToolParser,
+    /// Chat template replacing the checkpoint's (.jinja, or JSON with `chat_template`).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    #[command(flatten)]
+    load: super::LoadArg,
 }
 
-pub fn main(_a: Args, _verbose: bool) -> Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn main(a: Args, verbose: bool) -> Result<()> {
+    let filter = if verbose { "info" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cfg = ServerConfig {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        served_model_name: a.served_model_name,
+        api_key: a.api_key,
+        max_model_len: a.max_model_len,
+        max_num_seqs: a.max_num_seqs,
+        reasoning_parser: match a.reasoning_parser {
+            Reasoning::DeepseekR1 => ReasoningParser::DeepseekR1,
+            Reasoning::None => ReasoningParser::None,
+        },
+        tool_call_parser: match a.tool_call_parser {
+            ToolParser::Hermes => ToolCallParser::Hermes,
+            ToolParser::None => ToolCallParser::None,
+        },
+        chat_template: a.chat_template,
+        handle_signals: true,
+        hub: None,
+        load_mode: a.load.mode(),
+    };
+    let handle = server::start(cfg)?;
+    if verbose {
+        let st = handle.state();
+        eprintln!(
+            "model {} from {}: max_model_len {}, max_num_seqs {}, RSS {:.1} MB",
+            st.model_name(),
+            st.model_dir.display(),
+            st.max_model_len,
+            st.engine.config.max_num_seqs,
+            super::rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    eprintln!("qnext serve: listening on {}", handle.url());
+    handle.wait()
 }

@@ -102,19 +102,42 @@ fn not_converted(a: &Args) -> Vec<String> {
     let mut v = vec!["lm_head".to_owned()];
     for l in 0..a.layers {
         let p = format!("model.layers.{l}");
-        let mut names = vec!["input_layernorm", "post_attention_layernorm", "mlp.gate", "mlp.shared_expert_gate"];
+        let mut names = vec![
+            "input_layernorm",
+            "post_attention_layernorm",
+            "mlp.gate",
+            "mlp.shared_expert_gate",
+        ];
         if is_attention(l) {
             names.extend(["self_attn.q_norm", "self_attn.k_norm"]);
         } else {
-            names.extend(["linear_attn.A_log", "linear_attn.conv1d", "linear_attn.dt_bias", "linear_attn.in_proj_ba", "linear_attn.norm"]);
+            names.extend([
+                "linear_attn.A_log",
+                "linear_attn.conv1d",
+                "linear_attn.dt_bias",
+                "linear_attn.in_proj_ba",
+                "linear_attn.norm",
+            ]);
         }
         v.extend(names.iter().map(|n| format!("{p}.{n}")));
     }
     if !a.no_mtp {
-        for n in ["mtp.fc", "mtp.norm", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden"] {
+        for n in [
+            "mtp.fc",
+            "mtp.norm",
+            "mtp.pre_fc_norm_embedding",
+            "mtp.pre_fc_norm_hidden",
+        ] {
             v.push(n.to_owned());
         }
-        for n in ["input_layernorm", "post_attention_layernorm", "self_attn.k_norm", "self_attn.q_norm", "mlp.gate", "mlp.shared_expert_gate"] {
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.k_norm",
+            "self_attn.q_norm",
+            "mlp.gate",
+            "mlp.shared_expert_gate",
+        ] {
             v.push(format!("mtp.layers.0.{n}"));
         }
     }
@@ -129,7 +152,10 @@ fn is_attention(l: usize) -> bool {
 #[derive(Clone, Copy)]
 enum Init {
     /// Uniform with this standard deviation; `quantize` for FP8 Linear weights.
-    Uniform { std: f32, quantize: bool },
+    Uniform {
+        std: f32,
+        quantize: bool,
+    },
     /// Zero-centred norm weights (applied as 1 + w).
     NormZc,
     /// The plain gated-norm weight of DeltaNet.
@@ -146,56 +172,200 @@ fn linear(out: &mut Vec<Planned>, name: String, n: usize, k: usize, fp8: bool) {
     let std = 1.0 / (k as f32).sqrt();
     if fp8 {
         out.push(Planned {
-            spec: TensorSpec { name: format!("{name}_scale_inv"), dtype: DType::F32, shape: vec![n.div_ceil(BLOCK), k.div_ceil(BLOCK)] },
-            init: Init::Uniform { std, quantize: true },
+            spec: TensorSpec {
+                name: format!("{name}_scale_inv"),
+                dtype: DType::F32,
+                shape: vec![n.div_ceil(BLOCK), k.div_ceil(BLOCK)],
+            },
+            init: Init::Uniform {
+                std,
+                quantize: true,
+            },
         });
         out.push(Planned {
-            spec: TensorSpec { name, dtype: DType::F8E4M3, shape: vec![n, k] },
-            init: Init::Uniform { std, quantize: true },
+            spec: TensorSpec {
+                name,
+                dtype: DType::F8E4M3,
+                shape: vec![n, k],
+            },
+            init: Init::Uniform {
+                std,
+                quantize: true,
+            },
         });
     } else {
         out.push(Planned {
-            spec: TensorSpec { name, dtype: DType::BF16, shape: vec![n, k] },
-            init: Init::Uniform { std, quantize: false },
+            spec: TensorSpec {
+                name,
+                dtype: DType::BF16,
+                shape: vec![n, k],
+            },
+            init: Init::Uniform {
+                std,
+                quantize: false,
+            },
         });
     }
 }
 
 fn vector(out: &mut Vec<Planned>, name: String, shape: Vec<usize>, init: Init, dtype: DType) {
-    out.push(Planned { spec: TensorSpec { name, dtype, shape }, init });
+    out.push(Planned {
+        spec: TensorSpec { name, dtype, shape },
+        init,
+    });
 }
 
 fn attention_and_moe(out: &mut Vec<Planned>, p: &str, attention: bool, experts: usize, fp8: bool) {
     let bf16 = DType::BF16;
-    vector(out, format!("{p}input_layernorm.weight"), vec![H], Init::NormZc, bf16);
-    vector(out, format!("{p}post_attention_layernorm.weight"), vec![H], Init::NormZc, bf16);
+    vector(
+        out,
+        format!("{p}input_layernorm.weight"),
+        vec![H],
+        Init::NormZc,
+        bf16,
+    );
+    vector(
+        out,
+        format!("{p}post_attention_layernorm.weight"),
+        vec![H],
+        Init::NormZc,
+        bf16,
+    );
     if attention {
-        linear(out, format!("{p}self_attn.q_proj.weight"), 2 * HEADS * HEAD_DIM, H, fp8);
-        linear(out, format!("{p}self_attn.k_proj.weight"), KV_HEADS * HEAD_DIM, H, fp8);
-        linear(out, format!("{p}self_attn.v_proj.weight"), KV_HEADS * HEAD_DIM, H, fp8);
-        linear(out, format!("{p}self_attn.o_proj.weight"), H, HEADS * HEAD_DIM, fp8);
-        vector(out, format!("{p}self_attn.q_norm.weight"), vec![HEAD_DIM], Init::NormZc, bf16);
-        vector(out, format!("{p}self_attn.k_norm.weight"), vec![HEAD_DIM], Init::NormZc, bf16);
+        linear(
+            out,
+            format!("{p}self_attn.q_proj.weight"),
+            2 * HEADS * HEAD_DIM,
+            H,
+            fp8,
+        );
+        linear(
+            out,
+            format!("{p}self_attn.k_proj.weight"),
+            KV_HEADS * HEAD_DIM,
+            H,
+            fp8,
+        );
+        linear(
+            out,
+            format!("{p}self_attn.v_proj.weight"),
+            KV_HEADS * HEAD_DIM,
+            H,
+            fp8,
+        );
+        linear(
+            out,
+            format!("{p}self_attn.o_proj.weight"),
+            H,
+            HEADS * HEAD_DIM,
+            fp8,
+        );
+        vector(
+            out,
+            format!("{p}self_attn.q_norm.weight"),
+            vec![HEAD_DIM],
+            Init::NormZc,
+            bf16,
+        );
+        vector(
+            out,
+            format!("{p}self_attn.k_norm.weight"),
+            vec![HEAD_DIM],
+            Init::NormZc,
+            bf16,
+        );
     } else {
         let la = format!("{p}linear_attn.");
-        linear(out, format!("{la}in_proj_qkvz.weight"), 2 * HK * DK + 2 * HV * DV, H, fp8);
+        linear(
+            out,
+            format!("{la}in_proj_qkvz.weight"),
+            2 * HK * DK + 2 * HV * DV,
+            H,
+            fp8,
+        );
         linear(out, format!("{la}in_proj_ba.weight"), 2 * HV, H, false);
         linear(out, format!("{la}out_proj.weight"), H, HV * DV, fp8);
-        vector(out, format!("{la}conv1d.weight"), vec![2 * HK * DK + HV * DV, 1, KC], Init::Uniform { std: 0.5, quantize: false }, bf16);
-        vector(out, format!("{la}dt_bias"), vec![HV], Init::Uniform { std: 1.0, quantize: false }, bf16);
+        vector(
+            out,
+            format!("{la}conv1d.weight"),
+            vec![2 * HK * DK + HV * DV, 1, KC],
+            Init::Uniform {
+                std: 0.5,
+                quantize: false,
+            },
+            bf16,
+        );
+        vector(
+            out,
+            format!("{la}dt_bias"),
+            vec![HV],
+            Init::Uniform {
+                std: 1.0,
+                quantize: false,
+            },
+            bf16,
+        );
         vector(out, format!("{la}A_log"), vec![HV], Init::ALog, DType::F32);
-        vector(out, format!("{la}norm.weight"), vec![DV], Init::NormPlain, DType::F32);
+        vector(
+            out,
+            format!("{la}norm.weight"),
+            vec![DV],
+            Init::NormPlain,
+            DType::F32,
+        );
     }
     linear(out, format!("{p}mlp.gate.weight"), experts, H, false);
     for e in 0..experts {
-        linear(out, format!("{p}mlp.experts.{e}.gate_proj.weight"), MOE_I, H, fp8);
-        linear(out, format!("{p}mlp.experts.{e}.up_proj.weight"), MOE_I, H, fp8);
-        linear(out, format!("{p}mlp.experts.{e}.down_proj.weight"), H, MOE_I, fp8);
+        linear(
+            out,
+            format!("{p}mlp.experts.{e}.gate_proj.weight"),
+            MOE_I,
+            H,
+            fp8,
+        );
+        linear(
+            out,
+            format!("{p}mlp.experts.{e}.up_proj.weight"),
+            MOE_I,
+            H,
+            fp8,
+        );
+        linear(
+            out,
+            format!("{p}mlp.experts.{e}.down_proj.weight"),
+            H,
+            MOE_I,
+            fp8,
+        );
     }
-    linear(out, format!("{p}mlp.shared_expert.gate_proj.weight"), MOE_I, H, fp8);
-    linear(out, format!("{p}mlp.shared_expert.up_proj.weight"), MOE_I, H, fp8);
-    linear(out, format!("{p}mlp.shared_expert.down_proj.weight"), H, MOE_I, fp8);
-    linear(out, format!("{p}mlp.shared_expert_gate.weight"), 1, H, false);
+    linear(
+        out,
+        format!("{p}mlp.shared_expert.gate_proj.weight"),
+        MOE_I,
+        H,
+        fp8,
+    );
+    linear(
+        out,
+        format!("{p}mlp.shared_expert.up_proj.weight"),
+        MOE_I,
+        H,
+        fp8,
+    );
+    linear(
+        out,
+        format!("{p}mlp.shared_expert.down_proj.weight"),
+        H,
+        MOE_I,
+        fp8,
+    );
+    linear(
+        out,
+        format!("{p}mlp.shared_expert_gate.weight"),
+        1,
+        H,
+        false,
+    );
 }
 
 /// A splitmix64 stream seeded from the run seed and the tensor name, so every tensor is
@@ -231,12 +401,16 @@ fn values(p: &Planned, seed: u64, base_name: &str) -> Vec<f32> {
         Init::Uniform { std, .. } => (0..n).map(|_| r.unit() * std * sqrt3).collect(),
         Init::NormZc => (0..n).map(|_| 0.1 * r.unit()).collect(),
         Init::NormPlain => (0..n).map(|_| 1.0 + 0.1 * r.unit()).collect(),
-        Init::ALog => (0..n).map(|_| (1.0 + 7.5 * (r.unit() + 1.0)).ln()).collect(),
+        Init::ALog => (0..n)
+            .map(|_| (1.0 + 7.5 * (r.unit() + 1.0)).ln())
+            .collect(),
     }
 }
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
+    v.iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect()
 }
 
 /// FP8 weight bytes and f32 scales, quantised per 128×128 block as HF FineGrainedFP8 does.
@@ -249,7 +423,10 @@ fn quantize(v: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
             *a = a.max(v[r * k + c].abs());
         }
     }
-    let scale: Vec<f32> = amax.iter().map(|&a| if a > 0.0 { 448.0 / a } else { 1.0 }).collect();
+    let scale: Vec<f32> = amax
+        .iter()
+        .map(|&a| if a > 0.0 { 448.0 / a } else { 1.0 })
+        .collect();
     let mut q = vec![0u8; n * k];
     for r in 0..n {
         for c in 0..k {
@@ -264,25 +441,51 @@ pub fn main(a: Args) -> Result<()> {
     if a.experts == 0 || a.layers == 0 {
         bail!("--experts and --layers must be positive");
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     // Shards: embeddings, then 4 layers each, then the head (and MTP).
     let mut shards: Vec<Vec<Planned>> = Vec::new();
     let mut first = Vec::new();
-    vector(&mut first, "model.embed_tokens.weight".into(), vec![VOCAB, H], Init::Uniform { std: 1.0, quantize: false }, DType::BF16);
+    vector(
+        &mut first,
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, H],
+        Init::Uniform {
+            std: 1.0,
+            quantize: false,
+        },
+        DType::BF16,
+    );
     shards.push(first);
     for chunk in (0..a.layers).collect::<Vec<_>>().chunks(4) {
         let mut s = Vec::new();
         for &l in chunk {
-            attention_and_moe(&mut s, &format!("model.layers.{l}."), is_attention(l), a.experts, a.fp8);
+            attention_and_moe(
+                &mut s,
+                &format!("model.layers.{l}."),
+                is_attention(l),
+                a.experts,
+                a.fp8,
+            );
         }
         shards.push(s);
     }
     let mut last = Vec::new();
-    vector(&mut last, "model.norm.weight".into(), vec![H], Init::NormZc, DType::BF16);
+    vector(
+        &mut last,
+        "model.norm.weight".into(),
+        vec![H],
+        Init::NormZc,
+        DType::BF16,
+    );
     linear(&mut last, "lm_head.weight".into(), VOCAB, H, false);
     if !a.no_mtp {
         linear(&mut last, "mtp.fc.weight".into(), H, 2 * H, false);
-        for n in ["mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight"] {
+        for n in [
+            "mtp.pre_fc_norm_embedding.weight",
+            "mtp.pre_fc_norm_hidden.weight",
+            "mtp.norm.weight",
+        ] {
             vector(&mut last, n.into(), vec![H], Init::NormZc, DType::BF16);
         }
         attention_and_moe(&mut last, "mtp.layers.0.", true, a.experts, a.fp8);
@@ -297,7 +500,11 @@ pub fn main(a: Args) -> Result<()> {
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
         let specs: Vec<TensorSpec> = shard
             .iter()
-            .map(|p| TensorSpec { name: p.spec.name.clone(), dtype: p.spec.dtype, shape: p.spec.shape.clone() })
+            .map(|p| TensorSpec {
+                name: p.spec.name.clone(),
+                dtype: p.spec.dtype,
+                shape: p.spec.shape.clone(),
+            })
             .collect();
         for s in &specs {
             weight_map.insert(s.name.clone(), serde_json::Value::String(file.clone()));
@@ -306,27 +513,42 @@ pub fn main(a: Args) -> Result<()> {
         // and computed together with the weight, which is then handed out from `pending`.
         let mut pending: Option<Vec<u8>> = None;
         write_safetensors(&a.out.join(&file), &specs, |spec| {
-            let p = shard.iter().find(|p| p.spec.name == spec.name).expect("planned tensor");
+            let p = shard
+                .iter()
+                .find(|p| p.spec.name == spec.name)
+                .expect("planned tensor");
             pb.inc(spec.bytes() as u64);
             Ok(match (p.init, spec.dtype) {
                 (Init::Uniform { quantize: true, .. }, DType::F32) => {
                     let base = spec.name.trim_end_matches("_scale_inv");
-                    let w = shard.iter().find(|q| q.spec.name == base).expect("weight after scale");
+                    let w = shard
+                        .iter()
+                        .find(|q| q.spec.name == base)
+                        .expect("weight after scale");
                     let (n, k) = (w.spec.shape[0], w.spec.shape[1]);
                     let (q, s) = quantize(&values(w, a.seed, base), n, k);
                     pending = Some(q);
                     s
                 }
                 (_, DType::F8E4M3) => pending.take().expect("scales written before weight"),
-                (_, DType::F32) => values(p, a.seed, &spec.name).iter().flat_map(|x| x.to_le_bytes()).collect(),
+                (_, DType::F32) => values(p, a.seed, &spec.name)
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 _ => bf16_bytes(&values(p, a.seed, &spec.name)),
             })
         })?;
     }
     pb.finish_and_clear();
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(a.out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
-    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&config(&a))?)?;
+    std::fs::write(
+        a.out.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?,
+    )?;
+    std::fs::write(
+        a.out.join("config.json"),
+        serde_json::to_string_pretty(&config(&a))?,
+    )?;
     std::fs::write(
         a.out.join("generation_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -334,6 +556,10 @@ pub fn main(a: Args) -> Result<()> {
             "pad_token_id": 151643, "temperature": 0.7, "top_k": 20, "top_p": 0.8
         }))?,
     )?;
-    eprintln!("wrote {} ({:.2} GB in {count} shards)", a.out.display(), total as f64 / 1e9);
+    eprintln!(
+        "wrote {} ({:.2} GB in {count} shards)",
+        a.out.display(),
+        total as f64 / 1e9
+    );
     Ok(())
 }

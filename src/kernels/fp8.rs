@@ -89,7 +89,9 @@ mod tests {
         let mut s = 1u64;
         for _ in 0..20000 {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let x = ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 500.0 * 2f32.powi(-((s % 17) as i32));
+            let x = ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+                * 500.0
+                * 2f32.powi(-((s % 17) as i32));
             let q = e4m3_to_f32(f32_to_e4m3(x));
             let best = (0..=255u8)
                 .map(e4m3_to_f32)

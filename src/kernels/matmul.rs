@@ -25,7 +25,10 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
     for (x, t, w) in jobs {
         assert_eq!(x.len(), t * w.cols, "matmul: x is not [t, cols]");
     }
-    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(_, t, w)| vec![0.0f32; w.rows * t]).collect();
+    let mut outs: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|(_, t, w)| vec![0.0f32; w.rows * t])
+        .collect();
     let pool = pool::global();
     let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
     let total: usize = work.iter().sum();
@@ -40,7 +43,9 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
         let mut parts: Vec<(usize, usize, usize, Mutex<&mut [f32]>)> = Vec::new();
         for (j, ((_, t, w), o)) in jobs.iter().zip(outs.iter_mut()).enumerate() {
             let n = w.rows;
-            let tasks = (target * work[j]).div_ceil(total).clamp(1, n.div_ceil(4).max(1));
+            let tasks = (target * work[j])
+                .div_ceil(total)
+                .clamp(1, n.div_ceil(4).max(1));
             let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
             for (i, chunk) in o.chunks_mut(rows_per * t).enumerate() {
                 let r0 = i * rows_per;
@@ -85,7 +90,10 @@ fn rows_kernel(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut 
 
 /// The portable kernel: each row widened to f32, then dot products. Compiled for AVX2+FMA and
 /// AVX-512 too (chosen at run time) so the compiler's vectorisation uses the wider registers.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma+f16c"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma+f16c"
+))]
 fn rows_portable(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
     let k = w.cols;
     let mut buf = vec![0.0f32; k];

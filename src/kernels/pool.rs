@@ -104,7 +104,11 @@ impl Pool {
                 .name(format!("qnext-worker-{w}"))
                 .spawn(move || worker(sh, w))
                 .expect("spawning a worker thread");
-            shared.threads.lock().expect("pool lock").push(h.thread().clone());
+            shared
+                .threads
+                .lock()
+                .expect("pool lock")
+                .push(h.thread().clone());
         }
         Pool {
             shared,
@@ -135,8 +139,10 @@ impl Pool {
         // Workers see the closure through a pointer to this local; erasing its lifetime is
         // sound because no task runs after we return (we wait for `done == tasks` below).
         let fref: &(dyn Fn(usize) + Sync) = f;
-        sh.job
-            .store(&fref as *const &(dyn Fn(usize) + Sync) as *mut (), Ordering::Release);
+        sh.job.store(
+            &fref as *const &(dyn Fn(usize) + Sync) as *mut (),
+            Ordering::Release,
+        );
         sh.done.store(0, Ordering::Relaxed);
         sh.state.store(pack(gen, tasks, 0), Ordering::Release);
         if sh.sleeping.iter().any(|s| s.load(Ordering::Relaxed)) {

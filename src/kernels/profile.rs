@@ -72,7 +72,10 @@ pub fn reset() {
 
 /// Nanoseconds recorded per kind since the last reset.
 pub fn totals() -> Vec<(Kind, u64)> {
-    KINDS.iter().map(|&k| (k, NANOS[k as usize].load(Ordering::Relaxed))).collect()
+    KINDS
+        .iter()
+        .map(|&k| (k, NANOS[k as usize].load(Ordering::Relaxed)))
+        .collect()
 }
 
 /// Records the time until it is dropped under `kind`.

@@ -78,7 +78,11 @@ impl Attention {
     ) -> Vec<f32> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut qkv = time(Kind::AttnProj, || {
-            matmul_many(&[(x, t, &self.q_proj), (x, t, &self.k_proj), (x, t, &self.v_proj)])
+            matmul_many(&[
+                (x, t, &self.q_proj),
+                (x, t, &self.k_proj),
+                (x, t, &self.v_proj),
+            ])
         });
         let v_new = qkv.pop().unwrap_or_default();
         let mut k_new = qkv.pop().unwrap_or_default();
@@ -130,7 +134,9 @@ impl Attention {
                 .iter()
                 .map(|(_, st)| match &**st {
                     LayerState::Full { k, v } => (k.as_slice(), v.as_slice()),
-                    LayerState::Linear { .. } => unreachable!("attention layer given a DeltaNet cache"),
+                    LayerState::Linear { .. } => {
+                        unreachable!("attention layer given a DeltaNet cache")
+                    }
                 })
                 .collect();
             let outs: Vec<Mutex<&mut [f32]>> = o.chunks_mut(group * hd).map(Mutex::new).collect();
@@ -162,7 +168,16 @@ impl Attention {
 /// positions of one KV head (at column `off` of rows `kvw` wide), into `out` (`[group, hd]`).
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn attend_group(q: &[f32], kc: &[f32], vc: &[f32], ctx: usize, kvw: usize, off: usize, hd: usize, out: &mut [f32]) {
+fn attend_group(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    ctx: usize,
+    kvw: usize,
+    off: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
     let group = q.len() / hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0.0f32; group * ctx];

@@ -89,7 +89,9 @@ impl DeltaNet {
         t: usize,
         seqs: &mut [(Range<usize>, &mut LayerState)],
     ) -> Vec<f32> {
-        let mut pb = time(Kind::DeltaNetProj, || matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)]));
+        let mut pb = time(Kind::DeltaNetProj, || {
+            matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)])
+        });
         let ba = pb.pop().unwrap_or_default();
         let p = pb.pop().unwrap_or_default();
         let vd = self.hv * self.dv;

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::cache::{LayerState, SeqCache};
-use crate::checkpoint::{Checkpoint, Matrix};
+use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
 use crate::config::{Config, LayerType};
 use crate::kernels::matmul::matmul;
 use crate::kernels::norm::rms_norm_zc;
@@ -154,16 +154,16 @@ impl Layer {
 impl Model {
     /// Loads `dir/config.json` and the weights of `dir`.
     pub fn load(dir: &Path) -> Result<Model> {
-        Model::load_with(dir, false)
+        Model::load_with(dir, LoadMode::Mmap)
     }
 
-    /// Like [`Model::load`]; `populate` faults every weight page in up front.
-    pub fn load_with(dir: &Path, populate: bool) -> Result<Model> {
+    /// Like [`Model::load`], placing the weights as `mode` says.
+    pub fn load_with(dir: &Path, mode: LoadMode) -> Result<Model> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
         let cfg = Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open_with(dir, populate)?;
+        let ck = Checkpoint::open_with(dir, mode)?;
         Model::from_checkpoint(cfg, &ck)
     }
 

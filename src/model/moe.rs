@@ -107,7 +107,12 @@ impl Moe {
         let active: Vec<usize> = (0..e_count).filter(|&e| !routes[e].is_empty()).collect();
         let xs: Vec<Vec<f32>> = active
             .iter()
-            .map(|&e| routes[e].iter().flat_map(|&(ti, _)| x[ti * h..(ti + 1) * h].iter().copied()).collect())
+            .map(|&e| {
+                routes[e]
+                    .iter()
+                    .flat_map(|&(ti, _)| x[ti * h..(ti + 1) * h].iter().copied())
+                    .collect()
+            })
             .collect();
         let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
@@ -146,7 +151,11 @@ impl Moe {
             let g = &gu[2 * active.len() + 2];
             let y = &downs[active.len()];
             for ti in 0..t {
-                axpy(&mut out[ti * h..(ti + 1) * h], sigmoid(g[ti]), &y[ti * h..(ti + 1) * h]);
+                axpy(
+                    &mut out[ti * h..(ti + 1) * h],
+                    sigmoid(g[ti]),
+                    &y[ti * h..(ti + 1) * h],
+                );
             }
         }
         out

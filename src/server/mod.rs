@@ -1,1 +1,532 @@
-//! The OpenAI-compatible HTTP server (`qnext serve`).
+//! The OpenAI-compatible HTTP server (`qnext serve`), modelled on vLLM's.
+//!
+//! [`start`] loads the model, starts the continuous-batching [`Engine`], binds the listener and
+//! serves on a background tokio runtime; the returned [`ServerHandle`] gives the bound address
+//! (port 0 picks a free one) and shuts the server down.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+//! `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus), `GET /version`,
+//! `POST /tokenize`, `POST /detokenize`. With an API key, `/v1/*` needs
+//! `Authorization: Bearer KEY`.
+
+mod chat;
+mod completions;
+pub mod error;
+pub mod generate;
+pub mod hub;
+mod misc;
+pub mod params;
+mod sse;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::checkpoint::LoadMode;
+use crate::engine::stats::Histogram;
+use crate::engine::{Engine, EngineConfig};
+use crate::model::Model;
+use crate::sampling::{GenerationConfig, SamplingParams};
+use crate::text::{ChatTemplate, Tokenizer};
+use error::ApiError;
+use generate::TokenText;
+
+/// Largest request body accepted (a prompt at the full context length fits easily).
+const MAX_BODY_BYTES: usize = 64 << 20;
+/// How long a shutdown waits for running requests before it drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReasoningParser {
+    #[default]
+    None,
+    /// `<think>…</think>` → `reasoning_content` (vLLM `deepseek_r1`).
+    DeepseekR1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolCallParser {
+    None,
+    /// `<tool_call>{json}</tool_call>` → `tool_calls` (vLLM `hermes`).
+    #[default]
+    Hermes,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A checkpoint folder or a Hugging Face repo id.
+    pub model: String,
+    pub host: String,
+    /// 0: any free port (see [`ServerHandle::addr`]).
+    pub port: u16,
+    /// Names clients may use in `model`; the first is reported. Empty: `model` as given.
+    pub served_model_name: Vec<String>,
+    pub api_key: Option<String>,
+    /// Prompt + output tokens of one sequence at most; `None`: the model's context length.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub reasoning_parser: ReasoningParser,
+    pub tool_call_parser: ToolCallParser,
+    /// Replaces the checkpoint's chat template (`.jinja`, or JSON with `chat_template`).
+    pub chat_template: Option<PathBuf>,
+    /// Shut down on SIGINT/SIGTERM (the CLI; not wanted in tests).
+    pub handle_signals: bool,
+    /// Where a repo id is looked up; `None`: from the environment.
+    pub hub: Option<hub::HubEnv>,
+    /// How the weights are held in memory (`--load`).
+    pub load_mode: LoadMode,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            model: String::new(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            served_model_name: Vec::new(),
+            api_key: None,
+            max_model_len: None,
+            max_num_seqs: EngineConfig::default().max_num_seqs,
+            reasoning_parser: ReasoningParser::default(),
+            tool_call_parser: ToolCallParser::default(),
+            chat_template: None,
+            handle_signals: false,
+            hub: None,
+            load_mode: LoadMode::Mmap,
+        }
+    }
+}
+
+/// Counters kept by the server itself (the engine keeps the token and latency ones).
+#[derive(Default)]
+pub struct ServerMetrics {
+    /// Finished choices by reason: stop, length, abort.
+    pub finished: [AtomicU64; 3],
+    /// Requests answered with an error status.
+    pub errors: AtomicU64,
+    /// Whole-request latency of completed generation requests.
+    pub e2e: Histogram,
+}
+
+impl ServerMetrics {
+    fn count_finish(&self, reason: &str) {
+        let i = match reason {
+            "stop" => 0,
+            "length" => 1,
+            _ => 2,
+        };
+        self.finished[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a request handler needs; shared by all requests.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    /// `Err`: why there is no chat template (reported by the chat endpoint).
+    pub template: std::result::Result<ChatTemplate, String>,
+    pub token_text: TokenText,
+    pub served_names: Vec<String>,
+    pub model_dir: PathBuf,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    /// EOS ids of generation_config.json, config.json and the tokenizer's eos_token.
+    pub eos_token_ids: Vec<u32>,
+    /// generation_config.json's sampling settings.
+    pub default_sampling: SamplingParams,
+    /// generation_config.json's `max_new_tokens`.
+    pub default_max_tokens: Option<usize>,
+    pub api_key: Option<String>,
+    pub reasoning_parser: ReasoningParser,
+    pub tool_call_parser: ToolCallParser,
+    pub created: u64,
+    pub metrics: ServerMetrics,
+}
+
+impl AppState {
+    /// Loads the checkpoint of `dir` and starts the engine.
+    pub fn load(cfg: &ServerConfig, dir: PathBuf) -> Result<AppState> {
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+        let template = match &cfg.chat_template {
+            Some(f) => Ok(ChatTemplate::from_file(f)?),
+            None => ChatTemplate::from_checkpoint_dir(&dir).map_err(|e| format!("{e:#}")),
+        };
+        let gen = GenerationConfig::from_dir(&dir)?;
+        let model = Model::load_with(&dir, cfg.load_mode)?;
+        let ctx = model.cfg.max_position_embeddings;
+        let max_model_len = cfg.max_model_len.unwrap_or(ctx);
+        if max_model_len < 2 || max_model_len > ctx {
+            bail!(
+                "--max-model-len {max_model_len} must be between 2 and the model's context \
+                 length {ctx}"
+            );
+        }
+        if cfg.max_num_seqs == 0 {
+            bail!("--max-num-seqs must be at least 1");
+        }
+        let mut eos = gen.eos_token_ids.clone();
+        eos.extend(&model.cfg.eos_token_ids);
+        if let Some(id) = template
+            .as_ref()
+            .ok()
+            .and_then(|t| t.eos_token())
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
+            eos.push(id);
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        let vocab_size = model.cfg.vocab_size;
+        let default_sampling = gen.sampling_params();
+        default_sampling
+            .validate()
+            .context("the sampling defaults of generation_config.json")?;
+        let engine = Engine::start(
+            Arc::new(model),
+            EngineConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_model_len,
+                ..EngineConfig::default()
+            },
+        );
+        let served_names = if cfg.served_model_name.is_empty() {
+            vec![cfg.model.clone()]
+        } else {
+            cfg.served_model_name.clone()
+        };
+        Ok(AppState {
+            engine,
+            token_text: TokenText::new(&tokenizer),
+            tokenizer: Arc::new(tokenizer),
+            template,
+            served_names,
+            model_dir: dir,
+            max_model_len,
+            vocab_size,
+            eos_token_ids: eos,
+            default_sampling,
+            default_max_tokens: gen.max_new_tokens,
+            api_key: cfg.api_key.clone(),
+            reasoning_parser: cfg.reasoning_parser,
+            tool_call_parser: cfg.tool_call_parser,
+            created: unix_time(),
+            metrics: ServerMetrics::default(),
+        })
+    }
+
+    /// The name responses report.
+    pub fn model_name(&self) -> &str {
+        self.served_names.first().map_or("", String::as_str)
+    }
+
+    /// Checks the request's `model` (optional, as in vLLM) against the served names.
+    pub fn check_model(&self, body: &params::Body) -> error::ApiResult<()> {
+        match body.str("model")? {
+            None => Ok(()),
+            Some(m) if self.served_names.iter().any(|n| n == m) => Ok(()),
+            Some(m) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "The model `{m}` does not exist. This server serves: {}",
+                    self.served_names.join(", ")
+                ),
+            )
+            .with_param("model")),
+        }
+    }
+
+    /// Token budget of a choice: the request's `max_tokens` (which must fit in the context
+    /// with the prompt, as vLLM requires), else the checkpoint's default, else the rest of the
+    /// context.
+    pub fn max_tokens_for(
+        &self,
+        prompt_len: usize,
+        asked: Option<usize>,
+        asked_param: &str,
+        prompt_param: &str,
+    ) -> error::ApiResult<usize> {
+        if prompt_len == 0 {
+            return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
+        }
+        if prompt_len >= self.max_model_len {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "This model's maximum context length is {} tokens. However, your prompt \
+                     has {prompt_len} tokens, which leaves no room for output.",
+                    self.max_model_len
+                ),
+            )
+            .with_param(prompt_param));
+        }
+        let room = self.max_model_len - prompt_len;
+        match asked {
+            Some(m) if m > room => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested \
+                     {} tokens ({prompt_len} in the prompt, {m} in the completion). Please \
+                     reduce the prompt or '{asked_param}'.",
+                    self.max_model_len,
+                    prompt_len.saturating_add(m)
+                ),
+            )
+            .with_param(asked_param)),
+            Some(m) => Ok(m),
+            None => Ok(self.default_max_tokens.unwrap_or(room).clamp(1, room)),
+        }
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    state: Arc<AppState>,
+}
+
+impl ServerHandle {
+    /// The bound address (the real port when the configured one was 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://HOST:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The shared state (engine, tokenizer, …), e.g. for leak checks in tests.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Stops accepting connections, waits a few seconds for running requests, then returns.
+    pub fn shutdown(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.join()
+    }
+
+    /// Blocks until the server stops (a signal with `handle_signals`, or an error).
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = self.join();
+    }
+}
+
+/// Resolves and loads the model, binds `host:port` and serves in the background.
+pub fn start(cfg: ServerConfig) -> Result<ServerHandle> {
+    let env = cfg.hub.clone().unwrap_or_else(hub::HubEnv::from_env);
+    let dir = hub::resolve_model(&cfg.model, &env)?;
+    let state = Arc::new(AppState::load(&cfg, dir)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // Requests are I/O and light text work; the model runs on its own threads.
+        .worker_threads(
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(2, 4),
+        )
+        .thread_name("qnext-http")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)))
+        .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let app = router(state.clone());
+    let signal_stop = stop.clone();
+    let handle_signals = cfg.handle_signals;
+    let thread = std::thread::Builder::new()
+        .name("qnext-server".into())
+        .spawn(move || -> Result<()> {
+            let result = runtime.block_on(async move {
+                if handle_signals {
+                    tokio::spawn(async move {
+                        wait_for_signal().await;
+                        let _ = signal_stop.send(true);
+                    });
+                }
+                let mut graceful = stop_rx.clone();
+                let mut hard = stop_rx;
+                let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|s| *s).await;
+                });
+                tokio::select! {
+                    r = server => r.context("serving"),
+                    _ = async move {
+                        let _ = hard.wait_for(|s| *s).await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    } => Ok(()),
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            result
+        })
+        .context("spawning the server thread")?;
+    Ok(ServerHandle {
+        addr,
+        stop,
+        thread: Some(thread),
+        state,
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The routes, for serving on a listener of one's own.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/models", get(misc::models))
+        .route("/v1/models/{*id}", get(misc::model))
+        .route("/health", get(misc::health))
+        .route("/metrics", get(misc::metrics))
+        .route("/version", get(misc::version))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// `/v1/*` needs the API key when one is set (as vLLM: health and metrics stay open).
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if req.uri().path().starts_with("/v1") {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+                st.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key",
+                    "Missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                )
+                .into_response();
+            }
+        }
+    }
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        st.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    resp
+}
+
+/// Compares without an early exit, so the time taken does not reveal the key's prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// The body of a POST, or the error that reading it gave (too large, …).
+pub(crate) fn read_body(
+    body: std::result::Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> error::ApiResult<params::Body> {
+    match body {
+        Ok(bytes) => params::Body::parse(&bytes),
+        Err(rej) => Err(ApiError::new(
+            rej.status(),
+            "invalid_body",
+            format!("cannot read the request body: {}", rej.body_text()),
+        )),
+    }
+}
+
+pub(crate) fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A random id suffix (`chatcmpl-<32 hex>`): unique enough to tell requests apart.
+pub(crate) fn random_hex() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}

@@ -88,11 +88,22 @@ impl Weights for Fp8<'_> {
     #[inline(always)]
     unsafe fn load32(p: *const u8) -> (__m512, __m512) {
         // SAFETY: the caller guarantees 32 readable bytes at `p`.
-        let (a, b) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(p.add(16) as *const __m128i)) };
+        let (a, b) = unsafe {
+            (
+                _mm_loadu_si128(p as *const __m128i),
+                _mm_loadu_si128(p.add(16) as *const __m128i),
+            )
+        };
         let mask = _mm512_set1_epi32(0x87F0_0000u32 as i32);
         (
-            _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(a)), mask)),
-            _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)), mask)),
+            _mm512_castsi512_ps(_mm512_and_si512(
+                _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(a)),
+                mask,
+            )),
+            _mm512_castsi512_ps(_mm512_and_si512(
+                _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)),
+                mask,
+            )),
         )
     }
     #[inline(always)]
@@ -244,7 +255,12 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
     // and by the slices each `Weights` holds.
     unsafe {
         match &w.data {
-            MatrixData::Fp8 { w: q, scales, block_n, block_k } => {
+            MatrixData::Fp8 {
+                w: q,
+                scales,
+                block_n,
+                block_k,
+            } => {
                 let q = q.as_slice();
                 assert!(q.len() >= w.rows * cols);
                 run(
@@ -264,15 +280,42 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
             }
             MatrixData::Bf16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(&Bf16 { w: d.as_slice(), cols }, x, t, rows, out)
+                run(
+                    &Bf16 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
             }
             MatrixData::F16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(&F16 { w: d.as_slice(), cols }, x, t, rows, out)
+                run(
+                    &F16 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
             }
             MatrixData::F32(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(&F32 { w: d.as_slice(), cols }, x, t, rows, out)
+                run(
+                    &F32 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
             }
         }
     }
@@ -316,7 +359,9 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
                             // Prefetch the next tile's rows, as the one-token path does.
                             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(RB * k + c) as *const i8);
                             if std::mem::size_of::<W::E>() * 32 > 64 {
-                                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(RB * k + c + 16) as *const i8);
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    p.wrapping_add(RB * k + c + 16) as *const i8
+                                );
                             }
                             let (mut lo, mut hi) = W::load32(p.add(c));
                             if W::SCALED {
@@ -335,7 +380,8 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
                         bi += 1;
                     }
                 }
-                let wp: [*const f32; RB] = std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
+                let wp: [*const f32; RB] =
+                    std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
                 let mut j = 0;
                 while j < t {
                     let nt = TB.min(t - j);
@@ -530,6 +576,9 @@ pub unsafe fn read_sum(buf: &[u8]) -> u64 {
             *a = _mm512_add_epi64(*a, v);
         }
     }
-    let s = _mm512_add_epi64(_mm512_add_epi64(acc[0], acc[1]), _mm512_add_epi64(acc[2], acc[3]));
+    let s = _mm512_add_epi64(
+        _mm512_add_epi64(acc[0], acc[1]),
+        _mm512_add_epi64(acc[2], acc[3]),
+    );
     _mm512_reduce_add_epi64(s) as u64
 }
