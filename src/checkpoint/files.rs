@@ -16,9 +16,10 @@ pub enum LoadMode {
     Mmap,
     /// Mapped from the files, every page read in up front (MAP_POPULATE).
     Populate,
-    /// Copied into anonymous memory backed by 2 MiB transparent huge pages. Streaming the
-    /// weights every token through 4 KiB file pages costs a TLB miss per page; with huge
-    /// pages decode reads measurably faster (see BENCHMARKS.md). Resident memory is the same.
+    /// Copied into anonymous memory advised to use 2 MiB transparent huge pages, to spare the
+    /// TLB a miss per 4 KiB page. On the development machine this was not faster than
+    /// `Populate` (BENCHMARKS.md); whether the kernel grants huge pages depends on its THP
+    /// settings and fragmentation. Resident memory is the same.
     HugePages,
 }
 

@@ -43,8 +43,9 @@ pub fn rss_bytes() -> Option<u64> {
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct LoadArg {
     /// mmap: map the files (fast start, pages fault in on use); populate: map and read every
-    /// page now; hugepages: copy into anonymous memory on 2 MiB pages (fastest decode).
-    #[arg(long = "load", value_enum, default_value_t = LoadChoice::Hugepages)]
+    /// page now (the default: decode measured fastest, see BENCHMARKS.md); hugepages: copy
+    /// into anonymous memory advised to use 2 MiB pages.
+    #[arg(long = "load", value_enum, default_value_t = LoadChoice::Populate)]
     pub load: LoadChoice,
 }
 
