@@ -35,24 +35,25 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
             &x.v[t * dv..(t + 1) * dv],
         );
         let alpha = x.g[t].exp();
-        for s in state.iter_mut() {
-            *s *= alpha;
-        }
-        // d = β (v − Sᵀk)
-        d.copy_from_slice(v);
+        // Two passes over the state instead of three: the decay is folded into the
+        // prediction (Sᵀk of the decayed state = α·Sᵀk) and into the update.
+        d.fill(0.0);
         for (i, &ki) in k.iter().enumerate() {
-            axpy(&mut d, -ki, &state[i * dv..(i + 1) * dv]);
+            axpy(&mut d, ki, &state[i * dv..(i + 1) * dv]);
         }
+        // d = β (v − α Sᵀk)
         let b = x.beta[t];
-        for di in d.iter_mut() {
-            *di *= b;
+        for (di, &vi) in d.iter_mut().zip(v) {
+            *di = b * (vi - alpha * *di);
         }
-        // S += k dᵀ, then o = Sᵀq with the updated rows.
+        // S ← α S + k dᵀ, then o = Sᵀq with the updated rows.
         let ot = &mut o[t * dv..(t + 1) * dv];
         ot.fill(0.0);
         for (i, &ki) in k.iter().enumerate() {
             let row = &mut state[i * dv..(i + 1) * dv];
-            axpy(row, ki, &d);
+            for (s, &dj) in row.iter_mut().zip(d.iter()) {
+                *s = alpha * *s + ki * dj;
+            }
             axpy(ot, q[i], row);
         }
     }
