@@ -1,5 +1,4 @@
-//! Splitting work over the cores. Scoped threads for now: simple and safe; a persistent pool
-//! replaces this when decode latency matters.
+//! How many threads the kernels use; the work itself is split by the pool (`pool.rs`).
 
 use std::sync::OnceLock;
 
@@ -15,28 +14,5 @@ pub fn threads() -> usize {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
-    })
-}
-
-/// Runs `f(start, end)` over `0..n` split into contiguous ranges, one per thread, when the
-/// total `work` (roughly multiply-adds) is worth a thread; returns the per-range results in order.
-pub fn map_ranges<R: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
-    let t = threads().min(n.max(1));
-    if t <= 1 || work < 1 << 18 {
-        return vec![f(0, n)];
-    }
-    let step = n.div_ceil(t);
-    std::thread::scope(|s| {
-        let f = &f;
-        let handles: Vec<_> = (0..t)
-            .map(|i| {
-                let (a, b) = ((i * step).min(n), ((i + 1) * step).min(n));
-                s.spawn(move || f(a, b))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker thread panicked"))
-            .collect()
     })
 }
