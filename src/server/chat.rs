@@ -12,7 +12,9 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::generate::{lp_json, Choice, ChoiceSpec, Finish, GenSettings, Submitted, TokenLogprob};
+use super::generate::{
+    lp_json, usage, usage_chunk, Choice, ChoiceSpec, Finish, GenSettings, Submitted, TokenLogprob,
+};
 use super::params::{self, as_bool, Body, MAX_LOGPROBS};
 use super::{misc, read_body, sse, AppState, ReasoningParser, ToolCallParser};
 use crate::text::{parse_output, OutputDelta, OutputParsers, OutputStream, ToolCallIds};
@@ -450,15 +452,6 @@ struct Job {
     t0: Instant,
 }
 
-fn usage(prompt: usize, choices: &[Choice]) -> Value {
-    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
-}
-
 fn logprobs_json(st: &AppState, entries: &[TokenLogprob]) -> Value {
     let tok = &st.tokenizer;
     let item = |id: u32, lp: f32| {
@@ -669,14 +662,13 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                 }
             }
             if include_usage {
-                let u = json!({
-                    "id": job.id,
-                    "object": "chat.completion.chunk",
-                    "created": job.created,
-                    "model": job.st.model_name(),
-                    "choices": [],
-                    "usage": usage(job.prompt_tokens, &job.choices),
-                });
+                let u = usage_chunk(
+                    &job.id,
+                    "chat.completion.chunk",
+                    job.created,
+                    job.st.model_name(),
+                    usage(job.prompt_tokens, &job.choices),
+                );
                 if !tx.send_json(&u).await {
                     return;
                 }

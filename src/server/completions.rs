@@ -11,7 +11,9 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::generate::{lp_json, Choice, ChoiceSpec, Finish, GenSettings, Submitted, TokenLogprob};
+use super::generate::{
+    lp_json, usage, usage_chunk, Choice, ChoiceSpec, Finish, GenSettings, Submitted, TokenLogprob,
+};
 use super::params::{self, Body, MAX_LOGPROBS};
 use super::{misc, read_body, sse, AppState};
 
@@ -210,15 +212,6 @@ struct Job {
     t0: Instant,
 }
 
-fn usage(prompt: usize, choices: &[Choice]) -> Value {
-    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
-}
-
 /// The legacy completions form: parallel lists, `top_logprobs` as token → logprob maps, and
 /// `text_offset` the running length (in characters) of the token strings before each token.
 fn logprobs_json(st: &AppState, entries: &[TokenLogprob], offset: &mut usize) -> Value {
@@ -352,14 +345,13 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
         }
     }
     if include_usage {
-        let u = json!({
-            "id": job.id,
-            "object": "text_completion",
-            "created": job.created,
-            "model": job.st.model_name(),
-            "choices": [],
-            "usage": usage(job.prompt_tokens, &job.choices),
-        });
+        let u = usage_chunk(
+            &job.id,
+            "text_completion",
+            job.created,
+            job.st.model_name(),
+            usage(job.prompt_tokens, &job.choices),
+        );
         if !tx.send_json(&u).await {
             return;
         }

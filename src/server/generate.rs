@@ -458,6 +458,34 @@ pub fn lp_json(x: f32) -> serde_json::Value {
     serde_json::json!(v)
 }
 
+/// The `usage` object of a response: prompt tokens once, completion tokens of every choice.
+pub fn usage(prompt: usize, choices: &[Choice]) -> serde_json::Value {
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    serde_json::json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+/// The last chunk of a stream with `stream_options.include_usage`: no choices, only usage.
+pub fn usage_chunk(
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    usage: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
