@@ -90,6 +90,7 @@ fn score_json_matches_reference() {
         "--feed",
         "chunks:50",
         "--json",
+        "--exact",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ours: Vec<f64> = v["next_token_logprobs"]

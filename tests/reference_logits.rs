@@ -11,10 +11,23 @@
 //! by 1e-2 or more.
 
 use qnext::engine::score::{all_logprobs, Feed};
+use qnext::kernels::matmul::Precision;
 use qnext::model::Model;
 use std::path::{Path, PathBuf};
 
 const MAX_ABS: f32 = 2e-4;
+
+// The fast path (`Precision::Fast`: bfloat16 dot products, see `kernels::matmul`) rounds
+// matrix inputs to bfloat16, so it is held to what transformers' own BF16 inference does on
+// the same checkpoint: `tools/bf16_deviation.py` measures that model's max and mean
+// |Δ log-probability| from its f32 run (tests/fixtures/bf16_deviation.json). On these random
+// checkpoints rounding near-tied router scores flips expert choices, which dominates the max;
+// the mean says how close the path is overall. Allowed: the mean within 1.1× of transformers'
+// BF16 mean (measured 0.45–1.0×) and the max within 1.5× (measured 0.04–1.11×). A kernel
+// defect (a wrong scale block, unrounded or dropped columns) fails the tight checks in
+// tests/matmul_precision.rs and moves these by far more.
+const FAST_MEAN_RATIO: f64 = 1.1;
+const FAST_MAX_RATIO: f64 = 1.5;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,8 +61,35 @@ fn reference(dir: &Path) -> Reference {
 }
 
 fn check(name: &str, feeds: &[Feed]) {
+    check_with(name, feeds, Precision::Exact, MAX_ABS, f64::INFINITY);
+}
+
+/// Transformers' BF16 deviation on fixture `name`: (max, mean).
+fn bf16_deviation(name: &str) -> (f64, f64) {
+    let text = std::fs::read_to_string(fixture("bf16_deviation.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let f = &v["fixtures"][name];
+    (
+        f["max_abs"].as_f64().unwrap(),
+        f["mean_abs"].as_f64().unwrap(),
+    )
+}
+
+fn check_fast(name: &str) {
+    let (max, mean) = bf16_deviation(name);
+    check_with(
+        name,
+        &FEEDS,
+        Precision::Fast,
+        (FAST_MAX_RATIO * max) as f32,
+        FAST_MEAN_RATIO * mean,
+    );
+}
+
+fn check_with(name: &str, feeds: &[Feed], precision: Precision, max_abs: f32, max_mean: f64) {
     let dir = fixture(name);
-    let model = Model::load(&dir).unwrap();
+    let mut model = Model::load(&dir).unwrap();
+    model.precision = precision;
     let r = reference(&dir);
     let vocab = model.cfg.vocab_size;
     assert!(
@@ -59,23 +99,31 @@ fn check(name: &str, feeds: &[Feed]) {
     assert_eq!(r.logprobs.len(), r.ids.len() * vocab);
     for &feed in feeds {
         let ours = all_logprobs(&model, &r.ids, feed).unwrap();
-        let (mut worst, mut at) = (0.0f32, 0);
+        let (mut worst, mut at, mut sum) = (0.0f32, 0, 0.0f64);
         for (i, (a, b)) in ours.iter().zip(&r.logprobs).enumerate() {
             let d = (a - b).abs();
+            sum += d as f64;
             if d > worst || d.is_nan() {
                 worst = d;
                 at = i;
             }
         }
+        let mean = sum / ours.len() as f64;
+        eprintln!(
+            "{name} {precision:?} feed {feed:?}: max |Δ logprob| = {worst:.2e}, mean {mean:.2e}"
+        );
         assert!(
-            worst <= MAX_ABS,
-            "{name} feed {feed:?}: max |Δ logprob| = {worst} at position {} token {} (ours {}, reference {})",
+            mean <= max_mean,
+            "{name} {precision:?} feed {feed:?}: mean |Δ logprob| = {mean} > {max_mean}"
+        );
+        assert!(
+            worst <= max_abs,
+            "{name} {precision:?} feed {feed:?}: max |Δ logprob| = {worst} at position {} token {} (ours {}, reference {})",
             at / vocab,
             at % vocab,
             ours[at],
             r.logprobs[at]
         );
-        eprintln!("{name} feed {feed:?}: max |Δ logprob| = {worst:.2e}");
     }
 }
 
@@ -110,6 +158,17 @@ fn fp8_f32_scales_partial_blocks() {
 #[test]
 fn fp8_bf16_scales() {
     check("fp8-bf16scale", &FEEDS);
+}
+
+#[test]
+fn fast_bf16_within_transformers_bf16_deviation() {
+    check_fast("bf16-interval2");
+}
+
+#[test]
+fn fast_fp8_within_transformers_bf16_deviation() {
+    check_fast("fp8-f32scale");
+    check_fast("fp8-bf16scale");
 }
 
 fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
@@ -147,7 +206,8 @@ fn qwen_vocab_real_tokenizer() {
         "tokenization differs from transformers'"
     );
 
-    let model = Model::load(&dir).unwrap();
+    let mut model = Model::load(&dir).unwrap();
+    model.precision = Precision::Exact;
     let v = model.cfg.vocab_size;
     let t = ids.len();
     let at_pos = tensor_i64(&st, "logprobs_at_positions");

@@ -32,7 +32,9 @@ pub struct Args {
     read_bandwidth: bool,
     #[command(flatten)]
     load: super::LoadArg,
-    /// Print the time per kind of work of the generation steps (one decode step's profile).
+    #[command(flatten)]
+    precision: super::PrecisionArg,
+    /// Print the time per kind of work of prompt processing (per token) and of one decode step.
     #[arg(long)]
     profile: bool,
     /// Only run kernel micro-benchmarks (matrix products on synthetic weights; no model needed).
@@ -118,6 +120,36 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+type Totals = Vec<(qnext::kernels::profile::Kind, u64)>;
+
+/// Runs `f` with the profiler on; its seconds and the time per kind of work.
+fn profiled(f: impl FnOnce() -> Result<f64>) -> Result<(f64, Totals)> {
+    qnext::kernels::profile::reset();
+    qnext::kernels::profile::enable(true);
+    let secs = f();
+    qnext::kernels::profile::enable(false);
+    Ok((secs?, qnext::kernels::profile::totals()))
+}
+
+/// Milliseconds per unit (token or step) for each kind of work; `units` divides the totals.
+fn print_profile(title: &str, totals: &Totals, per_unit_ms: f64, units: f64) {
+    println!("{title}");
+    let sum: u64 = totals.iter().map(|t| t.1).sum();
+    for &(kind, ns) in totals {
+        let ms = ns as f64 / 1e6 / units;
+        println!(
+            "  {:<40} {ms:8.2} ms {:5.1}%",
+            kind.name(),
+            100.0 * ns as f64 / sum.max(1) as f64
+        );
+    }
+    println!(
+        "  {:<40} {:8.2} ms",
+        "(outside these spans)",
+        per_unit_ms - sum as f64 / 1e6 / units
+    );
+}
+
 pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.repeat == 0 || (a.prompt_tokens == 0 && a.gen_tokens == 0) {
         bail!(
@@ -127,12 +159,12 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.kernels {
         let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
         println!("read bandwidth {bw:.1} GB/s");
-        for t in [1usize, 4, 64] {
+        for t in [1usize, 4, 64, 256] {
             for (name, gbps, secs) in
                 qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5)
             {
                 println!(
-                    "matmul {name:<5} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)",
+                    "matmul {name:<10} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)",
                     secs * 1e6
                 );
             }
@@ -140,7 +172,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let model = Model::load_with(&a.model, a.load.mode())?;
+    let mut model = Model::load_with(&a.model, a.load.mode())?;
+    model.precision = a.precision.precision();
     let load_s = t0.elapsed().as_secs_f64();
     let (all_bytes, token_bytes) = model.weight_bytes();
     let threads = qnext::kernels::parallel::threads();
@@ -151,32 +184,30 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.gen_tokens > 0 {
         tg(&model, 0, 2, 1)?;
     }
-    if a.profile && a.gen_tokens > 0 {
-        qnext::kernels::profile::reset();
-        qnext::kernels::profile::enable(true);
-        let secs = tg(&model, a.depth, a.gen_tokens, 7)?;
-        qnext::kernels::profile::enable(false);
-        let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
-        println!(
-            "profile of one decode step ({per_token_ms:.1} ms per token, depth {}):",
-            a.depth
+    if a.profile && a.prompt_tokens > 0 {
+        let secs = profiled(|| pp(&model, a.prompt_tokens, 7))?;
+        print_profile(
+            &format!(
+                "profile of prompt processing ({:.1} s for {} tokens, per token):",
+                secs.0, a.prompt_tokens
+            ),
+            &secs.1,
+            secs.0 * 1e3 / a.prompt_tokens as f64,
+            a.prompt_tokens as f64,
         );
-        let totals = qnext::kernels::profile::totals();
-        let sum: u64 = totals.iter().map(|t| t.1).sum();
+    }
+    if a.profile && a.gen_tokens > 0 {
+        let (secs, totals) = profiled(|| tg(&model, a.depth, a.gen_tokens, 7))?;
+        let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
         // The spans also saw the one-token forward that starts generation: n + 1 steps.
-        let steps = (a.gen_tokens + 1) as f64;
-        for (kind, ns) in totals {
-            let ms = ns as f64 / 1e6 / steps;
-            println!(
-                "  {:<40} {ms:8.2} ms {:5.1}%",
-                kind.name(),
-                100.0 * ns as f64 / sum.max(1) as f64
-            );
-        }
-        println!(
-            "  {:<40} {:8.2} ms",
-            "(outside these spans)",
-            per_token_ms - sum as f64 / 1e6 / steps
+        print_profile(
+            &format!(
+                "profile of one decode step ({per_token_ms:.1} ms per token, depth {}):",
+                a.depth
+            ),
+            &totals,
+            per_token_ms,
+            (a.gen_tokens + 1) as f64,
         );
     }
     let (mut pps, mut tgs) = (Vec::new(), Vec::new());
@@ -228,6 +259,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "peak_rss_bytes": rss,
             "load_s": load_s,
             "load_mode": format!("{:?}", a.load.load).to_lowercase(),
+            "precision": format!("{:?}", model.precision).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
         });

@@ -9,6 +9,7 @@ pub mod synth;
 
 use anyhow::Result;
 use qnext::checkpoint::LoadMode;
+use qnext::kernels::matmul::Precision;
 use qnext::model::Model;
 use std::path::Path;
 use std::time::Instant;
@@ -47,6 +48,26 @@ pub struct LoadArg {
     /// into anonymous memory advised to use 2 MiB pages.
     #[arg(long = "load", value_enum, default_value_t = LoadChoice::Populate)]
     pub load: LoadChoice,
+}
+
+/// `--exact`: how the matrix products round.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct PrecisionArg {
+    /// f32 activations and accumulation in every matrix product, weights as stored (the
+    /// reference semantics). Default: bfloat16 dot products for BF16 and FP8 weights where
+    /// the CPU has AVX-512 BF16 (about twice as fast in prefill; tolerance in BENCHMARKS.md).
+    #[arg(long)]
+    pub exact: bool,
+}
+
+impl PrecisionArg {
+    pub fn precision(self) -> Precision {
+        if self.exact {
+            Precision::Exact
+        } else {
+            Precision::Fast
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -47,6 +47,8 @@ pub struct Args {
     seed: Option<u64>,
     #[command(flatten)]
     load: super::LoadArg,
+    #[command(flatten)]
+    precision: super::PrecisionArg,
 }
 
 pub fn main(args: Args, verbose: bool) -> Result<()> {
@@ -74,7 +76,8 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = super::load_model(&args.model, verbose, args.load.mode())?;
+    let mut model = super::load_model(&args.model, verbose, args.load.mode())?;
+    model.precision = args.precision.precision();
     let ctx = model.cfg.max_position_embeddings;
     if ids.len() >= ctx {
         bail!(

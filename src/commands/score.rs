@@ -26,6 +26,8 @@ pub struct Args {
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    precision: super::PrecisionArg,
 }
 
 fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
@@ -62,7 +64,8 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
-    let model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
+    let mut model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
+    model.precision = args.precision.precision();
     if ids.len() > model.cfg.max_position_embeddings {
         bail!(
             "{} tokens exceed the model's context length {}",

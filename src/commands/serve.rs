@@ -49,6 +49,8 @@ pub struct Args {
     chat_template: Option<PathBuf>,
     #[command(flatten)]
     load: super::LoadArg,
+    #[command(flatten)]
+    precision: super::PrecisionArg,
 }
 
 pub fn main(a: Args, verbose: bool) -> Result<()> {
@@ -80,6 +82,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         handle_signals: true,
         hub: None,
         load_mode: a.load.mode(),
+        precision: a.precision.precision(),
     };
     let handle = server::start(cfg)?;
     if verbose {

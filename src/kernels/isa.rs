@@ -28,3 +28,19 @@ fn detect() -> Isa {
     }
     Isa::Portable
 }
+
+static BF16_DOT: OnceLock<bool> = OnceLock::new();
+
+/// AVX-512 BF16 dot products (`vdpbf16ps`) on top of [`Isa::Avx512`].
+pub fn bf16_dot() -> bool {
+    *BF16_DOT.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa() == Isa::Avx512 && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}

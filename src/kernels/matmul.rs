@@ -1,8 +1,14 @@
 //! `y = x · Wᵀ` for every stored weight dtype: x is `[t, cols]` f32, W is `[rows, cols]`,
 //! y is `[t, rows]`. Rows are split over the worker pool; each task runs the best kernel the
-//! CPU has (see `x86::avx512`) or the portable one. Weights are read once per call however
-//! many tokens the batch has. f32 activations and accumulation throughout: FP8 and BF16
-//! weights are widened exactly, so results match the reference up to summation order.
+//! CPU has or the portable one. Weights are read once per call however many tokens the batch
+//! has. Two precisions:
+//! - [`Precision::Exact`]: f32 activations and accumulation; FP8 and BF16 weights are widened
+//!   exactly, so results match the reference up to summation order (`x86::avx512`).
+//! - [`Precision::Fast`]: BF16 and FP8 weights go through bfloat16 dot products where the CPU
+//!   has them (`x86::bf16dot`; activations rounded to bfloat16, f32 accumulation). Other
+//!   weights, and CPUs without AVX-512 BF16, compute as `Exact`.
+//!
+//! Either way each token's result is the same whatever else is in the batch.
 
 use std::sync::Mutex;
 
@@ -10,21 +16,49 @@ use super::isa::{isa, Isa};
 use super::pool;
 use crate::checkpoint::{Matrix, MatrixData};
 
+/// How matrix products round their inputs (the CLI's `--exact`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Bfloat16 dot products for BF16 and FP8 weights where the CPU has them.
+    #[default]
+    Fast,
+    /// f32 activations and accumulation everywhere, weights as stored.
+    Exact,
+}
+
 /// Multiply-adds below which a product runs on the calling thread alone.
 const PARALLEL_WORK: usize = 1 << 17;
 
-pub fn matmul(x: &[f32], t: usize, w: &Matrix) -> Vec<f32> {
-    matmul_many(&[(x, t, w)]).pop().unwrap_or_default()
+pub fn matmul(x: &[f32], t: usize, w: &Matrix, p: Precision) -> Vec<f32> {
+    matmul_many(&[(x, t, w)], p).pop().unwrap_or_default()
+}
+
+/// A job's activations in the form its kernel reads.
+enum Acts<'a> {
+    F32(&'a [f32]),
+    #[cfg(target_arch = "x86_64")]
+    Bf16(super::x86::bf16dot::Bf16Acts),
+}
+
+fn prepare<'a>(x: &'a [f32], t: usize, w: &Matrix, p: Precision) -> Acts<'a> {
+    #[cfg(target_arch = "x86_64")]
+    if p == Precision::Fast && super::isa::bf16_dot() && super::x86::bf16dot::supports(w) {
+        // SAFETY: `bf16_dot()` verified AVX-512 F, BW and BF16 on this CPU.
+        return Acts::Bf16(unsafe { super::x86::bf16dot::to_bf16(x, t, w.cols) });
+    }
+    let _ = (t, w, p);
+    Acts::F32(x)
 }
 
 /// Several independent products in one dispatch to the pool (e.g. the gate and up
 /// projections of every selected expert): fewer synchronisations per token, and the threads
 /// keep streaming weights from one matrix into the next. Each result is exactly what
 /// [`matmul`] gives.
-pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
+pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f32>> {
     for (x, t, w) in jobs {
         assert_eq!(x.len(), t * w.cols, "matmul: x is not [t, cols]");
     }
+    let acts: Vec<Acts> = jobs.iter().map(|&(x, t, w)| prepare(x, t, w, p)).collect();
     let mut outs: Vec<Vec<f32>> = jobs
         .iter()
         .map(|(_, t, w)| vec![0.0f32; w.rows * t])
@@ -33,8 +67,8 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
     let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
     let total: usize = work.iter().sum();
     if total < PARALLEL_WORK || pool.threads() == 1 {
-        for ((x, t, w), o) in jobs.iter().zip(&mut outs) {
-            rows_kernel(x, *t, w, 0, w.rows, o);
+        for (((_, t, w), a), o) in jobs.iter().zip(&acts).zip(&mut outs) {
+            rows_kernel(a, *t, w, 0, w.rows, o);
         }
     } else {
         // About four tasks per thread over all jobs, in proportion to their work; tasks are
@@ -55,8 +89,8 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
         pool.run(parts.len(), &|i| {
             let (j, r0, r1, ref m) = parts[i];
             let mut o = m.lock().unwrap_or_else(|e| e.into_inner());
-            let (x, t, w) = jobs[j];
-            rows_kernel(x, t, w, r0, r1, &mut o);
+            let (_, t, w) = jobs[j];
+            rows_kernel(&acts[j], t, w, r0, r1, &mut o);
         });
     }
     jobs.iter()
@@ -65,20 +99,39 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)]) -> Vec<Vec<f32>> {
             if *t == 1 {
                 return out_nt;
             }
-            let n = w.rows;
-            let mut y = vec![0.0f32; t * n];
-            for r in 0..n {
-                for j in 0..*t {
-                    y[j * n + r] = out_nt[r * t + j];
-                }
-            }
-            y
+            transpose(&out_nt, w.rows, *t)
         })
         .collect()
 }
 
+/// `[n, t]` → `[t, n]`, in blocks of rows so that both sides stay in cache (a plain
+/// element-by-element transpose of a `[12288, 256]` product cost a fifth of prefill time).
+fn transpose(a: &[f32], n: usize, t: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut y = vec![0.0f32; t * n];
+    for r0 in (0..n).step_by(B) {
+        let r1 = (r0 + B).min(n);
+        for j in 0..t {
+            for r in r0..r1 {
+                y[j * n + r] = a[r * t + j];
+            }
+        }
+    }
+    y
+}
+
 /// Rows `r0..r1` into `out` (`[(r1 - r0), t]`).
-fn rows_kernel(x: &[f32], t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
+fn rows_kernel(a: &Acts, t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
+    let x = match a {
+        Acts::F32(x) => *x,
+        #[cfg(target_arch = "x86_64")]
+        Acts::Bf16(xb) => {
+            // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
+            // BW and BF16 and `supports(w)` held.
+            unsafe { super::x86::bf16dot::rows(xb, t, w, r0..r1, out) };
+            return;
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 && super::x86::avx512::supports(w) {
         // SAFETY: `isa()` verified AVX-512 F and BW on this CPU.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::matmul::matmul;
+use super::matmul::{matmul, Precision};
 use crate::checkpoint::{Elems, Matrix, MatrixData};
 
 /// `(name, GB/s of weights read, seconds per product)` for `t`-token products over `rows × cols`
@@ -45,16 +45,22 @@ pub fn matvec_bandwidth(
         let x: Vec<f32> = (0..t * cols)
             .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
             .collect();
-        let mut best = f64::INFINITY;
-        for _ in 0..rounds {
-            let t0 = Instant::now();
-            for m in &mats {
-                std::hint::black_box(matmul(&x, t, m));
+        for (pname, p) in [("exact", Precision::Exact), ("fast", Precision::Fast)] {
+            let mut best = f64::INFINITY;
+            for _ in 0..rounds {
+                let t0 = Instant::now();
+                for m in &mats {
+                    std::hint::black_box(matmul(&x, t, m, p));
+                }
+                best = best.min(t0.elapsed().as_secs_f64());
             }
-            best = best.min(t0.elapsed().as_secs_f64());
+            let total = (count * rows * cols * elem) as f64;
+            out.push((
+                format!("{name}/{pname}"),
+                total / best / 1e9,
+                best / count as f64,
+            ));
         }
-        let total = (count * rows * cols * elem) as f64;
-        out.push((name.to_owned(), total / best / 1e9, best / count as f64));
     }
     out
 }

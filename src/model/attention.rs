@@ -10,7 +10,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, softmax};
-use crate::kernels::matmul::{axpy, dot, matmul, matmul_many};
+use crate::kernels::matmul::{axpy, dot, matmul, matmul_many, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
@@ -75,14 +75,18 @@ impl Attention {
         seqs: &mut [(Range<usize>, &mut LayerState)],
         starts: &[usize],
         rope: &Rope,
+        prec: Precision,
     ) -> Vec<f32> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut qkv = time(Kind::AttnProj, || {
-            matmul_many(&[
-                (x, t, &self.q_proj),
-                (x, t, &self.k_proj),
-                (x, t, &self.v_proj),
-            ])
+            matmul_many(
+                &[
+                    (x, t, &self.q_proj),
+                    (x, t, &self.k_proj),
+                    (x, t, &self.v_proj),
+                ],
+                prec,
+            )
         });
         let v_new = qkv.pop().unwrap_or_default();
         let mut k_new = qkv.pop().unwrap_or_default();
@@ -160,7 +164,7 @@ impl Attention {
             pool::global().run(t * nkv, &task);
         }
         drop(core);
-        time(Kind::AttnOut, || matmul(&o, t, &self.o_proj))
+        time(Kind::AttnOut, || matmul(&o, t, &self.o_proj, prec))
     }
 }
 

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
-use crate::kernels::activation::{sigmoid, silu, softplus};
+use crate::kernels::activation::{sigmoid, silu, silu_in_place, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
-use crate::kernels::matmul::{matmul, matmul_many};
+use crate::kernels::matmul::{matmul, matmul_many, Precision};
 use crate::kernels::norm::{l2_norm, rms_scale};
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
@@ -63,7 +63,13 @@ impl DeltaNet {
                 fp8,
             )?,
             in_ba: Matrix::load(ck, &format!("{prefix}in_proj_ba.weight"), 2 * hv, h, fp8)?,
-            conv_w: vec("conv1d.weight", &[conv_dim, 1, kc])?,
+            // Stored [channel, 1, tap]; kept tap-major so the conv runs along channels.
+            conv_w: {
+                let w = vec("conv1d.weight", &[conv_dim, 1, kc])?;
+                (0..kc * conv_dim)
+                    .map(|i| w[(i % conv_dim) * kc + i / conv_dim])
+                    .collect()
+            },
             dt_bias: vec("dt_bias", &[hv])?,
             neg_a: a_log.iter().map(|a| -a.exp()).collect(),
             norm_w: vec("norm.weight", &[dv])?,
@@ -88,9 +94,10 @@ impl DeltaNet {
         x: &[f32],
         t: usize,
         seqs: &mut [(Range<usize>, &mut LayerState)],
+        prec: Precision,
     ) -> Vec<f32> {
         let mut pb = time(Kind::DeltaNetProj, || {
-            matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)])
+            matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)], prec)
         });
         let ba = pb.pop().unwrap_or_default();
         let p = pb.pop().unwrap_or_default();
@@ -112,7 +119,7 @@ impl DeltaNet {
                 &mut y[rows.start * vd..rows.end * vd],
             );
         }
-        time(Kind::DeltaNetOut, || matmul(&y, t, &self.out_proj))
+        time(Kind::DeltaNetOut, || matmul(&y, t, &self.out_proj, prec))
     }
 
     /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.
@@ -160,15 +167,15 @@ impl DeltaNet {
 
         // Causal depthwise conv + SiLU; tap Kc−1 multiplies the current token.
         let mut c = vec![0.0f32; n * conv_dim];
-        for t in 0..n {
-            for ch in 0..conv_dim {
-                let w = &self.conv_w[ch * kc..(ch + 1) * kc];
-                let mut s = 0.0f32;
-                for (i, &wi) in w.iter().enumerate() {
-                    s += wi * mixed[(t + i) * conv_dim + ch];
+        for (t, ct) in c.chunks_exact_mut(conv_dim).enumerate() {
+            for i in 0..kc {
+                let w = &self.conv_w[i * conv_dim..(i + 1) * conv_dim];
+                let m = &mixed[(t + i) * conv_dim..(t + i + 1) * conv_dim];
+                for ((cv, &wv), &mv) in ct.iter_mut().zip(w).zip(m) {
+                    *cv += wv * mv;
                 }
-                c[t * conv_dim + ch] = silu(s);
             }
+            silu_in_place(ct);
         }
 
         // Per key head: l2-normed q (scaled by dk^−½) and k, gathered token-major.

@@ -4,8 +4,8 @@ use anyhow::Result;
 
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::Fp8Config;
-use crate::kernels::activation::silu;
-use crate::kernels::matmul::matmul;
+use crate::kernels::activation::swiglu;
+use crate::kernels::matmul::{matmul, Precision};
 
 pub struct SwiGlu {
     pub gate: Matrix,
@@ -30,11 +30,11 @@ impl SwiGlu {
     }
 
     /// `x` is `[t, hidden]`; returns `[t, hidden]`.
-    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
-        let g = matmul(x, t, &self.gate);
-        let u = matmul(x, t, &self.up);
-        let h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
-        matmul(&h, t, &self.down)
+    pub fn forward(&self, x: &[f32], t: usize, p: Precision) -> Vec<f32> {
+        let g = matmul(x, t, &self.gate, p);
+        let u = matmul(x, t, &self.up, p);
+        let h = swiglu(&g, &u);
+        matmul(&h, t, &self.down, p)
     }
 
     pub fn bytes(&self) -> usize {

@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::cache::{LayerState, SeqCache};
 use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
 use crate::config::{Config, LayerType};
-use crate::kernels::matmul::matmul;
+use crate::kernels::matmul::{matmul, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::profile::{time, Kind};
 use crate::kernels::rope::Rope;
@@ -60,6 +60,8 @@ pub struct Model {
     lm_head: Matrix,
     rope: Rope,
     mtp: Option<Mtp>,
+    /// How the matrix products round (`--exact`); fast by default.
+    pub precision: Precision,
 }
 
 /// Which rows of logits a sequence wants back.
@@ -219,6 +221,7 @@ impl Model {
             lm_head,
             rope,
             mtp,
+            precision: Precision::default(),
         })
     }
 
@@ -249,6 +252,7 @@ impl Model {
     pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Vec<SeqOutput>> {
         let h = self.cfg.hidden_size;
         let vocab = self.cfg.vocab_size;
+        let p = self.precision;
         let mut spans: Vec<Range<usize>> = Vec::with_capacity(batch.len());
         let mut t = 0;
         for (i, s) in batch.iter().enumerate() {
@@ -292,8 +296,8 @@ impl Model {
                 .map(|(s, span)| (span.clone(), &mut s.cache.layers[l]))
                 .collect();
             let y = match &layer.mixer {
-                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs),
-                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope),
+                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs, p),
+                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope, p),
             };
             let xn = time(Kind::Norms, || {
                 add(&mut x, &y);
@@ -302,8 +306,8 @@ impl Model {
                 xn
             });
             let y = match &layer.ffn {
-                Ffn::Moe(m) => m.forward(&xn, t),
-                Ffn::Dense(d) => d.forward(&xn, t),
+                Ffn::Moe(m) => m.forward(&xn, t, p),
+                Ffn::Dense(d) => d.forward(&xn, t, p),
             };
             time(Kind::Norms, || add(&mut x, &y));
         }
@@ -326,7 +330,7 @@ impl Model {
         let logits = time(Kind::LmHead, || {
             rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
             if total > 0 {
-                matmul(&hidden, total, &self.lm_head)
+                matmul(&hidden, total, &self.lm_head, p)
             } else {
                 Vec::new()
             }

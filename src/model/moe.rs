@@ -7,8 +7,8 @@ use anyhow::Result;
 use super::mlp::SwiGlu;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
-use crate::kernels::activation::{sigmoid, silu, softmax};
-use crate::kernels::matmul::{axpy, matmul, matmul_many};
+use crate::kernels::activation::{sigmoid, softmax, swiglu};
+use crate::kernels::matmul::{axpy, matmul, matmul_many, Precision};
 use crate::kernels::profile::{Kind, Span};
 
 pub struct Moe {
@@ -72,11 +72,12 @@ impl Moe {
     }
 
     /// `x` is `[t, hidden]`; returns `[t, hidden]`.
-    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], t: usize, p: Precision) -> Vec<f32> {
         let h = self.router.cols;
         let e_count = self.experts.len();
         let router = Span::new(Kind::MoeRouter);
-        let mut probs = matmul(x, t, &self.router);
+        // The router stays exact: it is small, and rounding could flip close expert choices.
+        let mut probs = matmul(x, t, &self.router, Precision::Exact);
         // For each expert, the (token, weight) pairs routed to it.
         let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
         let mut order: Vec<usize> = Vec::with_capacity(e_count);
@@ -125,11 +126,11 @@ impl Moe {
             jobs.push((x, t, &s.up));
             jobs.push((x, t, g));
         }
-        let gu = matmul_many(&jobs);
+        let gu = matmul_many(&jobs, p);
         let hs: Vec<Vec<f32>> = gu
             .chunks(2)
             .take(active.len() + usize::from(self.shared.is_some()))
-            .map(|p| p[0].iter().zip(&p[1]).map(|(&g, &u)| silu(g) * u).collect())
+            .map(|p| swiglu(&p[0], &p[1]))
             .collect();
         let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
@@ -138,7 +139,7 @@ impl Moe {
         if let Some(s) = &self.shared {
             jobs.push((&hs[active.len()], t, &s.down));
         }
-        let downs = matmul_many(&jobs);
+        let downs = matmul_many(&jobs, p);
         for (i, &e) in active.iter().enumerate() {
             let y = &downs[i];
             for (r, &(ti, w)) in routes[e].iter().enumerate() {

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kernels::matmul::Precision;
 use anyhow::{bail, Context, Result};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -86,6 +87,8 @@ pub struct ServerConfig {
     pub hub: Option<hub::HubEnv>,
     /// How the weights are held in memory (`--load`).
     pub load_mode: LoadMode,
+    /// How the matrix products round (`--exact`).
+    pub precision: Precision,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +107,7 @@ impl Default for ServerConfig {
             handle_signals: false,
             hub: None,
             load_mode: LoadMode::Mmap,
+            precision: Precision::default(),
         }
     }
 }
@@ -163,7 +167,8 @@ impl AppState {
             None => ChatTemplate::from_checkpoint_dir(&dir).map_err(|e| format!("{e:#}")),
         };
         let gen = GenerationConfig::from_dir(&dir)?;
-        let model = Model::load_with(&dir, cfg.load_mode)?;
+        let mut model = Model::load_with(&dir, cfg.load_mode)?;
+        model.precision = cfg.precision;
         let ctx = model.cfg.max_position_embeddings;
         let max_model_len = cfg.max_model_len.unwrap_or(ctx);
         if max_model_len < 2 || max_model_len > ctx {

@@ -1,3 +1,4 @@
 //! x86-64 SIMD kernels, chosen at run time by CPU feature detection.
 
 pub mod avx512;
+pub mod bf16dot;

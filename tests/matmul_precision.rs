@@ -1,0 +1,182 @@
+//! The matrix products against a plain f64 model of what each precision promises, on shapes
+//! with partial chunks and partial FP8 blocks, and their batch invariance: a token's result
+//! is bit-identical whether it is multiplied alone or among others.
+//!
+//! - `Exact`: Σ x·w with w the stored weight (FP8 times its block scale), in f32.
+//! - `Fast` (BF16/FP8 weights, on CPUs with AVX-512 BF16): Σ bf16(x)·bf16(w). Elsewhere it
+//!   must equal `Exact`.
+//!
+//! Tolerance: both sides sum the same exact products (bfloat16 × bfloat16 is exact in f32);
+//! only the f32 accumulation order differs, ~1e-7 relative per addition over ≤ 4096 terms.
+//! 1e-5 of Σ|terms| allows that, while a wrong scale block, a dropped tail or an unrounded
+//! input moves results by 1e-3 of Σ|terms| or more.
+
+use qnext::checkpoint::{Elems, Matrix, MatrixData};
+use qnext::kernels::fp8::e4m3_to_f32;
+use qnext::kernels::matmul::{matmul, matmul_many, Precision};
+
+const REL: f64 = 1e-5;
+
+/// xorshift: deterministic inputs without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn bf16_round(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16)
+}
+
+fn fp8_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
+    // Every code but the NaNs (0x7F, 0xFF).
+    let w = (0..rows * cols)
+        .map(|_| loop {
+            let b = rng.next() as u8;
+            if b & 0x7F != 0x7F {
+                break b;
+            }
+        })
+        .collect();
+    let scales = (0..rows.div_ceil(128) * cols.div_ceil(128))
+        .map(|_| 1e-3 * (1.0 + rng.f32().abs()))
+        .collect();
+    Matrix {
+        rows,
+        cols,
+        data: MatrixData::Fp8 {
+            w: Elems::Owned(w),
+            scales,
+            block_n: 128,
+            block_k: 128,
+        },
+    }
+}
+
+fn bf16_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
+    let w = (0..rows * cols)
+        .map(|_| (bf16_round(rng.f32() * 0.1).to_bits() >> 16) as u16)
+        .collect();
+    Matrix {
+        rows,
+        cols,
+        data: MatrixData::Bf16(Elems::Owned(w)),
+    }
+}
+
+/// The weight as the reference dequantises it (f32).
+fn weight(w: &Matrix, r: usize, c: usize) -> f32 {
+    match &w.data {
+        MatrixData::Fp8 {
+            w: q,
+            scales,
+            block_n,
+            block_k,
+        } => {
+            let sc = w.cols.div_ceil(*block_k);
+            e4m3_to_f32(q.as_slice()[r * w.cols + c]) * scales[(r / block_n) * sc + c / block_k]
+        }
+        MatrixData::Bf16(d) => f32::from_bits((d.as_slice()[r * w.cols + c] as u32) << 16),
+        _ => unreachable!(),
+    }
+}
+
+fn fast_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::env::var("QNEXT_ISA").as_deref() != Ok("portable")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn check(w: &Matrix, t: usize, rng: &mut Rng) {
+    let k = w.cols;
+    let x: Vec<f32> = (0..t * k).map(|_| rng.f32()).collect();
+    let fast_rounds = fast_available();
+    for p in [Precision::Exact, Precision::Fast] {
+        let y = matmul(&x, t, w, p);
+        let round = p == Precision::Fast && fast_rounds;
+        for j in 0..t {
+            for r in 0..w.rows {
+                let (mut want, mut mag) = (0.0f64, 0.0f64);
+                for c in 0..k {
+                    let (xv, wv) = (x[j * k + c], weight(w, r, c));
+                    let term = if round {
+                        bf16_round(xv) as f64 * bf16_round(wv) as f64
+                    } else {
+                        xv as f64 * wv as f64
+                    };
+                    want += term;
+                    mag += term.abs();
+                }
+                let got = y[j * w.rows + r] as f64;
+                assert!(
+                    (got - want).abs() <= REL * mag + 1e-30,
+                    "{p:?} {}x{} t={t}: row {r} token {j}: {got} vs {want} (Σ|terms| {mag})",
+                    w.rows,
+                    k
+                );
+            }
+        }
+        // Alone or in a batch, the same bits.
+        for j in 0..t {
+            let alone = matmul(&x[j * k..(j + 1) * k], 1, w, p);
+            assert_eq!(
+                alone,
+                y[j * w.rows..(j + 1) * w.rows],
+                "{p:?}: token {j} alone differs from the batch of {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fp8_products_match_the_model_of_each_precision() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // Full blocks; a partial last block (200 = 128 + 72 = 2 chunks + 8); a short row (40).
+    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (130, 384)] {
+        let w = fp8_matrix(&mut rng, rows, cols);
+        for t in [1, 2, 7, 13] {
+            check(&w, t, &mut rng);
+        }
+    }
+}
+
+#[test]
+fn bf16_products_match_the_model_of_each_precision() {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (70, 2048)] {
+        let w = bf16_matrix(&mut rng, rows, cols);
+        for t in [1, 3, 6, 19] {
+            check(&w, t, &mut rng);
+        }
+    }
+}
+
+/// Large enough to be split over the worker pool, with several jobs in one dispatch.
+#[test]
+fn many_products_in_one_dispatch_equal_single_products() {
+    let mut rng = Rng(7);
+    let a = fp8_matrix(&mut rng, 300, 512);
+    let b = bf16_matrix(&mut rng, 260, 512);
+    let xa: Vec<f32> = (0..5 * 512).map(|_| rng.f32()).collect();
+    let xb: Vec<f32> = (0..512).map(|_| rng.f32()).collect();
+    for p in [Precision::Exact, Precision::Fast] {
+        let many = matmul_many(&[(&xa, 5, &a), (&xb, 1, &b), (&xa, 5, &b)], p);
+        assert_eq!(many[0], matmul(&xa, 5, &a, p));
+        assert_eq!(many[1], matmul(&xb, 1, &b, p));
+        assert_eq!(many[2], matmul(&xa, 5, &b, p));
+    }
+}
