@@ -27,6 +27,9 @@ const RB: usize = 4;
 /// Tokens per register tile: `RB · TB` accumulators + `RB` weight vectors + 1 activation
 /// vector fit the 32 registers.
 const TB: usize = 6;
+/// Up to this many tokens, weights are converted in registers as they stream in; more tokens
+/// share one conversion into a buffer.
+const STREAM_TOKENS: usize = 4;
 /// Rows converted at once for batched products: 16 rows of 2048 columns are 64 KiB, which
 /// stays in L2 while every token tile passes over them.
 const PANEL: usize = 16;
@@ -129,34 +132,40 @@ pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: 
     }
 }
 
-/// Columns `c..c + 32` of the row at `p` (`k` long) as bfloat16, times `s` when the
-/// weights are scaled; zero past `k`.
+/// Columns `c..c + 32` of the row at `p` as bfloat16, times `s` when the weights are scaled.
 ///
 /// # Safety
-/// AVX-512 F/BW/BF16; `p` has `k` elements and `c < k`.
+/// AVX-512 F/BW/BF16; `p` has at least `c + 32` elements.
 #[inline(always)]
-unsafe fn chunk<W: Weights>(p: *const W::E, c: usize, k: usize, s: __m512) -> __m512bh {
-    // SAFETY: c < k, and the row has k elements; a partial last chunk is copied into a
-    // zeroed buffer first (all-zero bits are 0.0 in every dtype).
+unsafe fn chunk<W: Weights>(p: *const W::E, c: usize, s: __m512) -> __m512bh {
+    // SAFETY: c + 32 elements are readable at p (the caller's guarantee).
     unsafe {
-        if W::RAW_BF16 && c + 32 <= k {
+        if W::RAW_BF16 {
             return std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
                 p.add(c) as *const __m512i
             ));
         }
-        let mut tmp = [0u32; 32];
-        let q = if c + 32 <= k {
-            p.add(c)
-        } else {
-            std::ptr::copy_nonoverlapping(p.add(c), tmp.as_mut_ptr() as *mut W::E, k - c);
-            tmp.as_ptr() as *const W::E
-        };
-        let (mut lo, mut hi) = W::load32(q);
+        let (mut lo, mut hi) = W::load32(p.add(c));
         if W::SCALED {
             lo = _mm512_mul_ps(lo, s);
             hi = _mm512_mul_ps(hi, s);
         }
         _mm512_cvtne2ps_pbh(hi, lo)
+    }
+}
+
+/// The partial last chunk of a row (`c < k < c + 32`): copied into a zeroed buffer first
+/// (all-zero bits are 0.0 in every dtype), then as [`chunk`].
+///
+/// # Safety
+/// AVX-512 F/BW/BF16; `p` has `k` elements.
+#[inline(never)]
+unsafe fn tail_chunk<W: Weights>(p: *const W::E, c: usize, k: usize, s: __m512) -> __m512bh {
+    let mut tmp = [0u32; 32];
+    // SAFETY: k − c < 32 elements are read from the row and fit the 128-byte buffer.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.add(c), tmp.as_mut_ptr() as *mut W::E, k - c);
+        chunk::<W>(tmp.as_ptr() as *const W::E, 0, s)
     }
 }
 
@@ -185,19 +194,32 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
     let ks = k.next_multiple_of(32);
     let xs = x.stride;
     let xp = x.data.as_ptr();
-    if t == 1 {
+    if t <= STREAM_TOKENS {
         let mut r = rows.start;
         while r < rows.end {
             let nr = RB.min(rows.end - r);
-            let o = &mut out[r - rows.start..];
-            // SAFETY: rows r..r+nr exist, x has one padded row, o has nr entries.
-            unsafe {
-                match nr {
-                    4 => stream_tile::<W, 4>(w, r, xp, o),
-                    3 => stream_tile::<W, 3>(w, r, xp, o),
-                    2 => stream_tile::<W, 2>(w, r, xp, o),
-                    _ => stream_tile::<W, 1>(w, r, xp, o),
-                }
+            let o = &mut out[(r - rows.start) * t..];
+            macro_rules! go {
+                ($n:literal, $t:literal) => {
+                    // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr·t entries.
+                    unsafe { stream_tile::<W, $n, $t>(w, r, xp, xs, o) }
+                };
+            }
+            macro_rules! rows_of {
+                ($t:literal) => {
+                    match nr {
+                        4 => go!(4, $t),
+                        3 => go!(3, $t),
+                        2 => go!(2, $t),
+                        _ => go!(1, $t),
+                    }
+                };
+            }
+            match t {
+                4 => rows_of!(4),
+                3 => rows_of!(3),
+                2 => rows_of!(2),
+                _ => rows_of!(1),
             }
             r += nr;
         }
@@ -213,9 +235,14 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
             for_blocks(k, w.block(), |bi, cols| {
                 let s = scale_vec(w, r + i, bi);
                 for c in cols.step_by(32) {
-                    // SAFETY: row r + i has k > c elements; the buffer row has ks ≥ c + 32.
+                    // SAFETY: row r + i has k > c elements (c + 32 of them unless this is the
+                    // row's partial last chunk); the buffer row has ks ≥ c + 32.
                     unsafe {
-                        let v = chunk::<W>(p, c, k, s);
+                        let v = if c + 32 <= k {
+                            chunk::<W>(p, c, s)
+                        } else {
+                            tail_chunk::<W>(p, c, k, s)
+                        };
                         _mm512_storeu_si512(
                             dst.add(c) as *mut __m512i,
                             std::mem::transmute::<__m512bh, __m512i>(v),
@@ -244,23 +271,37 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
     }
 }
 
-/// One token, `N` rows converted on the fly while the next tile's rows are prefetched.
+/// `N` rows × `T` tokens, the rows converted on the fly while the next tile's rows are
+/// prefetched; token `j`'s activations start at `x + j·xs`, results go to `out[i·T + j]`.
 ///
 /// # Safety
-/// AVX-512 F/BW/BF16; rows `r..r + N` exist; `x` has one padded row; `out` has `N` entries.
+/// AVX-512 F/BW/BF16; rows `r..r + N` exist; `x` has `T` padded rows; `out` has `N·T` entries.
 #[inline]
+#[allow(clippy::needless_range_loop)] // indices name the register tile's rows and tokens
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn stream_tile<W: Weights, const N: usize>(w: &W, r: usize, x: *const u16, out: &mut [f32]) {
+unsafe fn stream_tile<W: Weights, const N: usize, const T: usize>(
+    w: &W,
+    r: usize,
+    x: *const u16,
+    xs: usize,
+    out: &mut [f32],
+) {
     let k = w.cols();
     let bytes = std::mem::size_of::<W::E>() * 32;
     let p: [*const W::E; N] = std::array::from_fn(|i| w.row(r + i));
-    let mut acc = [_mm512_setzero_ps(); N];
-    for_blocks(k, w.block(), |bi, cols| {
+    let bk = w.block();
+    let full = k / 32 * 32;
+    let mut acc = [[_mm512_setzero_ps(); T]; N];
+    // SAFETY (both loads): c < k ≤ the padded row of each of the T tokens.
+    let xv = |j: usize, c: usize| -> __m512bh {
+        unsafe { std::mem::transmute(_mm512_loadu_si512(x.add(j * xs + c) as *const _)) }
+    };
+    let (mut c, mut bi) = (0, 0);
+    while c < k {
+        let b1 = (c + bk).min(k);
         let s: [__m512; N] = std::array::from_fn(|i| scale_vec(w, r + i, bi));
-        for c in cols.step_by(32) {
-            // SAFETY: c < k ≤ the padded activation row.
-            let xv: __m512bh =
-                unsafe { std::mem::transmute(_mm512_loadu_si512(x.add(c) as *const _)) };
+        while c < b1.min(full) {
+            let xs: [__m512bh; T] = std::array::from_fn(|j| xv(j, c));
             for i in 0..N {
                 // The same columns of the tile after this one; a hint only, past the end is
                 // harmless.
@@ -269,14 +310,32 @@ unsafe fn stream_tile<W: Weights, const N: usize>(w: &W, r: usize, x: *const u16
                 if bytes > 64 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 }
-                // SAFETY: row r + i has k > c elements.
-                let wv = unsafe { chunk::<W>(p[i], c, k, s[i]) };
-                acc[i] = _mm512_dpbf16_ps(acc[i], wv, xv);
+                // SAFETY: c + 32 ≤ k, within row r + i.
+                let wv = unsafe { chunk::<W>(p[i], c, s[i]) };
+                for j in 0..T {
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xs[j]);
+                }
             }
+            c += 32;
         }
-    });
+        if c < b1 {
+            // The row's partial last chunk.
+            let xs: [__m512bh; T] = std::array::from_fn(|j| xv(j, c));
+            for i in 0..N {
+                // SAFETY: row r + i has k > c elements.
+                let wv = unsafe { tail_chunk::<W>(p[i], c, k, s[i]) };
+                for j in 0..T {
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xs[j]);
+                }
+            }
+            c = b1;
+        }
+        bi += 1;
+    }
     for i in 0..N {
-        out[i] = _mm512_reduce_add_ps(acc[i]);
+        for j in 0..T {
+            out[i * T + j] = _mm512_reduce_add_ps(acc[i][j]);
+        }
     }
 }
 
