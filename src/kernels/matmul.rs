@@ -10,8 +10,6 @@
 //!
 //! Either way each token's result is the same whatever else is in the batch.
 
-use std::sync::Mutex;
-
 use super::isa::{isa, Isa};
 use super::pool;
 use crate::checkpoint::{Matrix, MatrixData};
@@ -63,61 +61,68 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f
         .iter()
         .map(|(_, t, w)| vec![0.0f32; w.rows * t])
         .collect();
+    let targets = Outputs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
+    // Rows r0..r1 of job j: computed `[rows, t]` into a task-local buffer, then written into
+    // the `[t, rows]` result (each task transposes its own block, in parallel).
+    let task = |j: usize, r0: usize, r1: usize| {
+        let (_, t, w) = jobs[j];
+        let n = w.rows;
+        let mut local = vec![0.0f32; (r1 - r0) * t];
+        rows_kernel(&acts[j], t, w, r0, r1, &mut local);
+        let (ptr, len) = targets.get(j);
+        assert!(t * n <= len && r1 <= n);
+        for tj in 0..t {
+            for r in r0..r1 {
+                // SAFETY: tj·n + r < t·n ≤ len (asserted above), and no other task writes it:
+                // tasks own disjoint row ranges of a job, and each output element belongs to
+                // exactly one row. The buffers outlive the dispatch, which returns only once
+                // every task has finished.
+                unsafe { *ptr.add(tj * n + r) = local[(r - r0) * t + tj] };
+            }
+        }
+    };
     let pool = pool::global();
     let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
     let total: usize = work.iter().sum();
     if total < PARALLEL_WORK || pool.threads() == 1 {
-        for (((_, t, w), a), o) in jobs.iter().zip(&acts).zip(&mut outs) {
-            rows_kernel(a, *t, w, 0, w.rows, o);
+        for (j, (_, _, w)) in jobs.iter().enumerate() {
+            task(j, 0, w.rows);
         }
     } else {
         // About four tasks per thread over all jobs, in proportion to their work; tasks are
         // claimed dynamically, so uneven sizes even out.
         let target = pool.threads() * 4;
-        let mut parts: Vec<(usize, usize, usize, Mutex<&mut [f32]>)> = Vec::new();
-        for (j, ((_, t, w), o)) in jobs.iter().zip(outs.iter_mut()).enumerate() {
+        let mut parts: Vec<(usize, usize, usize)> = Vec::new();
+        for (j, (_, _, w)) in jobs.iter().enumerate() {
             let n = w.rows;
             let tasks = (target * work[j])
                 .div_ceil(total)
                 .clamp(1, n.div_ceil(4).max(1));
             let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
-            for (i, chunk) in o.chunks_mut(rows_per * t).enumerate() {
-                let r0 = i * rows_per;
-                parts.push((j, r0, (r0 + rows_per).min(n), Mutex::new(chunk)));
+            for r0 in (0..n).step_by(rows_per) {
+                parts.push((j, r0, (r0 + rows_per).min(n)));
             }
         }
         pool.run(parts.len(), &|i| {
-            let (j, r0, r1, ref m) = parts[i];
-            let mut o = m.lock().unwrap_or_else(|e| e.into_inner());
-            let (_, t, w) = jobs[j];
-            rows_kernel(&acts[j], t, w, r0, r1, &mut o);
+            let (j, r0, r1) = parts[i];
+            task(j, r0, r1);
         });
     }
-    jobs.iter()
-        .zip(outs)
-        .map(|((_, t, w), out_nt)| {
-            if *t == 1 {
-                return out_nt;
-            }
-            transpose(&out_nt, w.rows, *t)
-        })
-        .collect()
+    outs
 }
 
-/// `[n, t]` → `[t, n]`, in blocks of rows so that both sides stay in cache (a plain
-/// element-by-element transpose of a `[12288, 256]` product cost a fifth of prefill time).
-fn transpose(a: &[f32], n: usize, t: usize) -> Vec<f32> {
-    const B: usize = 32;
-    let mut y = vec![0.0f32; t * n];
-    for r0 in (0..n).step_by(B) {
-        let r1 = (r0 + B).min(n);
-        for j in 0..t {
-            for r in r0..r1 {
-                y[j * n + r] = a[r * t + j];
-            }
-        }
+/// Where each job's result goes: base pointer and length, written by tasks that own disjoint
+/// elements (see `matmul_many`).
+struct Outputs(Vec<(*mut f32, usize)>);
+
+// SAFETY: the pointers are only written through, at disjoint indices per task, while the
+// vectors they point into are alive and not otherwise accessed (`matmul_many`).
+unsafe impl Sync for Outputs {}
+
+impl Outputs {
+    fn get(&self, j: usize) -> (*mut f32, usize) {
+        self.0[j]
     }
-    y
 }
 
 /// Rows `r0..r1` into `out` (`[(r1 - r0), t]`).
