@@ -88,6 +88,8 @@ fn tg(model: &Model, depth: usize, n: usize, seed: u64) -> Result<f64> {
         want: Want::Last,
     }])?;
     let mut next = argmax(&out[0].logits);
+    // A profile covers the generation steps only, not the prompt that set up the depth.
+    qnext::kernels::profile::reset();
     let t0 = Instant::now();
     for _ in 0..n {
         let out = model.forward(&mut [SeqInput {
@@ -199,7 +201,6 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.profile && a.gen_tokens > 0 {
         let (secs, totals) = profiled(|| tg(&model, a.depth, a.gen_tokens, 7))?;
         let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
-        // The spans also saw the one-token forward that starts generation: n + 1 steps.
         print_profile(
             &format!(
                 "profile of one decode step ({per_token_ms:.1} ms per token, depth {}):",
@@ -207,7 +208,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             ),
             &totals,
             per_token_ms,
-            (a.gen_tokens + 1) as f64,
+            a.gen_tokens as f64,
         );
     }
     let (mut pps, mut tgs) = (Vec::new(), Vec::new());

@@ -71,14 +71,17 @@ pub fn softplus(x: f32) -> f32 {
     }
 }
 
-/// In-place softmax.
+/// In-place softmax of finite scores (an input of −∞ would get ~1e-38, not 0: see [`exp`]).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 pub fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0.0f32;
     for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        s += *v;
+        *v = exp(*v - m);
     }
+    let s: f32 = x.iter().sum();
     let inv = 1.0 / s;
     for v in x.iter_mut() {
         *v *= inv;
