@@ -3,8 +3,9 @@
 //! is bit-identical whether it is multiplied alone or among others.
 //!
 //! - `Exact`: Σ x·w with w the stored weight (FP8 times its block scale), in f32.
-//! - `Fast` (BF16/FP8 weights, on CPUs with AVX-512 BF16): Σ bf16(x)·bf16(w). Elsewhere it
-//!   must equal `Exact`.
+//! - `Fast` (on CPUs with AVX-512 BF16): BF16 weights Σ bf16(x)·w; FP8 weights
+//!   Σ fp8 · bf16(s·x), the block scale s applied to the activation in f32 before its one
+//!   rounding (every e4m3 value is a bfloat16 value). Elsewhere `Fast` must equal `Exact`.
 //!
 //! Tolerance: both sides sum the same exact products (bfloat16 × bfloat16 is exact in f32);
 //! only the f32 accumulation order differs, ~1e-7 relative per addition over ≤ 4096 terms.
@@ -72,8 +73,8 @@ fn bf16_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
     }
 }
 
-/// The weight as the reference dequantises it (f32).
-fn weight(w: &Matrix, r: usize, c: usize) -> f32 {
+/// The stored weight and the scale of its block (1 for BF16).
+fn weight(w: &Matrix, r: usize, c: usize) -> (f32, f32) {
     match &w.data {
         MatrixData::Fp8 {
             w: q,
@@ -82,9 +83,15 @@ fn weight(w: &Matrix, r: usize, c: usize) -> f32 {
             block_k,
         } => {
             let sc = w.cols.div_ceil(*block_k);
-            e4m3_to_f32(q.as_slice()[r * w.cols + c]) * scales[(r / block_n) * sc + c / block_k]
+            (
+                e4m3_to_f32(q.as_slice()[r * w.cols + c]),
+                scales[(r / block_n) * sc + c / block_k],
+            )
         }
-        MatrixData::Bf16(d) => f32::from_bits((d.as_slice()[r * w.cols + c] as u32) << 16),
+        MatrixData::Bf16(d) => (
+            f32::from_bits((d.as_slice()[r * w.cols + c] as u32) << 16),
+            1.0,
+        ),
         _ => unreachable!(),
     }
 }
@@ -112,11 +119,11 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
             for r in 0..w.rows {
                 let (mut want, mut mag) = (0.0f64, 0.0f64);
                 for c in 0..k {
-                    let (xv, wv) = (x[j * k + c], weight(w, r, c));
+                    let (xv, (wv, s)) = (x[j * k + c], weight(w, r, c));
                     let term = if round {
-                        bf16_round(xv) as f64 * bf16_round(wv) as f64
+                        bf16_round(s * xv) as f64 * wv as f64
                     } else {
-                        xv as f64 * wv as f64
+                        xv as f64 * (wv * s) as f64
                     };
                     want += term;
                     mag += term.abs();
@@ -145,8 +152,9 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
 #[test]
 fn fp8_products_match_the_model_of_each_precision() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    // Full blocks; a partial last block (200 = 128 + 72 = 2 chunks + 8); a short row (40).
-    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (130, 384)] {
+    // Full blocks; a partial last block (200 = 128 + 72: three 64-column chunks and 8); a
+    // short row (40); several 128-row blocks (130, 260).
+    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (130, 384), (260, 136)] {
         let w = fp8_matrix(&mut rng, rows, cols);
         for t in [1, 2, 7, 13] {
             check(&w, t, &mut rng);

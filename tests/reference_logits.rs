@@ -22,11 +22,14 @@ const MAX_ABS: f32 = 2e-4;
 // the same checkpoint: `tools/bf16_deviation.py` measures that model's max and mean
 // |Δ log-probability| from its f32 run (tests/fixtures/bf16_deviation.json). On these random
 // checkpoints rounding near-tied router scores flips expert choices, which dominates the max;
-// the mean says how close the path is overall. Allowed: the mean within 1.1× of transformers'
-// BF16 mean (measured 0.45–1.0×) and the max within 1.5× (measured 0.04–1.11×). A kernel
-// defect (a wrong scale block, unrounded or dropped columns) fails the tight checks in
-// tests/matmul_precision.rs and moves these by far more.
-const FAST_MEAN_RATIO: f64 = 1.1;
+// the mean says how close the path is overall, but it too moves with which tokens happen to
+// flip: FP8 products with exact weights and one rounding (of the scaled activation) measure
+// 1.12–1.14× transformers' mean on fp8-f32scale, where the earlier arithmetic with two
+// roundings (weight and activation) measured 1.0×. Allowed: the mean within 1.25× of
+// transformers' BF16 mean (measured 0.46–1.14×) and the max within 1.5× (measured
+// 0.72–1.29×). A kernel defect (a wrong scale block, unrounded or dropped columns) fails the
+// tight checks in tests/matmul_precision.rs and moves these by far more.
+const FAST_MEAN_RATIO: f64 = 1.25;
 const FAST_MAX_RATIO: f64 = 1.5;
 
 fn fixture(name: &str) -> PathBuf {

@@ -37,7 +37,9 @@ pub struct Args {
     /// Print the time per kind of work of prompt processing (per token) and of one decode step.
     #[arg(long)]
     profile: bool,
-    /// Only run kernel micro-benchmarks (matrix products on synthetic weights; no model needed).
+    /// Only run kernel micro-benchmarks: matrix products on synthetic weights (from memory and
+    /// from cache), then one-token products over the --model checkpoint's own matrices next to a
+    /// plain read of the same bytes.
     #[arg(long)]
     kernels: bool,
 }
@@ -161,15 +163,35 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.kernels {
         let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
         println!("read bandwidth {bw:.1} GB/s");
-        for t in [1usize, 4, 64, 256] {
-            for (name, gbps, secs) in
-                qnext::kernels::microbench::matvec_bandwidth(1 << 30, 2048, t, 5)
-            {
-                println!(
-                    "matmul {name:<10} t={t}: {gbps:.1} GB/s of weights ({:.1} us per 512x2048)",
-                    secs * 1e6
-                );
+        // 1 GiB of matrices streams from memory; 4 MiB stays in cache, which shows what the
+        // kernel's instructions alone allow.
+        for (total, place, rounds) in [(1usize << 30, "memory", 5), (4 << 20, "cache", 200)] {
+            for t in [1usize, 4, 64, 256] {
+                for (name, gbps, secs) in
+                    qnext::kernels::microbench::matvec_bandwidth(total, 2048, t, rounds)
+                {
+                    println!(
+                        "matmul {name:<10} t={t:<3} from {place:<6}: {gbps:6.1} GB/s of weights, {:6.1} GMAC/s ({:.1} us per 512x2048)",
+                        gbps * 1e9 / if name.starts_with("fp8") { 1.0 } else { 2.0 } * t as f64 / 1e9,
+                        secs * 1e6
+                    );
+                }
             }
+        }
+        // The same products over this checkpoint's own matrices, mapped as for inference.
+        let cfg = qnext::config::Config::from_file(&a.model.join("config.json"))?;
+        let ck = qnext::checkpoint::Checkpoint::open_with(&a.model, a.load.mode())?;
+        let p = a.precision.precision();
+        for g in qnext::kernels::microbench::model_matvec(&ck, cfg.quantization.as_ref(), p, 5)? {
+            println!(
+                "model {:<15} {:>5} matrices {:>7.1} MB  t=1: {:.1} GB/s, plain read {:.1} GB/s ({:.0}%)",
+                g.group,
+                g.matrices,
+                g.bytes as f64 / 1e6,
+                g.kernel,
+                g.read,
+                100.0 * g.kernel / g.read
+            );
         }
         return Ok(());
     }

@@ -6,7 +6,8 @@ use std::time::Instant;
 use super::isa::{isa, Isa};
 use super::pool;
 
-fn sum(buf: &[u8]) -> u64 {
+/// A sum over every 8-byte word of `buf`: a plain read that the compiler cannot drop.
+pub(crate) fn sum(buf: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 {
         // SAFETY: `isa()` verified AVX-512 F.

@@ -44,3 +44,20 @@ pub fn bf16_dot() -> bool {
         }
     })
 }
+
+static VBMI: OnceLock<bool> = OnceLock::new();
+
+/// AVX-512 VBMI byte permutes (`vpermi2b`), which widen FP8 by table lookup, on top of
+/// [`bf16_dot`].
+pub fn vbmi() -> bool {
+    *VBMI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            bf16_dot() && is_x86_feature_detected!("avx512vbmi")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}

@@ -5,8 +5,9 @@
 //! - [`Precision::Exact`]: f32 activations and accumulation; FP8 and BF16 weights are widened
 //!   exactly, so results match the reference up to summation order (`x86::avx512`).
 //! - [`Precision::Fast`]: BF16 and FP8 weights go through bfloat16 dot products where the CPU
-//!   has them (`x86::bf16dot`; activations rounded to bfloat16, f32 accumulation). Other
-//!   weights, and CPUs without AVX-512 BF16, compute as `Exact`.
+//!   has them (`x86::bf16dot`, `x86::fp8dot`; activations rounded to bfloat16 — for FP8 after
+//!   the block scale is applied to them — f32 accumulation). Other weights, and CPUs without
+//!   AVX-512 BF16, compute as `Exact`.
 //!
 //! Either way each token's result is the same whatever else is in the batch.
 
@@ -36,13 +37,22 @@ enum Acts<'a> {
     F32(&'a [f32]),
     #[cfg(target_arch = "x86_64")]
     Bf16(super::x86::bf16dot::Bf16Acts),
+    /// Fast FP8: the kernel scales (and rounds) them per row block itself.
+    #[cfg(target_arch = "x86_64")]
+    Fp8Scaled(&'a [f32]),
 }
 
 fn prepare<'a>(x: &'a [f32], t: usize, w: &Matrix, p: Precision) -> Acts<'a> {
     #[cfg(target_arch = "x86_64")]
-    if p == Precision::Fast && super::isa::bf16_dot() && super::x86::bf16dot::supports(w) {
-        // SAFETY: `bf16_dot()` verified AVX-512 F, BW and BF16 on this CPU.
-        return Acts::Bf16(unsafe { super::x86::bf16dot::to_bf16(x, t, w.cols) });
+    if p == Precision::Fast && super::isa::bf16_dot() {
+        use super::x86::{bf16dot, fp8dot};
+        if fp8dot::supports(w) {
+            return Acts::Fp8Scaled(x);
+        }
+        if bf16dot::supports(w) {
+            // SAFETY: `bf16_dot()` verified AVX-512 F, BW and BF16 on this CPU.
+            return Acts::Bf16(unsafe { bf16dot::to_bf16(x, t, w.cols) });
+        }
     }
     let _ = (t, w, p);
     Acts::F32(x)
@@ -129,6 +139,13 @@ impl Outputs {
 fn rows_kernel(a: &Acts, t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
     let x = match a {
         Acts::F32(x) => *x,
+        #[cfg(target_arch = "x86_64")]
+        Acts::Fp8Scaled(x) => {
+            // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
+            // BW and BF16 and `fp8dot::supports(w)` held.
+            unsafe { super::x86::fp8dot::rows(x, t, w, r0..r1, out) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         Acts::Bf16(xb) => {
             // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,

@@ -1,10 +1,14 @@
 //! Kernel micro-benchmarks on synthetic matrices larger than the caches, so decode-style
 //! products (one token) show the bandwidth each weight dtype reaches.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::matmul::{matmul, Precision};
-use crate::checkpoint::{Elems, Matrix, MatrixData};
+use anyhow::Result;
+
+use super::matmul::{matmul, matmul_many, Precision};
+use crate::checkpoint::{Checkpoint, Elems, Matrix, MatrixData};
+use crate::config::Fp8Config;
 
 /// `(name, GB/s of weights read, seconds per product)` for `t`-token products over `rows × cols`
 /// matrices totalling ~`bytes` per dtype, best of `rounds` passes.
@@ -63,4 +67,101 @@ pub fn matvec_bandwidth(
         }
     }
     out
+}
+
+/// One group of a checkpoint's matrices in [`model_matvec`].
+pub struct GroupRate {
+    pub group: &'static str,
+    pub matrices: usize,
+    pub bytes: usize,
+    /// GB/s of weights through one-token products.
+    pub kernel: f64,
+    /// GB/s of a plain read of the same bytes.
+    pub read: f64,
+}
+
+type NameFilter = fn(&str) -> bool;
+
+/// Decode-style products (one token) over the checkpoint's own matrices, as mapped for
+/// inference, next to a plain read of the same bytes, alternating: the kernel's share of the
+/// bandwidth the memory gives these very pages, robust to the machine's bandwidth drifting.
+/// Best of `rounds` each.
+pub fn model_matvec(
+    ck: &Checkpoint,
+    fp8: Option<&Fp8Config>,
+    p: Precision,
+    rounds: usize,
+) -> Result<Vec<GroupRate>> {
+    let groups: [(&'static str, NameFilter); 4] = [
+        ("routed experts", |n| n.contains(".mlp.experts.")),
+        ("in_proj_qkvz", |n| n.ends_with("in_proj_qkvz.weight")),
+        ("out_proj", |n| n.ends_with("linear_attn.out_proj.weight")),
+        ("lm_head", |n| n == "lm_head.weight"),
+    ];
+    let mut names: Vec<&str> = ck.names().filter(|n| n.ends_with(".weight")).collect();
+    names.sort_unstable();
+    let mut out = Vec::new();
+    for (group, wanted) in groups {
+        let mut mats = Vec::new();
+        for &name in names.iter().filter(|n| wanted(n)) {
+            let t = ck.get(name)?;
+            if let [rows, cols] = *t.shape {
+                mats.push(Matrix::load(ck, name, rows, cols, fp8)?);
+            }
+        }
+        if mats.is_empty() {
+            continue;
+        }
+        let bytes: usize = mats.iter().map(Matrix::bytes).sum();
+        let xs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|m| (0..m.cols).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect())
+            .collect();
+        // As many products per dispatch as a decode step gives the pool (20 expert projections).
+        let jobs: Vec<(&[f32], usize, &Matrix)> = mats
+            .iter()
+            .zip(&xs)
+            .map(|(m, x)| (x.as_slice(), 1, m))
+            .collect();
+        let mut best_kernel = f64::INFINITY;
+        let mut best_read = f64::INFINITY;
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            for batch in jobs.chunks(20) {
+                std::hint::black_box(matmul_many(batch, p));
+            }
+            best_kernel = best_kernel.min(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            std::hint::black_box(read_all(&mats));
+            best_read = best_read.min(t0.elapsed().as_secs_f64());
+        }
+        out.push(GroupRate {
+            group,
+            matrices: mats.len(),
+            bytes,
+            kernel: bytes as f64 / best_kernel / 1e9,
+            read: bytes as f64 / best_read / 1e9,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads every byte of the matrices' weights on all pool threads (each a share of each one).
+fn read_all(mats: &[Matrix]) -> u64 {
+    let pool = super::pool::global();
+    let parts = pool.threads();
+    let sink = AtomicU64::new(0);
+    for m in mats {
+        let bytes: &[u8] = match &m.data {
+            MatrixData::F32(d) => bytemuck::cast_slice(d.as_slice()),
+            MatrixData::Bf16(d) | MatrixData::F16(d) => bytemuck::cast_slice(d.as_slice()),
+            MatrixData::Fp8 { w, .. } => w.as_slice(),
+        };
+        let share = (bytes.len() / parts) & !255;
+        pool.run(parts, &|i| {
+            let s = super::bandwidth::sum(&bytes[i * share..(i + 1) * share]);
+            sink.fetch_add(s, Ordering::Relaxed);
+        });
+    }
+    sink.load(Ordering::Relaxed)
 }

@@ -30,14 +30,12 @@ const RB: usize = 4;
 const TB: usize = 3;
 
 /// A weight dtype as the kernels see it.
-pub(super) trait Weights: Sync {
+trait Weights: Sync {
     type E: Copy;
     /// Read from memory (prefetch ahead) rather than from a cache-resident buffer.
     const STREAM: bool = true;
     /// Has per-block scales to apply.
     const SCALED: bool = false;
-    /// Stored as bfloat16: the BF16 dot-product kernels load it as it is.
-    const RAW_BF16: bool = false;
     fn cols(&self) -> usize;
     /// Columns per scale block (a multiple of 32, or `cols` when unscaled).
     fn block(&self) -> usize;
@@ -60,13 +58,13 @@ pub(super) trait Weights: Sync {
     }
 }
 
-pub(super) struct Fp8<'a> {
-    pub(super) w: &'a [u8],
-    pub(super) scales: &'a [f32],
-    pub(super) cols: usize,
-    pub(super) block_n: usize,
-    pub(super) block_k: usize,
-    pub(super) scale_cols: usize,
+struct Fp8<'a> {
+    w: &'a [u8],
+    scales: &'a [f32],
+    cols: usize,
+    block_n: usize,
+    block_k: usize,
+    scale_cols: usize,
 }
 
 impl Weights for Fp8<'_> {
@@ -118,14 +116,13 @@ impl Weights for Fp8<'_> {
 const TWO_POW_120: f32 = f32::from_bits((127 + 120) << 23);
 const TWO_POW_MINUS_120: f32 = f32::from_bits((127 - 120) << 23);
 
-pub(super) struct Bf16<'a> {
-    pub(super) w: &'a [u16],
-    pub(super) cols: usize,
+struct Bf16<'a> {
+    w: &'a [u16],
+    cols: usize,
 }
 
 impl Weights for Bf16<'_> {
     type E = u16;
-    const RAW_BF16: bool = true;
     fn cols(&self) -> usize {
         self.cols
     }

@@ -1,25 +1,23 @@
-//! The fast path for BF16 and FP8 weights: AVX-512 BF16 dot products (`vdpbf16ps`), each
-//! instruction 32 multiply-adds into 16 f32 lanes, twice the f32 FMA rate.
+//! The fast path's engine: AVX-512 BF16 dot products (`vdpbf16ps`), each instruction 32
+//! multiply-adds into 16 f32 lanes, twice the f32 FMA rate. BF16 weights are served here;
+//! FP8 weights reach the same loops through [`super::fp8dot`], which widens them.
 //!
 //! Numbers: activations are rounded to bfloat16 (nearest-even) once per product; BF16 weights
-//! are used as stored; an FP8 weight is dequantised exactly as the f32 kernels do it (value
-//! times its block scale, in f32) and that product rounded to bfloat16 — what transformers
-//! holds after dequantising an FP8 checkpoint into a BF16 model. Products are exact in f32
-//! and accumulate in f32.
+//! are used as stored. Products of two bfloat16 values are exact in f32 and accumulate in f32.
 //!
-//! One arithmetic for every batch size, as in `avx512`: for row `n` and token `j`, 32-column
-//! chunks are dotted into one 16-lane accumulator in column order, the last chunk zero-padded,
-//! and the lanes summed at the end. Decode (one token) converts weights on the fly; batches
-//! convert a panel of rows once into a cache-resident buffer and reuse it for every token.
-//! Both give the same bits, so a sequence's logits do not depend on what else is batched.
+//! One arithmetic for every batch size: for row `n` and token `j`, 32-column vectors are
+//! dotted into one 16-lane accumulator in column order, the last chunk zero-padded, and the
+//! lanes summed at the end. Decode (up to [`STREAM_TOKENS`] tokens) widens weights in
+//! registers as they stream in; larger batches widen a panel of rows once into a
+//! cache-resident buffer and reuse it for every token. Both give the same bits, so a
+//! sequence's logits do not depend on what else is batched.
 //!
-//! Pointer arithmetic: [`rows`] checks up front that rows, activations and outputs are in
-//! bounds; the loops stay below those bounds, which is what each `SAFETY` comment refers to.
+//! Pointer arithmetic: the entry points check up front that rows, activations and outputs are
+//! in bounds; the loops stay below those bounds, which is what each `SAFETY` comment refers to.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx512::{Bf16, Fp8, Weights};
 use crate::checkpoint::{Matrix, MatrixData};
 
 /// Rows per register tile.
@@ -27,20 +25,45 @@ const RB: usize = 4;
 /// Tokens per register tile: `RB · TB` accumulators + `RB` weight vectors + 1 activation
 /// vector fit the 32 registers.
 const TB: usize = 6;
-/// Up to this many tokens, weights are converted in registers as they stream in; more tokens
-/// share one conversion into a buffer.
-const STREAM_TOKENS: usize = 4;
-/// Rows converted at once for batched products: 16 rows of 2048 columns are 64 KiB, which
+/// Up to this many tokens, weights are widened in registers as they stream in; more tokens
+/// share one widening into a buffer.
+pub(super) const STREAM_TOKENS: usize = 4;
+/// Rows widened at once for batched products: 16 rows of 2048 columns are 64 KiB, which
 /// stays in L2 while every token tile passes over them.
-const PANEL: usize = 16;
+pub(super) const PANEL: usize = 16;
 
-/// Whether these kernels handle `w`: BF16, or FP8 whose scale blocks are whole chunks.
-pub fn supports(w: &Matrix) -> bool {
-    match &w.data {
-        MatrixData::Fp8 { block_k, .. } => block_k % 32 == 0,
-        MatrixData::Bf16(_) => true,
-        _ => false,
+/// Stored weights as bfloat16 vectors, one chunk of `32 · VECS` columns at a time.
+pub(super) trait Source {
+    /// Bytes per stored weight.
+    const ELEM: usize;
+    /// Vectors (of 32 bfloat16 values) per chunk: 1 or 2.
+    const VECS: usize;
+    /// The chunk at `p` as `VECS` vectors (any others are unused), in the column order the
+    /// activations were laid out in.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16 (and whatever the implementation names); `32 · VECS · ELEM` bytes
+    /// readable at `p`.
+    unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2];
+}
+
+/// BF16 weights, used as stored.
+struct Raw;
+
+impl Source for Raw {
+    const ELEM: usize = 2;
+    const VECS: usize = 1;
+    #[inline(always)]
+    unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
+        // SAFETY: 64 readable bytes at p (the caller's guarantee).
+        let v: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const _)) };
+        [v, v]
     }
+}
+
+/// Whether [`rows`] handles `w`.
+pub fn supports(w: &Matrix) -> bool {
+    matches!(w.data, MatrixData::Bf16(_))
 }
 
 /// Activations rounded to bfloat16, each token's row zero-padded to a multiple of 32 columns.
@@ -80,129 +103,65 @@ pub unsafe fn to_bf16(x: &[f32], t: usize, k: usize) -> Bf16Acts {
     Bf16Acts { data, stride }
 }
 
-/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`.
+/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, BF16 `w`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch), and
 /// `supports(w)` must hold.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
-    let cols = w.cols;
-    assert!(rows.end <= w.rows && out.len() >= rows.len() * t);
-    assert!(x.stride >= cols.next_multiple_of(32) && x.data.len() >= t * x.stride);
-    // SAFETY (both calls): same target features as this function; bounds checked above and
-    // by the slices each `Weights` holds.
+    let MatrixData::Bf16(d) = &w.data else {
+        unreachable!("bf16dot::rows called for a {} matrix", w.dtype_name());
+    };
+    let k = w.cols;
+    let d = d.as_slice();
+    assert!(rows.end <= w.rows && out.len() >= rows.len() * t && d.len() >= w.rows * k);
+    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= t * x.stride);
+    // SAFETY: same target features; rows, activations and outputs checked above.
     unsafe {
-        match &w.data {
-            MatrixData::Fp8 {
-                w: q,
-                scales,
-                block_n,
-                block_k,
-            } => {
-                let q = q.as_slice();
-                assert!(q.len() >= w.rows * cols && *block_k % 32 == 0);
-                let scale_cols = cols.div_ceil(*block_k);
-                assert!(scales.len() >= w.rows.div_ceil(*block_n) * scale_cols);
-                let fp8 = Fp8 {
-                    w: q,
-                    scales,
-                    cols,
-                    block_n: *block_n,
-                    block_k: *block_k,
-                    scale_cols,
-                };
-                run(&fp8, x, t, rows, out)
-            }
-            MatrixData::Bf16(d) => {
-                assert!(d.as_slice().len() >= w.rows * cols);
-                run(
-                    &Bf16 {
-                        w: d.as_slice(),
-                        cols,
-                    },
-                    x,
-                    t,
-                    rows,
-                    out,
-                )
-            }
-            _ => unreachable!("bf16dot::rows called for an unsupported dtype"),
-        }
+        run(
+            &Raw,
+            d.as_ptr() as *const u8,
+            k,
+            x.data.as_ptr(),
+            x.stride,
+            t,
+            rows,
+            out,
+        )
     }
 }
 
-/// Columns `c..c + 32` of the row at `p` as bfloat16, times `s` when the weights are scaled.
+/// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
+/// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[(r - rows.start)·t + j]`.
+/// Inlined into each entry point so the source's instructions get that entry's features.
 ///
 /// # Safety
-/// AVX-512 F/BW/BF16; `p` has at least `c + 32` elements.
+/// AVX-512 F/BW/BF16 and what `S` needs; the rows exist; `xs ≥ k` rounded up to a chunk and
+/// `x` holds `t` such rows; `out` has `rows.len() · t` entries.
 #[inline(always)]
-unsafe fn chunk<W: Weights>(p: *const W::E, c: usize, s: __m512) -> __m512bh {
-    // SAFETY: c + 32 elements are readable at p (the caller's guarantee).
-    unsafe {
-        if W::RAW_BF16 {
-            return std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                p.add(c) as *const __m512i
-            ));
-        }
-        let (mut lo, mut hi) = W::load32(p.add(c));
-        if W::SCALED {
-            lo = _mm512_mul_ps(lo, s);
-            hi = _mm512_mul_ps(hi, s);
-        }
-        _mm512_cvtne2ps_pbh(hi, lo)
-    }
-}
-
-/// The partial last chunk of a row (`c < k < c + 32`): copied into a zeroed buffer first
-/// (all-zero bits are 0.0 in every dtype), then as [`chunk`].
-///
-/// # Safety
-/// AVX-512 F/BW/BF16; `p` has `k` elements.
-#[inline(never)]
-unsafe fn tail_chunk<W: Weights>(p: *const W::E, c: usize, k: usize, s: __m512) -> __m512bh {
-    let mut tmp = [0u32; 32];
-    // SAFETY: k − c < 32 elements are read from the row and fit the 128-byte buffer.
-    unsafe {
-        std::ptr::copy_nonoverlapping(p.add(c), tmp.as_mut_ptr() as *mut W::E, k - c);
-        chunk::<W>(tmp.as_ptr() as *const W::E, 0, s)
-    }
-}
-
-/// Calls `f(block index, columns)` for each scale block of a row, in order.
-#[inline(always)]
-fn for_blocks(k: usize, bk: usize, mut f: impl FnMut(usize, Range<usize>)) {
-    let (mut b0, mut bi) = (0, 0);
-    while b0 < k {
-        let b1 = (b0 + bk).min(k);
-        f(bi, b0..b1);
-        b0 = b1;
-        bi += 1;
-    }
-}
-
-/// The block scale of row `r` as a vector (1 when unscaled).
-#[inline(always)]
-fn scale_vec<W: Weights>(w: &W, r: usize, block: usize) -> __m512 {
-    // SAFETY: AVX-512 F is enabled in every caller.
-    unsafe { _mm512_set1_ps(if W::SCALED { w.scale(r, block) } else { 1.0 }) }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out: &mut [f32]) {
-    let k = w.cols();
-    let ks = k.next_multiple_of(32);
-    let xs = x.stride;
-    let xp = x.data.as_ptr();
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run<S: Source>(
+    s: &S,
+    w: *const u8,
+    k: usize,
+    x: *const u16,
+    xs: usize,
+    t: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
         let mut r = rows.start;
         while r < rows.end {
             let nr = RB.min(rows.end - r);
             let o = &mut out[(r - rows.start) * t..];
+            let p = w.wrapping_add(r * k * S::ELEM);
             macro_rules! go {
                 ($n:literal, $t:literal) => {
                     // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr·t entries.
-                    unsafe { stream_tile::<W, $n, $t>(w, r, xp, xs, o) }
+                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o) }
                 };
             }
             macro_rules! rows_of {
@@ -230,26 +189,15 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
     while r < rows.end {
         let np = PANEL.min(rows.end - r);
         for i in 0..np {
-            let p = w.row(r + i);
-            let dst = buf[i * ks..].as_mut_ptr();
-            for_blocks(k, w.block(), |bi, cols| {
-                let s = scale_vec(w, r + i, bi);
-                for c in cols.step_by(32) {
-                    // SAFETY: row r + i has k > c elements (c + 32 of them unless this is the
-                    // row's partial last chunk); the buffer row has ks ≥ c + 32.
-                    unsafe {
-                        let v = if c + 32 <= k {
-                            chunk::<W>(p, c, s)
-                        } else {
-                            tail_chunk::<W>(p, c, k, s)
-                        };
-                        _mm512_storeu_si512(
-                            dst.add(c) as *mut __m512i,
-                            std::mem::transmute::<__m512bh, __m512i>(v),
-                        );
-                    }
-                }
-            });
+            // SAFETY: row r + i exists; the buffer row has ks entries.
+            unsafe {
+                widen_row(
+                    s,
+                    w.wrapping_add((r + i) * k * S::ELEM),
+                    k,
+                    buf[i * ks..].as_mut_ptr(),
+                )
+            };
         }
         let mut j = 0;
         while j < t {
@@ -262,7 +210,7 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
                 let o = &mut out[(r - rows.start + i) * t + j..];
                 // SAFETY: the buffer holds np padded rows, x holds t padded rows (j + nt ≤ t),
                 // and o reaches row i + nr - 1, token j + nt - 1.
-                unsafe { buffered_tile(wp, ks, xp.add(j * xs), xs, o, t, nr, nt) };
+                unsafe { buffered_tile(wp, ks, x.add(j * xs), xs, o, t, nr, nt) };
                 i += nr;
             }
             j += nt;
@@ -271,66 +219,114 @@ unsafe fn run<W: Weights>(w: &W, x: &Bf16Acts, t: usize, rows: Range<usize>, out
     }
 }
 
-/// `N` rows × `T` tokens, the rows converted on the fly while the next tile's rows are
-/// prefetched; token `j`'s activations start at `x + j·xs`, results go to `out[i·T + j]`.
+/// One row of `k` weights at `p`, widened into `dst` (`k` rounded up to a chunk, zero-padded).
 ///
 /// # Safety
-/// AVX-512 F/BW/BF16; rows `r..r + N` exist; `x` has `T` padded rows; `out` has `N·T` entries.
-#[inline]
+/// As for [`run`]; `k · ELEM` bytes at `p`, room for the padded row at `dst`.
+#[inline(always)]
+unsafe fn widen_row<S: Source>(s: &S, p: *const u8, k: usize, dst: *mut u16) {
+    let ch = 32 * S::VECS;
+    let mut c = 0;
+    while c < k {
+        // SAFETY: the whole chunk is in the row, or the partial last one is read through a
+        // zeroed copy; the destination row has room up to the padded length.
+        unsafe {
+            let v = if c + ch <= k {
+                s.chunk(p.add(c * S::ELEM))
+            } else {
+                tail(s, p.add(c * S::ELEM), k - c)
+            };
+            for (h, v) in v.iter().enumerate().take(S::VECS) {
+                _mm512_storeu_si512(
+                    dst.add(c + 32 * h) as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(*v),
+                );
+            }
+        }
+        c += ch;
+    }
+}
+
+/// The partial last chunk of a row (`n` < a chunk's columns at `p`): copied into a zeroed
+/// buffer first (all-zero bits are 0.0 in every dtype), then as [`Source::chunk`].
+///
+/// # Safety
+/// As for [`Source::chunk`], with `n · ELEM` readable bytes at `p`.
+#[inline(always)]
+unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh; 2] {
+    let mut tmp = [0u8; 128];
+    // SAFETY: n < 32 · VECS columns of at most 2 bytes fit the 128-byte buffer.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), n * S::ELEM);
+        s.chunk(tmp.as_ptr())
+    }
+}
+
+/// `N` rows × `T` tokens, the rows (at `w`, each `k` weights) widened on the fly while the
+/// next tile's rows are prefetched; token `j`'s activations start at `x + j·xs`, results go
+/// to `out[i·T + j]`.
+///
+/// # Safety
+/// As for [`run`], for rows `0..N` at `w`; `out` has `N·T` entries.
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices name the register tile's rows and tokens
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn stream_tile<W: Weights, const N: usize, const T: usize>(
-    w: &W,
-    r: usize,
+unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
+    s: &S,
+    w: *const u8,
+    k: usize,
     x: *const u16,
     xs: usize,
     out: &mut [f32],
 ) {
-    let k = w.cols();
-    let bytes = std::mem::size_of::<W::E>() * 32;
-    let p: [*const W::E; N] = std::array::from_fn(|i| w.row(r + i));
-    let bk = w.block();
-    let full = k / 32 * 32;
+    let ch = 32 * S::VECS;
+    let row_bytes = k * S::ELEM;
+    let chunk_bytes = ch * S::ELEM;
+    let full = k / ch * ch;
     let mut acc = [[_mm512_setzero_ps(); T]; N];
-    // SAFETY (both loads): c < k ≤ the padded row of each of the T tokens.
+    // SAFETY (all loads): c < k ≤ the padded row of each of the T tokens.
     let xv = |j: usize, c: usize| -> __m512bh {
         unsafe { std::mem::transmute(_mm512_loadu_si512(x.add(j * xs + c) as *const _)) }
     };
-    let (mut c, mut bi) = (0, 0);
+    // Up to two tokens the activations stay in registers for the whole tile; beyond that
+    // they are reloaded from L1 for each row, leaving the registers to the accumulators.
+    let hold = T <= 2;
+    let mut c = 0;
     while c < k {
-        let b1 = (c + bk).min(k);
-        let s: [__m512; N] = std::array::from_fn(|i| scale_vec(w, r + i, bi));
-        while c < b1.min(full) {
-            let xs: [__m512bh; T] = std::array::from_fn(|j| xv(j, c));
-            for i in 0..N {
-                // The same columns of the tile after this one; a hint only, past the end is
-                // harmless.
-                let ahead = p[i].wrapping_add(RB * k + c) as *const i8;
+        let held: [[__m512bh; 2]; T] = std::array::from_fn(|j| {
+            if hold {
+                [xv(j, c), xv(j, c + 32 * (S::VECS - 1))]
+            } else {
+                // Unused.
+                unsafe { std::mem::zeroed() }
+            }
+        });
+        for i in 0..N {
+            let p = w.wrapping_add(i * row_bytes + c * S::ELEM);
+            let v = if c < full {
+                // The next tile, prefetched in address order (this step's share of it), not
+                // row by row: one sequential stream is what the memory system serves best
+                // (measured: 10–30% more GB/s than prefetching each row's next chunk). A hint
+                // only; past the end is harmless.
+                let ahead =
+                    w.wrapping_add(N * row_bytes + N * c * S::ELEM + i * chunk_bytes) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if bytes > 64 {
+                if chunk_bytes > 64 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 }
-                // SAFETY: c + 32 ≤ k, within row r + i.
-                let wv = unsafe { chunk::<W>(p[i], c, s[i]) };
+                // SAFETY: c + ch ≤ k, within row i.
+                unsafe { s.chunk(p) }
+            } else {
+                // SAFETY: row i has k - c < ch weights left.
+                unsafe { tail(s, p, k - c) }
+            };
+            for h in 0..S::VECS {
                 for j in 0..T {
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xs[j]);
+                    let a = if hold { held[j][h] } else { xv(j, c + 32 * h) };
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], v[h], a);
                 }
             }
-            c += 32;
         }
-        if c < b1 {
-            // The row's partial last chunk.
-            let xs: [__m512bh; T] = std::array::from_fn(|j| xv(j, c));
-            for i in 0..N {
-                // SAFETY: row r + i has k > c elements.
-                let wv = unsafe { tail_chunk::<W>(p[i], c, k, s[i]) };
-                for j in 0..T {
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xs[j]);
-                }
-            }
-            c = b1;
-        }
-        bi += 1;
+        c += ch;
     }
     for i in 0..N {
         for j in 0..T {
@@ -339,7 +335,7 @@ unsafe fn stream_tile<W: Weights, const N: usize, const T: usize>(
     }
 }
 
-/// Dispatches a tile of converted rows to the kernel instance for its shape.
+/// Dispatches a tile of widened rows to the kernel instance for its shape.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn buffered_tile(
@@ -378,7 +374,7 @@ unsafe fn buffered_tile(
     }
 }
 
-/// `N` converted rows × `T` tokens over `ks` (padded) columns; the result goes to
+/// `N` widened rows × `T` tokens over `ks` (padded) columns; the result goes to
 /// `out[i · ostride + j]`.
 ///
 /// # Safety

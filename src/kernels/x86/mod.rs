@@ -2,3 +2,4 @@
 
 pub mod avx512;
 pub mod bf16dot;
+pub mod fp8dot;

@@ -1,0 +1,300 @@
+//! The fast path for FP8 weights: e4m3 bytes widened exactly to bfloat16, with the 128×128
+//! block scales carried by the activations, through the BF16 dot-product loops of
+//! [`super::bf16dot`].
+//!
+//! Numbers: `y[r] = Σ_c fp8[r, c] · bf16(s[r / bn, c / bk] · x[c])`: every e4m3 value is a
+//! bfloat16 value (3 mantissa bits of 7, exponents well inside), so the weights are used
+//! exactly, and the one rounding is of the scaled activation (f32 product, then bfloat16
+//! nearest-even). That is one rounding fewer than transformers' BF16 model of an FP8
+//! checkpoint, which rounds both `fp8 · s` and `x`.
+//!
+//! Why the scale moves: all rows of a 128-row block share their scales, so scaling the
+//! activations once per row block (`t · k` products per 128 rows) takes the multiply and the
+//! f32 round trip out of the inner loop, which then widens 64 weights with one table lookup
+//! per byte half on CPUs with AVX-512 VBMI (`vpermi2b`: 128-entry byte tables), or exact f32
+//! arithmetic elsewhere. Both widenings give the same bits in the same order.
+//!
+//! The widened chunk of 64 columns comes out as two vectors whose columns are interleaved
+//! per 128-bit lane (the natural result of byte unpacking): vector `h`, lane `l`, position
+//! `i` holds column `16·l + 8·h + i`. The scaled activations are laid out the same way, so
+//! each product pairs the right values; the summation order is fixed, so results stay
+//! independent of the batch.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::bf16dot::{run, Source};
+use crate::checkpoint::{Matrix, MatrixData};
+
+/// Columns per widened chunk.
+const CHUNK: usize = 64;
+
+/// Whether [`rows`] handles `w`: FP8 whose scale blocks are whole chunks.
+pub fn supports(w: &Matrix) -> bool {
+    matches!(w.data, MatrixData::Fp8 { block_k, block_n, .. } if block_k % CHUNK == 0 && block_n > 0)
+}
+
+/// The e4m3 magnitude (7 bits) → bfloat16 bits, exact. The NaN code (0x7F) widens like the
+/// f32 kernels do (to 480), so every path agrees on every byte.
+fn table() -> [u16; 128] {
+    std::array::from_fn(|m| {
+        let v = f32::from_bits((m as u32) << 20) * f32::from_bits((127 + 120) << 23);
+        (v.to_bits() >> 16) as u16
+    })
+}
+
+/// Byte tables for `vpermi2b`: high and low bytes of [`table`], 64 entries per register.
+struct Tables {
+    hi: [__m512i; 2],
+    lo: [__m512i; 2],
+}
+
+/// Widening by table lookup (AVX-512 VBMI).
+struct Lookup(Tables);
+
+impl Lookup {
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn new() -> Lookup {
+        let tab = table();
+        let bytes = |shift: u32, half: usize| {
+            let b: [u8; 64] = std::array::from_fn(|i| (tab[64 * half + i] >> shift) as u8);
+            // SAFETY: 64 bytes read as one vector.
+            unsafe { _mm512_loadu_si512(b.as_ptr() as *const _) }
+        };
+        Lookup(Tables {
+            hi: [bytes(8, 0), bytes(8, 1)],
+            lo: [bytes(0, 0), bytes(0, 1)],
+        })
+    }
+}
+
+impl Source for Lookup {
+    const ELEM: usize = 1;
+    const VECS: usize = 2;
+    #[inline(always)]
+    unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
+        // SAFETY: 64 readable bytes at p (the caller's guarantee); VBMI is enabled in the
+        // only entry point that builds a `Lookup`.
+        unsafe {
+            let v = _mm512_loadu_si512(p as *const _);
+            let t = &self.0;
+            let hi = _mm512_permutex2var_epi8(t.hi[0], v, t.hi[1]);
+            let lo = _mm512_permutex2var_epi8(t.lo[0], v, t.lo[1]);
+            // hi | (v & 0x80): the sign.
+            let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, _mm512_set1_epi8(-128));
+            [
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi8(lo, hi)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi8(lo, hi)),
+            ]
+        }
+    }
+}
+
+/// Widening by f32 arithmetic, for CPUs without VBMI: the same bits as [`Lookup`].
+struct Arith;
+
+impl Source for Arith {
+    const ELEM: usize = 1;
+    const VECS: usize = 2;
+    #[inline(always)]
+    unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
+        // SAFETY: 64 readable bytes at p (the caller's guarantee).
+        unsafe {
+            let l: [__m128i; 4] =
+                std::array::from_fn(|i| _mm_loadu_si128(p.add(16 * i) as *const __m128i));
+            // Sign and the 7 magnitude bits placed as an f32's top bits give the value times
+            // 2⁻¹²⁰ (subnormal codes included, as f32 subnormals); 2¹²⁰ restores it exactly.
+            let f = |b: __m128i| {
+                let bits = _mm512_and_si512(
+                    _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)),
+                    _mm512_set1_epi32(0x87F0_0000u32 as i32),
+                );
+                _mm512_mul_ps(
+                    _mm512_castsi512_ps(bits),
+                    _mm512_set1_ps(f32::from_bits((127 + 120) << 23)),
+                )
+            };
+            // Vector 0 takes the low 8 bytes of each 16-byte lane, vector 1 the high 8.
+            [
+                _mm512_cvtne2ps_pbh(
+                    f(_mm_unpacklo_epi64(l[2], l[3])),
+                    f(_mm_unpacklo_epi64(l[0], l[1])),
+                ),
+                _mm512_cvtne2ps_pbh(
+                    f(_mm_unpackhi_epi64(l[2], l[3])),
+                    f(_mm_unpackhi_epi64(l[0], l[1])),
+                ),
+            ]
+        }
+    }
+}
+
+/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, FP8 `w`, `x`
+/// in f32 (`[t, cols]`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch), and
+/// `supports(w)` must hold.
+pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: the caller verified F, BW and BF16; VBMI is checked here.
+    unsafe {
+        if super::super::isa::vbmi() {
+            rows_lookup(x, t, w, rows, out)
+        } else {
+            rows_arith(x, t, w, rows, out)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
+unsafe fn rows_lookup(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Lookup::new() };
+    // SAFETY: same target features (VBMI included, which `Lookup` needs).
+    unsafe { by_row_block(&s, x, t, w, rows, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn rows_arith(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: same target features.
+    unsafe { by_row_block(&Arith, x, t, w, rows, out) }
+}
+
+/// Each 128-row block with its scales applied to the activations, then [`run`].
+///
+/// # Safety
+/// AVX-512 F/BW/BF16 and what `S` needs; `supports(w)`.
+#[inline(always)]
+unsafe fn by_row_block<S: Source>(
+    s: &S,
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let MatrixData::Fp8 {
+        w: q,
+        scales,
+        block_n,
+        block_k,
+    } = &w.data
+    else {
+        unreachable!("fp8dot::rows called for a {} matrix", w.dtype_name());
+    };
+    let (k, bn, bk) = (w.cols, *block_n, *block_k);
+    let q = q.as_slice();
+    let sc = k.div_ceil(bk);
+    assert!(bk % CHUNK == 0 && bn > 0);
+    assert!(rows.end <= w.rows && out.len() >= rows.len() * t && q.len() >= w.rows * k);
+    assert!(x.len() >= t * k && scales.len() >= w.rows.div_ceil(bn) * sc);
+    let ks = k.next_multiple_of(CHUNK);
+    let mut xs = vec![0u16; t * ks];
+    let mut r = rows.start;
+    while r < rows.end {
+        let g = r / bn;
+        let end = ((g + 1) * bn).min(rows.end);
+        // SAFETY: x has t·k values, xs has t·ks, the block's scales exist (checked above).
+        unsafe { scaled_acts(x, t, k, &scales[g * sc..(g + 1) * sc], bk, &mut xs) };
+        let o = &mut out[(r - rows.start) * t..];
+        // SAFETY: rows r..end exist, xs holds t rows of ks, o has (end − r)·t entries.
+        unsafe { run(s, q.as_ptr(), k, xs.as_ptr(), ks, t, r..end, o) };
+        r = end;
+    }
+}
+
+/// `out[j, ·] = bf16(s[c / bk] · x[j, c])` for each token, zero-padded to whole chunks, in
+/// the chunk layout of the module comment.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16; `x` has `t·k` values, `out` has `t · k` rounded up to a chunk.
+#[inline(always)]
+unsafe fn scaled_acts(x: &[f32], t: usize, k: usize, s: &[f32], bk: usize, out: &mut [u16]) {
+    let ks = k.next_multiple_of(CHUNK);
+    assert!(x.len() >= t * k && out.len() >= t * ks);
+    for j in 0..t {
+        for c in (0..k).step_by(CHUNK) {
+            let sv = _mm512_set1_ps(s[c / bk]);
+            for l in 0..4 {
+                let c0 = c + 16 * l;
+                let mask: __mmask16 = if c0 + 16 <= k {
+                    !0
+                } else if c0 < k {
+                    (1u16 << (k - c0)) - 1
+                } else {
+                    0
+                };
+                // SAFETY: the mask keeps the load within token j's k columns; both stores
+                // fall inside this token's chunk (c + 64 ≤ ks).
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(j * k + c0));
+                    let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_mul_ps(v, sv)));
+                    let dst = out.as_mut_ptr().add(j * ks + c + 8 * l);
+                    _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(b));
+                    _mm_storeu_si128(
+                        dst.add(32) as *mut __m128i,
+                        _mm256_extracti128_si256::<1>(b),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both widenings give every byte's exact value, in the same layout.
+    #[test]
+    fn lookup_and_arith_widen_every_code_alike() {
+        if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
+            return;
+        }
+        let codes: [[u8; 64]; 4] =
+            std::array::from_fn(|b| std::array::from_fn(|i| (64 * b + i) as u8));
+        for c in &codes {
+            // SAFETY: features checked above; 64 bytes per call.
+            let a = unsafe { widen_arith(c) };
+            for (i, &byte) in c.iter().enumerate() {
+                let pos = layout(i);
+                let want = crate::kernels::fp8::e4m3_to_f32(byte);
+                let got = f32::from_bits((a[pos] as u32) << 16);
+                if byte & 0x7F != 0x7F {
+                    assert_eq!(got.to_bits(), want.to_bits(), "code {byte:#04x}");
+                }
+            }
+            if is_x86_feature_detected!("avx512vbmi") {
+                // SAFETY: VBMI checked too.
+                assert_eq!(unsafe { widen_lookup(c) }, a);
+            }
+        }
+    }
+
+    /// Where column `i` of a chunk lands in the two widened vectors.
+    fn layout(i: usize) -> usize {
+        let (l, h, p) = (i / 16, (i / 8) % 2, i % 8);
+        32 * h + 8 * l + p
+    }
+
+    fn store(v: [__m512bh; 2]) -> [u16; 64] {
+        // SAFETY: two 64-byte vectors into 128 bytes.
+        unsafe { std::mem::transmute(v) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn widen_arith(c: &[u8; 64]) -> [u16; 64] {
+        // SAFETY: 64 bytes; features as enabled.
+        store(unsafe { Arith.chunk(c.as_ptr()) })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
+    unsafe fn widen_lookup(c: &[u8; 64]) -> [u16; 64] {
+        // SAFETY: AVX-512 F is enabled here.
+        let s = unsafe { Lookup::new() };
+        // SAFETY: 64 bytes; features as enabled.
+        store(unsafe { s.chunk(c.as_ptr()) })
+    }
+}
