@@ -3,6 +3,7 @@
 //! typed weight views.
 
 pub mod activation;
+pub mod attention;
 pub mod bandwidth;
 pub mod delta_rule;
 pub mod fp8;

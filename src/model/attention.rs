@@ -2,15 +2,15 @@
 //! partial RoPE, GQA over the K/V cache, sigmoid output gate, o_proj.
 
 use anyhow::Result;
-use multiversion::multiversion;
 use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
-use crate::kernels::activation::{sigmoid, softmax};
-use crate::kernels::matmul::{axpy, matmul, matmul_many, Precision};
+use crate::kernels::activation::sigmoid;
+use crate::kernels::attention::attend_group;
+use crate::kernels::matmul::{matmul, matmul_many, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
@@ -165,72 +165,5 @@ impl Attention {
         }
         drop(core);
         time(Kind::AttnOut, || matmul(&o, t, &self.o_proj, prec))
-    }
-}
-
-/// Causal softmax attention of the query heads `q` (`[group, hd]`) over the first `ctx` cached
-/// positions of one KV head (at column `off` of rows `kvw` wide), into `out` (`[group, hd]`).
-///
-/// Written for long contexts in decode: every cached key and value row is read once for the
-/// whole group, and the per-head sums run as independent 16-lane chains (one dot product at a
-/// time would wait on its own FMA latency).
-#[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn attend_group(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    ctx: usize,
-    kvw: usize,
-    off: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    const L: usize = 16;
-    let group = q.len() / hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    // scores[h · ctx + j]
-    let mut scores = vec![0.0f32; group * ctx];
-    let lanes = hd / L * L;
-    for j in 0..ctx {
-        let kj = &kc[j * kvw + off..j * kvw + off + hd];
-        for h0 in (0..group).step_by(4) {
-            let hn = (group - h0).min(4);
-            let mut acc = [[0.0f32; L]; 4];
-            for c in (0..lanes).step_by(L) {
-                let kv: &[f32; L] = kj[c..c + L].try_into().unwrap();
-                for (hh, a) in acc.iter_mut().enumerate().take(hn) {
-                    let qh = &q[(h0 + hh) * hd + c..(h0 + hh) * hd + c + L];
-                    for l in 0..L {
-                        a[l] += qh[l] * kv[l];
-                    }
-                }
-            }
-            for (hh, a) in acc.iter().enumerate().take(hn) {
-                let h = h0 + hh;
-                let mut s: f32 = a.iter().sum();
-                for c in lanes..hd {
-                    s += q[h * hd + c] * kj[c];
-                }
-                scores[h * ctx + j] = s * scale;
-            }
-        }
-    }
-    for h in 0..group {
-        softmax(&mut scores[h * ctx..(h + 1) * ctx]);
-    }
-    // Blocks of positions, so that a block of values stays in cache while every column block
-    // of every head's output passes over it.
-    const JB: usize = 64;
-    out.fill(0.0);
-    for j0 in (0..ctx).step_by(JB) {
-        let j1 = (j0 + JB).min(ctx);
-        for h in 0..group {
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            let sh = &scores[h * ctx..(h + 1) * ctx];
-            for j in j0..j1 {
-                axpy(oh, sh[j], &vc[j * kvw + off..j * kvw + off + hd]);
-            }
-        }
     }
 }

@@ -1,5 +1,6 @@
 //! x86-64 SIMD kernels, chosen at run time by CPU feature detection.
 
+pub mod attention;
 pub mod avx512;
 pub mod bf16dot;
 pub mod fp8dot;

@@ -1,0 +1,92 @@
+//! AVX-512 softmax attention for one KV head's group of query heads (see
+//! `kernels::attention`). Bounds are checked by the caller; each `SAFETY` comment refers to
+//! them.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::activation::softmax;
+
+/// Positions per block of the value pass: 64 rows of one head (64 KiB at hd 256) stay in L2
+/// while every column block of every head's output passes over them.
+const JB: usize = 64;
+
+/// `G` query heads (`q`: `[G, hd]`) over positions `0..ctx` of the cache rows (`kvw` wide,
+/// this head's columns at `off`), into `out` (`[G, hd]`).
+///
+/// Scores: per position, one accumulator per head (G independent FMA chains), the key row
+/// loaded once. Values: per block of positions and 32 output columns, `2·G` accumulators held
+/// in registers across the block.
+///
+/// # Safety
+/// AVX-512 F; `hd % 32 == 0`; `q` and `out` hold `G·hd`; `kc` and `vc` hold `ctx·kvw`;
+/// `off + hd ≤ kvw`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attend<const G: usize>(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    ctx: usize,
+    kvw: usize,
+    off: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0.0f32; G * ctx];
+    let (qp, kp, vp) = (q.as_ptr(), kc.as_ptr(), vc.as_ptr());
+    for j in 0..ctx {
+        // SAFETY: row j < ctx, columns off..off + hd inside it; q has G·hd values.
+        unsafe {
+            let kj = kp.add(j * kvw + off);
+            // A few rows ahead: the rows are strided (kvw apart), so the hardware's
+            // sequential prefetch sees only part of the pattern.
+            let ahead = kj.wrapping_add(4 * kvw) as *const i8;
+            for line in (0..hd * 4).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+            }
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in (0..hd).step_by(16) {
+                let kv = _mm512_loadu_ps(kj.add(c));
+                for h in 0..G {
+                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(h * hd + c)), kv, acc[h]);
+                }
+            }
+            for h in 0..G {
+                scores[h * ctx + j] = _mm512_reduce_add_ps(acc[h]) * scale;
+            }
+        }
+    }
+    for h in 0..G {
+        softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+    }
+    out.fill(0.0);
+    let op = out.as_mut_ptr();
+    for j0 in (0..ctx).step_by(JB) {
+        let j1 = (j0 + JB).min(ctx);
+        for c in (0..hd).step_by(32) {
+            // SAFETY: out has G·hd values and c + 32 ≤ hd; rows j < ctx; scores has G·ctx.
+            unsafe {
+                let mut acc: [[__m512; 2]; G] = std::array::from_fn(|h| {
+                    [
+                        _mm512_loadu_ps(op.add(h * hd + c)),
+                        _mm512_loadu_ps(op.add(h * hd + c + 16)),
+                    ]
+                });
+                for j in j0..j1 {
+                    let vj = vp.add(j * kvw + off + c);
+                    let (v0, v1) = (_mm512_loadu_ps(vj), _mm512_loadu_ps(vj.add(16)));
+                    for h in 0..G {
+                        let p = _mm512_set1_ps(*scores.get_unchecked(h * ctx + j));
+                        acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
+                        acc[h][1] = _mm512_fmadd_ps(p, v1, acc[h][1]);
+                    }
+                }
+                for h in 0..G {
+                    _mm512_storeu_ps(op.add(h * hd + c), acc[h][0]);
+                    _mm512_storeu_ps(op.add(h * hd + c + 16), acc[h][1]);
+                }
+            }
+        }
+    }
+}
