@@ -10,19 +10,27 @@ use multiversion::multiversion;
 use super::activation::softmax;
 use super::matmul::axpy;
 
-/// Causal softmax attention of the query heads `q` (`[group, hd]`) over the first `ctx` cached
-/// positions of one KV head (at column `off` of rows `kvw` wide), into `out` (`[group, hd]`).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_group(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    ctx: usize,
-    kvw: usize,
-    off: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
+/// One KV head of a sequence's cache as the kernels read it: positions `0..len` of the key and
+/// value rows (`stride` values each), this head's `hd` columns starting at `off`.
+#[derive(Clone, Copy)]
+pub struct KvHead<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub len: usize,
+    pub stride: usize,
+    pub off: usize,
+}
+
+/// Causal softmax attention of the query heads `q` (`[group, hd]`) over one KV head, into
+/// `out` (`[group, hd]`).
+pub fn attend_group(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
+    let KvHead {
+        k: kc,
+        v: vc,
+        len: ctx,
+        stride: kvw,
+        off,
+    } = kv;
     let group = q.len() / hd;
     assert!(q.len() == group * hd && out.len() == group * hd && off + hd <= kvw);
     assert!(kc.len() >= ctx * kvw && vc.len() >= ctx * kvw);
@@ -31,7 +39,7 @@ pub fn attend_group(
         macro_rules! go {
             ($g:literal) => {
                 // SAFETY: AVX-512 F verified by `isa()`; shapes checked above.
-                unsafe { super::x86::attention::attend::<$g>(q, kc, vc, ctx, kvw, off, hd, out) }
+                unsafe { super::x86::attention::attend::<$g>(q, kv, hd, out) }
             };
         }
         match group {
@@ -42,22 +50,19 @@ pub fn attend_group(
             _ => {}
         }
     }
-    attend_portable(q, kc, vc, ctx, kvw, off, hd, out);
+    attend_portable(q, kv, hd, out);
 }
 
 /// The portable form: 16-lane chains the compiler vectorises.
-#[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn attend_portable(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    ctx: usize,
-    kvw: usize,
-    off: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
+fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
+    let KvHead {
+        k: kc,
+        v: vc,
+        len: ctx,
+        stride: kvw,
+        off,
+    } = kv;
     const L: usize = 16;
     let group = q.len() / hd;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -136,8 +141,15 @@ mod tests {
             let q: Vec<f32> = (0..group * hd).map(|_| rnd()).collect();
             let mut got = vec![0.0f32; group * hd];
             let mut want = vec![0.0f32; group * hd];
-            super::attend_group(&q, &kc, &vc, ctx, kvw, hd, hd, &mut got);
-            super::attend_portable(&q, &kc, &vc, ctx, kvw, hd, hd, &mut want);
+            let kv = super::KvHead {
+                k: &kc,
+                v: &vc,
+                len: ctx,
+                stride: kvw,
+                off: hd,
+            };
+            super::attend_group(&q, kv, hd, &mut got);
+            super::attend_portable(&q, kv, hd, &mut want);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-5,

@@ -9,7 +9,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
-use crate::kernels::attention::attend_group;
+use crate::kernels::attention::{attend_group, KvHead};
 use crate::kernels::matmul::{matmul, matmul_many, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
@@ -151,7 +151,14 @@ impl Attention {
                 let (kc, vc) = caches[s];
                 let qh = &q[(ti * nh + g * group) * hd..(ti * nh + (g + 1) * group) * hd];
                 let mut out = outs[idx].lock().unwrap_or_else(|e| e.into_inner());
-                attend_group(qh, kc, vc, ctx, kvw, g * hd, hd, &mut out);
+                let kv = KvHead {
+                    k: kc,
+                    v: vc,
+                    len: ctx,
+                    stride: kvw,
+                    off: g * hd,
+                };
+                attend_group(qh, kv, hd, &mut out);
                 let gates = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
                 for (hh, oh) in out.chunks_mut(hd).enumerate() {
                     let h = g * group + hh;

@@ -5,33 +5,31 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::activation::softmax;
+use crate::kernels::attention::KvHead;
 
 /// Positions per block of the value pass: 64 rows of one head (64 KiB at hd 256) stay in L2
 /// while every column block of every head's output passes over them.
 const JB: usize = 64;
 
-/// `G` query heads (`q`: `[G, hd]`) over positions `0..ctx` of the cache rows (`kvw` wide,
-/// this head's columns at `off`), into `out` (`[G, hd]`).
+/// `G` query heads (`q`: `[G, hd]`) over one KV head of the cache, into `out` (`[G, hd]`).
 ///
 /// Scores: per position, one accumulator per head (G independent FMA chains), the key row
 /// loaded once. Values: per block of positions and 32 output columns, `2·G` accumulators held
 /// in registers across the block.
 ///
 /// # Safety
-/// AVX-512 F; `hd % 32 == 0`; `q` and `out` hold `G·hd`; `kc` and `vc` hold `ctx·kvw`;
-/// `off + hd ≤ kvw`.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+/// AVX-512 F; `hd % 32 == 0`; `q` and `out` hold `G·hd`; the key and value rows hold
+/// `len · stride` values; `off + hd ≤ stride`.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attend<const G: usize>(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    ctx: usize,
-    kvw: usize,
-    off: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
+pub unsafe fn attend<const G: usize>(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
+    let KvHead {
+        k: kc,
+        v: vc,
+        len: ctx,
+        stride: kvw,
+        off,
+    } = kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0.0f32; G * ctx];
     let (qp, kp, vp) = (q.as_ptr(), kc.as_ptr(), vc.as_ptr());
