@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
+use qnext::cache::{SeqCache, Snapshot};
 use qnext::model::{Model, SeqInput, Want};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,7 +19,8 @@ pub struct Args {
     /// Tokens generated for tg.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
-    /// Context already in the cache before tg starts (llama-bench's `-d`).
+    /// Context already in the cache before tg starts (llama-bench's `-d`). When not 0, tg at
+    /// depth 0 is measured too, alternating with it, and their ratio reported.
     #[arg(long, default_value_t = 0)]
     depth: usize,
     /// Repetitions; medians are reported.
@@ -80,8 +82,15 @@ fn pp(model: &Model, n: usize, seed: u64) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Seconds to generate `n` tokens greedily after `depth` tokens of context.
-fn tg(model: &Model, depth: usize, n: usize, seed: u64) -> Result<f64> {
+/// A sequence with `depth` tokens of context already in its cache, and a snapshot to rewind
+/// to, so that each timed round generates from the same state without prefilling again.
+struct Prefilled {
+    cache: SeqCache,
+    snap: Snapshot,
+    next: u32,
+}
+
+fn prefill(model: &Model, depth: usize, n: usize, seed: u64) -> Result<Prefilled> {
     let mut cache = model.new_cache(depth + n + 1);
     let first = random_ids(depth + 1, model.cfg.vocab_size, seed);
     let out = model.forward(&mut [SeqInput {
@@ -89,14 +98,22 @@ fn tg(model: &Model, depth: usize, n: usize, seed: u64) -> Result<f64> {
         cache: &mut cache,
         want: Want::Last,
     }])?;
-    let mut next = argmax(&out[0].logits);
+    let next = argmax(&out[0].logits);
+    let snap = cache.snapshot();
+    Ok(Prefilled { cache, snap, next })
+}
+
+/// Seconds to generate `n` tokens greedily from the prefilled state (rewound first).
+fn decode(model: &Model, p: &mut Prefilled, n: usize) -> Result<f64> {
+    p.cache.restore(&p.snap)?;
+    let mut next = p.next;
     // A profile covers the generation steps only, not the prompt that set up the depth.
     qnext::kernels::profile::reset();
     let t0 = Instant::now();
     for _ in 0..n {
         let out = model.forward(&mut [SeqInput {
             tokens: &[next],
-            cache: &mut cache,
+            cache: &mut p.cache,
             want: Want::Last,
         }])?;
         next = argmax(&out[0].logits);
@@ -205,8 +222,21 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     if a.prompt_tokens > 0 {
         pp(&model, a.prompt_tokens.min(64), 1)?;
     }
-    if a.gen_tokens > 0 {
-        tg(&model, 0, 2, 1)?;
+    // Generation starts from prefilled states, built once: at the requested depth and, when
+    // that is not 0, at depth 0 too, timed alternately so that the ratio between them is
+    // measured under the same conditions (this machine's bandwidth drifts within minutes).
+    let mut at_depth = if a.gen_tokens > 0 {
+        Some(prefill(&model, a.depth, a.gen_tokens, 200)?)
+    } else {
+        None
+    };
+    let mut at_zero = if a.gen_tokens > 0 && a.depth > 0 {
+        Some(prefill(&model, 0, a.gen_tokens, 300)?)
+    } else {
+        None
+    };
+    if let Some(p) = at_depth.as_mut() {
+        decode(&model, p, 2.min(a.gen_tokens))?;
     }
     if a.profile && a.prompt_tokens > 0 {
         let secs = profiled(|| pp(&model, a.prompt_tokens, 7))?;
@@ -220,8 +250,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             a.prompt_tokens as f64,
         );
     }
-    if a.profile && a.gen_tokens > 0 {
-        let (secs, totals) = profiled(|| tg(&model, a.depth, a.gen_tokens, 7))?;
+    if let (true, Some(p)) = (a.profile, at_depth.as_mut()) {
+        let (secs, totals) = profiled(|| decode(&model, p, a.gen_tokens))?;
         let per_token_ms = secs * 1e3 / a.gen_tokens as f64;
         print_profile(
             &format!(
@@ -233,20 +263,26 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             a.gen_tokens as f64,
         );
     }
-    let (mut pps, mut tgs) = (Vec::new(), Vec::new());
+    let (mut pps, mut tgs, mut tg0s) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..a.repeat {
         if a.prompt_tokens > 0 {
             let s = pp(&model, a.prompt_tokens, 100 + r as u64)?;
             pps.push(a.prompt_tokens as f64 / s);
         }
-        if a.gen_tokens > 0 {
-            let s = tg(&model, a.depth, a.gen_tokens, 200 + r as u64)?;
-            tgs.push(a.gen_tokens as f64 / s);
+        if let Some(p) = at_zero.as_mut() {
+            tg0s.push(a.gen_tokens as f64 / decode(&model, p, a.gen_tokens)?);
+        }
+        if let Some(p) = at_depth.as_mut() {
+            tgs.push(a.gen_tokens as f64 / decode(&model, p, a.gen_tokens)?);
         }
         if verbose {
             eprintln!("repeat {r}: pp {:?} tg {:?}", pps.last(), tgs.last());
         }
     }
+    // Per round, tg at depth over tg at depth 0 measured just before it; the median of those.
+    let depth_ratio =
+        (!tg0s.is_empty()).then(|| median(tgs.iter().zip(&tg0s).map(|(d, z)| d / z).collect()));
+    let tg0_tps = (!tg0s.is_empty()).then(|| median(tg0s.clone()));
     let pp_tps = if pps.is_empty() {
         0.0
     } else {
@@ -276,6 +312,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "tg_tokens_per_s": tg_tps,
             "pp_runs": pps,
             "tg_runs": tgs,
+            "tg_depth0_tokens_per_s": tg0_tps,
+            "tg_depth0_runs": tg0s,
+            "depth_ratio": depth_ratio,
             "bytes_per_token": token_bytes,
             "weight_bytes": all_bytes,
             "gb_per_s": gbps,
@@ -295,6 +334,12 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "tg{:<8} {tg_tps:.2} tokens/s (depth {})",
             a.gen_tokens, a.depth
         );
+        if let (Some(z), Some(ratio)) = (tg0_tps, depth_ratio) {
+            println!(
+                "tg{:<8} {z:.2} tokens/s (depth 0, alternating): depth {} runs at {ratio:.2}× depth 0",
+                a.gen_tokens, a.depth
+            );
+        }
         println!(
             "weights    {:.3} GB, {:.1} MB read per token, {gbps:.1} GB/s",
             all_bytes as f64 / 1e9,
