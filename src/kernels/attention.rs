@@ -24,13 +24,7 @@ pub struct KvHead<'a> {
 /// Causal softmax attention of the query heads `q` (`[group, hd]`) over one KV head, into
 /// `out` (`[group, hd]`).
 pub fn attend_group(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let KvHead {
-        k: kc,
-        v: vc,
-        len: ctx,
-        stride: kvw,
-        off,
-    } = kv;
+    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
     let group = q.len() / hd;
     assert!(q.len() == group * hd && out.len() == group * hd && off + hd <= kvw);
     assert!(kc.len() >= ctx * kvw && vc.len() >= ctx * kvw);
@@ -56,13 +50,7 @@ pub fn attend_group(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
 /// The portable form: 16-lane chains the compiler vectorises.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let KvHead {
-        k: kc,
-        v: vc,
-        len: ctx,
-        stride: kvw,
-        off,
-    } = kv;
+    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
     const L: usize = 16;
     let group = q.len() / hd;
     let scale = 1.0 / (hd as f32).sqrt();

@@ -23,13 +23,7 @@ const JB: usize = 64;
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn attend<const G: usize>(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let KvHead {
-        k: kc,
-        v: vc,
-        len: ctx,
-        stride: kvw,
-        off,
-    } = kv;
+    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0.0f32; G * ctx];
     let (qp, kp, vp) = (q.as_ptr(), kc.as_ptr(), vc.as_ptr());
