@@ -195,6 +195,15 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
                 }
             }
         }
+        if let Some(peak) = qnext::kernels::microbench::bf16_peak() {
+            println!("bf16 dot-product peak (registers only): {peak:.0} GFLOP/s");
+        }
+        for g in qnext::kernels::microbench::gemm_rates(5) {
+            println!(
+                "prefill {:<4} {:<15} {:>2} x {:>5}x{:<4} t={:<3}: {:6.1} GFLOP/s",
+                g.dtype, g.name, g.jobs, g.rows, g.cols, g.tokens, g.gflops
+            );
+        }
         // The same products over this checkpoint's own matrices, mapped as for inference.
         let cfg = qnext::config::Config::from_file(&a.model.join("config.json"))?;
         let ck = qnext::checkpoint::Checkpoint::open_with(&a.model, a.load.mode())?;

@@ -23,28 +23,7 @@ pub fn matvec_bandwidth(
         let rows = 512;
         let count = (bytes / (rows * cols * elem)).max(1);
         let mats: Vec<Matrix> = (0..count)
-            .map(|m| {
-                let n = rows * cols;
-                let data = if elem == 1 {
-                    MatrixData::Fp8 {
-                        w: Elems::Owned(
-                            (0..n)
-                                .map(|i| ((i * 7 + m) % 251) as u8 & 0xB7 | 0x08)
-                                .collect(),
-                        ),
-                        scales: vec![0.01; rows.div_ceil(128) * cols.div_ceil(128)],
-                        block_n: 128,
-                        block_k: 128,
-                    }
-                } else {
-                    MatrixData::Bf16(Elems::Owned(
-                        (0..n)
-                            .map(|i| 0x3C00 + ((i * 7 + m) % 127) as u16)
-                            .collect(),
-                    ))
-                };
-                Matrix { rows, cols, data }
-            })
+            .map(|m| synthetic(rows, cols, elem == 1, m))
             .collect();
         let x: Vec<f32> = (0..t * cols)
             .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
@@ -67,6 +46,31 @@ pub fn matvec_bandwidth(
         }
     }
     out
+}
+
+/// A `rows × cols` matrix of varied normal values, FP8 (128×128 scale blocks) or BF16;
+/// `seed` varies the bytes so that matrices differ.
+fn synthetic(rows: usize, cols: usize, fp8: bool, seed: usize) -> Matrix {
+    let n = rows * cols;
+    let data = if fp8 {
+        MatrixData::Fp8 {
+            w: Elems::Owned(
+                (0..n)
+                    .map(|i| ((i * 7 + seed) % 251) as u8 & 0xB7 | 0x08)
+                    .collect(),
+            ),
+            scales: vec![0.01; rows.div_ceil(128) * cols.div_ceil(128)],
+            block_n: 128,
+            block_k: 128,
+        }
+    } else {
+        MatrixData::Bf16(Elems::Owned(
+            (0..n)
+                .map(|i| 0x3C00 + ((i * 7 + seed) % 127) as u16)
+                .collect(),
+        ))
+    };
+    Matrix { rows, cols, data }
 }
 
 /// One group of a checkpoint's matrices in [`model_matvec`].
@@ -164,4 +168,76 @@ fn read_all(mats: &[Matrix]) -> u64 {
         });
     }
     sink.load(Ordering::Relaxed)
+}
+
+/// One prefill-shaped product for [`gemm_rates`].
+pub struct GemmRate {
+    pub name: &'static str,
+    pub dtype: &'static str,
+    /// Products per dispatch (as the MoE layer issues them).
+    pub jobs: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens: usize,
+    /// Multiply-adds ×2 per second, median of the rounds.
+    pub gflops: f64,
+}
+
+/// The model's prefill products at their real shapes (a 512-token prompt; each of 32 experts
+/// sees ~160 of its tokens), FP8 and BF16, fast precision: GFLOP/s, median of `rounds`.
+pub fn gemm_rates(rounds: usize) -> Vec<GemmRate> {
+    let shapes: [(&'static str, usize, usize, usize, usize); 4] = [
+        ("in_proj_qkvz", 1, 12288, 2048, 512),
+        ("out_proj", 1, 2048, 4096, 512),
+        ("expert gate/up", 20, 512, 2048, 160),
+        ("expert down", 10, 2048, 512, 160),
+    ];
+    let mut out = Vec::new();
+    for (dtype, fp8) in [("fp8", true), ("bf16", false)] {
+        for (name, jobs, rows, cols, tokens) in shapes {
+            let mats: Vec<Matrix> = (0..jobs).map(|m| synthetic(rows, cols, fp8, m)).collect();
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let batch: Vec<(&[f32], usize, &Matrix)> =
+                mats.iter().map(|m| (x.as_slice(), tokens, m)).collect();
+            let mut secs: Vec<f64> = (0..rounds)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    std::hint::black_box(matmul_many(&batch, Precision::Fast));
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            secs.sort_by(f64::total_cmp);
+            let flop = 2.0 * (jobs * rows * cols * tokens) as f64;
+            out.push(GemmRate {
+                name,
+                dtype,
+                jobs,
+                rows,
+                cols,
+                tokens,
+                gflops: flop / secs[secs.len() / 2] / 1e9,
+            });
+        }
+    }
+    out
+}
+
+/// The bfloat16 multiply-add peak of all pool threads in GFLOP/s (registers only), or `None`
+/// where the CPU has no AVX-512 BF16.
+pub fn bf16_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::bf16_dot() {
+        let pool = super::pool::global();
+        let iters = 20_000_000;
+        let t0 = Instant::now();
+        pool.run(pool.threads(), &|_| {
+            // SAFETY: `bf16_dot()` verified AVX-512 F, BW and BF16.
+            std::hint::black_box(unsafe { super::x86::bf16dot::peak_probe(iters) });
+        });
+        let flop = (pool.threads() * iters * 24 * 16 * 4) as f64;
+        return Some(flop / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    None
 }

@@ -415,3 +415,23 @@ unsafe fn tile<const N: usize, const T: usize>(
         }
     }
 }
+
+/// `iters` rounds of 24 independent `vdpbf16ps` on registers: the core's bfloat16
+/// multiply-add peak, with nothing else in the loop (a compute probe for `bench --kernels`).
+///
+/// # Safety
+/// AVX-512 F and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn peak_probe(iters: usize) -> f32 {
+    let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3F80)) };
+    let b: __m512bh =
+        std::hint::black_box(unsafe { std::mem::transmute(_mm512_set1_epi16(0x3C00)) });
+    let mut acc = [_mm512_setzero_ps(); 24];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, b);
+        }
+    }
+    let s = acc.iter().fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v));
+    _mm512_reduce_add_ps(s)
+}
