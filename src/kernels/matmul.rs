@@ -72,24 +72,17 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f
         .map(|(_, t, w)| vec![0.0f32; w.rows * t])
         .collect();
     let targets = Outputs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
-    // Rows r0..r1 of job j: computed `[rows, t]` into a task-local buffer, then written into
-    // the `[t, rows]` result (each task transposes its own block, in parallel).
+    // Rows r0..r1 of job j, written straight into the `[t, rows]` result by the kernel.
     let task = |j: usize, r0: usize, r1: usize| {
         let (_, t, w) = jobs[j];
-        let n = w.rows;
-        let mut local = vec![0.0f32; (r1 - r0) * t];
-        rows_kernel(&acts[j], t, w, r0, r1, &mut local);
         let (ptr, len) = targets.get(j);
-        assert!(t * n <= len && r1 <= n);
-        for tj in 0..t {
-            for r in r0..r1 {
-                // SAFETY: tj·n + r < t·n ≤ len (asserted above), and no other task writes it:
-                // tasks own disjoint row ranges of a job, and each output element belongs to
-                // exactly one row. The buffers outlive the dispatch, which returns only once
-                // every task has finished.
-                unsafe { *ptr.add(tj * n + r) = local[(r - r0) * t + tj] };
-            }
-        }
+        assert!(t * w.rows <= len && r1 <= w.rows);
+        // SAFETY: the result has t·rows elements (asserted above), so rows r0..r1 of every
+        // token are in bounds; no other task writes them, as tasks own disjoint row ranges of
+        // a job. The buffers outlive the dispatch, which returns only once every task has
+        // finished.
+        let out = unsafe { OutRows::new(ptr.add(r0), w.rows) };
+        rows_kernel(&acts[j], t, w, r0, r1, out);
     };
     let pool = pool::global();
     let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
@@ -121,6 +114,50 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f
     outs
 }
 
+/// A block of rows of a `[t, rows]` result that one task owns: element (row `r` of the
+/// block, token `j`) is at `ptr + r + j·ts`.
+#[derive(Clone, Copy)]
+pub struct OutRows {
+    ptr: *mut f32,
+    /// Distance between tokens (the matrix's row count).
+    pub ts: usize,
+}
+
+impl OutRows {
+    /// # Safety
+    /// Every element the users of this block write must lie inside one live allocation that
+    /// nothing else reads or writes meanwhile.
+    pub unsafe fn new(ptr: *mut f32, ts: usize) -> OutRows {
+        OutRows { ptr, ts }
+    }
+
+    /// Address of (row `r`, token `j`); only computed, dereferenced by the caller.
+    pub fn at(&self, r: usize, j: usize) -> *mut f32 {
+        self.ptr.wrapping_add(r + j * self.ts)
+    }
+
+    /// The block from its row `r` on.
+    pub fn skip(&self, r: usize) -> OutRows {
+        OutRows {
+            ptr: self.at(r, 0),
+            ts: self.ts,
+        }
+    }
+
+    /// `[rows, t]` results computed elsewhere, written into place.
+    ///
+    /// # Safety
+    /// As for [`OutRows::new`], for `local.len() / t` rows of `t` tokens.
+    unsafe fn put_transposed(&self, local: &[f32], t: usize) {
+        for (r, row) in local.chunks_exact(t).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                // SAFETY: within the block (the caller's guarantee).
+                unsafe { *self.at(r, j) = v };
+            }
+        }
+    }
+}
+
 /// Where each job's result goes: base pointer and length, written by tasks that own disjoint
 /// elements (see `matmul_many`).
 struct Outputs(Vec<(*mut f32, usize)>);
@@ -135,32 +172,38 @@ impl Outputs {
     }
 }
 
-/// Rows `r0..r1` into `out` (`[(r1 - r0), t]`).
-fn rows_kernel(a: &Acts, t: usize, w: &Matrix, r0: usize, r1: usize, out: &mut [f32]) {
+/// Rows `r0..r1` into `out`, which must cover them for `t` tokens (see `matmul_many`).
+fn rows_kernel(a: &Acts, t: usize, w: &Matrix, r0: usize, r1: usize, out: OutRows) {
     let x = match a {
         Acts::F32(x) => *x,
         #[cfg(target_arch = "x86_64")]
         Acts::Fp8Scaled(x) => {
             // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
-            // BW and BF16 and `fp8dot::supports(w)` held.
+            // BW and BF16 and `fp8dot::supports(w)` held; `out` covers the rows.
             unsafe { super::x86::fp8dot::rows(x, t, w, r0..r1, out) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         Acts::Bf16(xb) => {
             // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
-            // BW and BF16 and `supports(w)` held.
+            // BW and BF16 and `supports(w)` held; `out` covers the rows.
             unsafe { super::x86::bf16dot::rows(xb, t, w, r0..r1, out) };
             return;
         }
     };
+    // The f32 kernels compute `[rows, t]` blocks, placed afterwards.
+    let mut local = vec![0.0f32; (r1 - r0) * t];
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 && super::x86::avx512::supports(w) {
         // SAFETY: `isa()` verified AVX-512 F and BW on this CPU.
-        unsafe { super::x86::avx512::rows(x, t, w, r0..r1, out) };
+        unsafe { super::x86::avx512::rows(x, t, w, r0..r1, &mut local) };
+        // SAFETY: `out` covers rows r0..r1 of t tokens.
+        unsafe { out.put_transposed(&local, t) };
         return;
     }
-    rows_portable(x, t, w, r0, r1, out);
+    rows_portable(x, t, w, r0, r1, &mut local);
+    // SAFETY: `out` covers rows r0..r1 of t tokens.
+    unsafe { out.put_transposed(&local, t) };
 }
 
 /// The portable kernel: each row widened to f32, then dot products. Compiled for AVX2+FMA and

@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::checkpoint::{Matrix, MatrixData};
+use crate::kernels::matmul::OutRows;
 
 /// Rows per register tile.
 const RB: usize = 4;
@@ -103,21 +104,22 @@ pub unsafe fn to_bf16(x: &[f32], t: usize, k: usize) -> Bf16Acts {
     Bf16Acts { data, stride }
 }
 
-/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, BF16 `w`.
+/// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, BF16 `w`.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch), and
-/// `supports(w)` must hold.
+/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch),
+/// `supports(w)` must hold, and `out` must be writable for `rows.len()` rows of `t` tokens.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
     let MatrixData::Bf16(d) = &w.data else {
         unreachable!("bf16dot::rows called for a {} matrix", w.dtype_name());
     };
     let k = w.cols;
     let d = d.as_slice();
-    assert!(rows.end <= w.rows && out.len() >= rows.len() * t && d.len() >= w.rows * k);
+    assert!(rows.end <= w.rows && d.len() >= w.rows * k);
     assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= t * x.stride);
-    // SAFETY: same target features; rows, activations and outputs checked above.
+    // SAFETY: same target features; rows and activations checked above, outputs by the
+    // caller.
     unsafe {
         run(
             &Raw,
@@ -133,12 +135,12 @@ pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: 
 }
 
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
-/// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[(r - rows.start)·t + j]`.
+/// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[r - rows.start, j]`.
 /// Inlined into each entry point so the source's instructions get that entry's features.
 ///
 /// # Safety
 /// AVX-512 F/BW/BF16 and what `S` needs; the rows exist; `xs ≥ k` rounded up to a chunk and
-/// `x` holds `t` such rows; `out` has `rows.len() · t` entries.
+/// `x` holds `t` such rows; `out` is writable for `rows.len()` rows of `t` tokens.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<S: Source>(
@@ -149,19 +151,19 @@ pub(super) unsafe fn run<S: Source>(
     xs: usize,
     t: usize,
     rows: Range<usize>,
-    out: &mut [f32],
+    out: OutRows,
 ) {
     let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
         let mut r = rows.start;
         while r < rows.end {
             let nr = RB.min(rows.end - r);
-            let o = &mut out[(r - rows.start) * t..];
+            let o = out.at(r - rows.start, 0);
             let p = w.wrapping_add(r * k * S::ELEM);
             macro_rules! go {
                 ($n:literal, $t:literal) => {
-                    // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr·t entries.
-                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o) }
+                    // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr rows of t.
+                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o, out.ts) }
                 };
             }
             macro_rules! rows_of {
@@ -207,10 +209,10 @@ pub(super) unsafe fn run<S: Source>(
                 let nr = RB.min(np - i);
                 let wp: [*const u16; RB] =
                     std::array::from_fn(|a| buf[(i + a.min(nr - 1)) * ks..].as_ptr());
-                let o = &mut out[(r - rows.start + i) * t + j..];
+                let o = out.at(r - rows.start + i, j);
                 // SAFETY: the buffer holds np padded rows, x holds t padded rows (j + nt ≤ t),
                 // and o reaches row i + nr - 1, token j + nt - 1.
-                unsafe { buffered_tile(wp, ks, x.add(j * xs), xs, o, t, nr, nt) };
+                unsafe { buffered_tile(wp, ks, x.add(j * xs), xs, o, out.ts, nr, nt) };
                 i += nr;
             }
             j += nt;
@@ -264,10 +266,10 @@ unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh; 2] {
 
 /// `N` rows × `T` tokens, the rows (at `w`, each `k` weights) widened on the fly while the
 /// next tile's rows are prefetched; token `j`'s activations start at `x + j·xs`, results go
-/// to `out[i·T + j]`.
+/// to `out + i + j·ts`.
 ///
 /// # Safety
-/// As for [`run`], for rows `0..N` at `w`; `out` has `N·T` entries.
+/// As for [`run`], for rows `0..N` at `w`; `out` is writable where results go.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices name the register tile's rows and tokens
 unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
@@ -276,7 +278,8 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
     k: usize,
     x: *const u16,
     xs: usize,
-    out: &mut [f32],
+    out: *mut f32,
+    ts: usize,
 ) {
     let ch = 32 * S::VECS;
     let row_bytes = k * S::ELEM;
@@ -328,11 +331,8 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
         }
         c += ch;
     }
-    for i in 0..N {
-        for j in 0..T {
-            out[i * T + j] = _mm512_reduce_add_ps(acc[i][j]);
-        }
-    }
+    // SAFETY: the tile's results are writable (the caller's guarantee).
+    unsafe { store_tile::<N, T>(&acc, out, ts) };
 }
 
 /// Dispatches a tile of widened rows to the kernel instance for its shape.
@@ -343,15 +343,15 @@ unsafe fn buffered_tile(
     ks: usize,
     x: *const u16,
     xs: usize,
-    o: &mut [f32],
-    t: usize,
+    o: *mut f32,
+    ts: usize,
     nr: usize,
     nt: usize,
 ) {
     macro_rules! go {
         ($n:literal, $t:literal) => {
             // SAFETY: forwarded from the caller (rows `nr`, tokens `nt` in bounds).
-            unsafe { tile::<$n, $t>(w, ks, x, xs, o, t) }
+            unsafe { tile::<$n, $t>(w, ks, x, xs, o, ts) }
         };
     }
     macro_rules! rows_of {
@@ -375,7 +375,7 @@ unsafe fn buffered_tile(
 }
 
 /// `N` widened rows × `T` tokens over `ks` (padded) columns; the result goes to
-/// `out[i · ostride + j]`.
+/// `out + i + j·ts`.
 ///
 /// # Safety
 /// AVX-512 F/BW/BF16; `w[i]` has `ks` entries, token `j`'s activations start at `x + j·xs`
@@ -388,8 +388,8 @@ unsafe fn tile<const N: usize, const T: usize>(
     ks: usize,
     x: *const u16,
     xs: usize,
-    out: &mut [f32],
-    ostride: usize,
+    out: *mut f32,
+    ts: usize,
 ) {
     let mut acc = [[_mm512_setzero_ps(); T]; N];
     let mut c = 0;
@@ -409,10 +409,71 @@ unsafe fn tile<const N: usize, const T: usize>(
         }
         c += 32;
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, a) in row.iter().enumerate() {
-            out[i * ostride + j] = _mm512_reduce_add_ps(*a);
+    // SAFETY: the tile's results are writable (the caller's guarantee).
+    unsafe { store_tile::<N, T>(&acc, out, ts) };
+}
+
+/// The lane sums of a tile's accumulators, row `i` token `j` to `out + i + j·ts`. Not inlined:
+/// the tile loop then keeps all its accumulators in registers (inlined, the reduction's
+/// temporaries made the register allocator spill some inside the loop).
+///
+/// # Safety
+/// AVX-512 F; those outputs writable.
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile<const N: usize, const T: usize>(
+    acc: &[[__m512; T]; N],
+    out: *mut f32,
+    ts: usize,
+) {
+    for j in 0..T {
+        let mut col = [_mm512_setzero_ps(); 4];
+        for i in 0..N {
+            col[i] = acc[i][j];
         }
+        // SAFETY: token j's N results are writable (the caller's guarantee).
+        unsafe { store_sums::<N>(col, out.add(j * ts)) };
+    }
+}
+
+/// The lane sums of the first `N ≤ 4` accumulators into `out[0..N]`, four at a time through one
+/// transposing tree: far fewer shuffles than reducing each on its own, which matters where
+/// rows are short (the experts' 512-column down projection). Each sum's order of additions
+/// depends only on its own accumulator: halves of 256 bits, then of 128, then lanes 2 apart,
+/// then neighbours, so a row's result is the same whatever its tile holds besides.
+///
+/// # Safety
+/// AVX-512 F; `out[0..N]` writable.
+#[inline(always)]
+unsafe fn store_sums<const N: usize>(v: [__m512; 4], out: *mut f32) {
+    // [x0+x2, x1+x3, y0+y2, y1+y3] in 128-bit lanes.
+    let pair = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+        )
+    };
+    let ab = pair(v[0], v[1]);
+    let cd = pair(v[2], v[3]);
+    // 128-bit lane i: the four partial sums of accumulator i.
+    let s = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
+    );
+    let s = _mm512_add_ps(s, _mm512_permute_ps::<0b01_00_11_10>(s));
+    let s = _mm512_add_ps(s, _mm512_permute_ps::<0b10_11_00_01>(s));
+    // Every position of 128-bit lane i now holds sum i (additions commute exactly). No
+    // constant vectors here: they would be hoisted out of the tile loops and crowd the
+    // accumulators out of the registers.
+    let lanes = [
+        _mm512_castps512_ps128(s),
+        _mm512_extractf32x4_ps::<1>(s),
+        _mm512_extractf32x4_ps::<2>(s),
+        _mm512_extractf32x4_ps::<3>(s),
+    ];
+    for (i, l) in lanes.iter().enumerate().take(N) {
+        // SAFETY: N ≤ 4 writable floats at out.
+        unsafe { _mm_store_ss(out.add(i), *l) };
     }
 }
 
@@ -432,6 +493,8 @@ pub unsafe fn peak_probe(iters: usize) -> f32 {
             *v = _mm512_dpbf16_ps(*v, a, b);
         }
     }
-    let s = acc.iter().fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v));
+    let s = acc
+        .iter()
+        .fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v));
     _mm512_reduce_add_ps(s)
 }

@@ -25,6 +25,7 @@ use std::ops::Range;
 
 use super::bf16dot::{run, Source};
 use crate::checkpoint::{Matrix, MatrixData};
+use crate::kernels::matmul::OutRows;
 
 /// Columns per widened chunk.
 const CHUNK: usize = 64;
@@ -131,13 +132,13 @@ impl Source for Arith {
     }
 }
 
-/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, FP8 `w`, `x`
-/// in f32 (`[t, cols]`).
+/// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, FP8 `w`, `x` in f32
+/// (`[t, cols]`).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch), and
-/// `supports(w)` must hold.
-pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch),
+/// `supports(w)` must hold, and `out` must be writable for `rows.len()` rows of `t` tokens.
+pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
     // SAFETY: the caller verified F, BW and BF16; VBMI is checked here.
     unsafe {
         if super::super::isa::vbmi() {
@@ -149,7 +150,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
-unsafe fn rows_lookup(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+unsafe fn rows_lookup(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
     // SAFETY: AVX-512 F is enabled here.
     let s = unsafe { Lookup::new() };
     // SAFETY: same target features (VBMI included, which `Lookup` needs).
@@ -157,7 +158,7 @@ unsafe fn rows_lookup(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: 
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn rows_arith(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+unsafe fn rows_arith(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
     // SAFETY: same target features.
     unsafe { by_row_block(&Arith, x, t, w, rows, out) }
 }
@@ -165,7 +166,7 @@ unsafe fn rows_arith(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &
 /// Each 128-row block with its scales applied to the activations, then [`run`].
 ///
 /// # Safety
-/// AVX-512 F/BW/BF16 and what `S` needs; `supports(w)`.
+/// AVX-512 F/BW/BF16 and what `S` needs; `supports(w)`; `out` as for [`rows`].
 #[inline(always)]
 unsafe fn by_row_block<S: Source>(
     s: &S,
@@ -173,7 +174,7 @@ unsafe fn by_row_block<S: Source>(
     t: usize,
     w: &Matrix,
     rows: Range<usize>,
-    out: &mut [f32],
+    out: OutRows,
 ) {
     let MatrixData::Fp8 {
         w: q,
@@ -188,7 +189,7 @@ unsafe fn by_row_block<S: Source>(
     let q = q.as_slice();
     let sc = k.div_ceil(bk);
     assert!(bk % CHUNK == 0 && bn > 0);
-    assert!(rows.end <= w.rows && out.len() >= rows.len() * t && q.len() >= w.rows * k);
+    assert!(rows.end <= w.rows && q.len() >= w.rows * k);
     assert!(x.len() >= t * k && scales.len() >= w.rows.div_ceil(bn) * sc);
     let ks = k.next_multiple_of(CHUNK);
     let mut xs = vec![0u16; t * ks];
@@ -198,9 +199,20 @@ unsafe fn by_row_block<S: Source>(
         let end = ((g + 1) * bn).min(rows.end);
         // SAFETY: x has t·k values, xs has t·ks, the block's scales exist (checked above).
         unsafe { scaled_acts(x, t, k, &scales[g * sc..(g + 1) * sc], bk, &mut xs) };
-        let o = &mut out[(r - rows.start) * t..];
-        // SAFETY: rows r..end exist, xs holds t rows of ks, o has (end − r)·t entries.
-        unsafe { run(s, q.as_ptr(), k, xs.as_ptr(), ks, t, r..end, o) };
+        // SAFETY: rows r..end exist, xs holds t rows of ks, and the caller's `out` covers
+        // these rows.
+        unsafe {
+            run(
+                s,
+                q.as_ptr(),
+                k,
+                xs.as_ptr(),
+                ks,
+                t,
+                r..end,
+                out.skip(r - rows.start),
+            )
+        };
         r = end;
     }
 }
