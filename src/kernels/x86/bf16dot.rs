@@ -420,6 +420,7 @@ unsafe fn tile<const N: usize, const T: usize>(
 /// # Safety
 /// AVX-512 F; those outputs writable.
 #[inline(never)]
+#[allow(clippy::needless_range_loop)] // indices name the register tile's rows and tokens
 #[target_feature(enable = "avx512f")]
 unsafe fn store_tile<const N: usize, const T: usize>(
     acc: &[[__m512; T]; N],
@@ -484,9 +485,12 @@ unsafe fn store_sums<const N: usize>(v: [__m512; 4], out: *mut f32) {
 /// AVX-512 F and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn peak_probe(iters: usize) -> f32 {
-    let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3F80)) };
-    let b: __m512bh =
-        std::hint::black_box(unsafe { std::mem::transmute(_mm512_set1_epi16(0x3C00)) });
+    let bf16 = |v: i16| -> __m512bh {
+        // SAFETY: 64 bytes reinterpreted as 32 bfloat16 values.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(v)) }
+    };
+    let a = bf16(0x3F80);
+    let b = std::hint::black_box(bf16(0x3C00));
     let mut acc = [_mm512_setzero_ps(); 24];
     for _ in 0..iters {
         for v in acc.iter_mut() {
