@@ -136,10 +136,10 @@ impl OutRows {
         self.ptr.wrapping_add(r + j * self.ts)
     }
 
-    /// The block from its row `r` on.
-    pub fn skip(&self, r: usize) -> OutRows {
+    /// The block from its row `r` and token `j` on.
+    pub fn skip(&self, r: usize, j: usize) -> OutRows {
         OutRows {
-            ptr: self.at(r, 0),
+            ptr: self.at(r, j),
             ts: self.ts,
         }
     }

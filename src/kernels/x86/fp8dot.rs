@@ -29,6 +29,8 @@ use crate::kernels::matmul::OutRows;
 
 /// Columns per widened chunk.
 const CHUNK: usize = 64;
+/// Scaled activations per pass over a row block (see `by_row_block`).
+const TOKEN_BLOCK_BYTES: usize = 192 << 10;
 
 /// Whether [`rows`] handles `w`: FP8 whose scale blocks are whole chunks.
 pub fn supports(w: &Matrix) -> bool {
@@ -192,27 +194,34 @@ unsafe fn by_row_block<S: Source>(
     assert!(rows.end <= w.rows && q.len() >= w.rows * k);
     assert!(x.len() >= t * k && scales.len() >= w.rows.div_ceil(bn) * sc);
     let ks = k.next_multiple_of(CHUNK);
-    let mut xs = vec![0u16; t * ks];
+    // Tokens per pass: their scaled activations (≤ 192 KiB) stay in L2 while every panel of
+    // the row block passes over them.
+    let tb = (TOKEN_BLOCK_BYTES / (2 * ks)).max(6).next_multiple_of(6).min(t);
+    let mut xs = vec![0u16; tb * ks];
     let mut r = rows.start;
     while r < rows.end {
         let g = r / bn;
         let end = ((g + 1) * bn).min(rows.end);
-        // SAFETY: x has t·k values, xs has t·ks, the block's scales exist (checked above).
-        unsafe { scaled_acts(x, t, k, &scales[g * sc..(g + 1) * sc], bk, &mut xs) };
-        // SAFETY: rows r..end exist, xs holds t rows of ks, and the caller's `out` covers
-        // these rows.
-        unsafe {
-            run(
-                s,
-                q.as_ptr(),
-                k,
-                xs.as_ptr(),
-                ks,
-                t,
-                r..end,
-                out.skip(r - rows.start),
-            )
-        };
+        for j in (0..t).step_by(tb) {
+            let n = tb.min(t - j);
+            // SAFETY: x has t·k values, so tokens j..j+n exist; xs has room for n rows of ks;
+            // the block's scales exist (checked above).
+            unsafe { scaled_acts(&x[j * k..], n, k, &scales[g * sc..(g + 1) * sc], bk, &mut xs) };
+            // SAFETY: rows r..end exist, xs holds n rows of ks, and the caller's `out` covers
+            // these rows and tokens.
+            unsafe {
+                run(
+                    s,
+                    q.as_ptr(),
+                    k,
+                    xs.as_ptr(),
+                    ks,
+                    n,
+                    r..end,
+                    out.skip(r - rows.start, j),
+                )
+            };
+        }
         r = end;
     }
 }
