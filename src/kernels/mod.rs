@@ -7,6 +7,7 @@ pub mod attention;
 pub mod bandwidth;
 pub mod delta_rule;
 pub mod fp8;
+pub mod gemm_f32;
 pub mod isa;
 pub mod matmul;
 pub mod microbench;

@@ -196,7 +196,10 @@ unsafe fn by_row_block<S: Source>(
     let ks = k.next_multiple_of(CHUNK);
     // Tokens per pass: their scaled activations (≤ 192 KiB) stay in L2 while every panel of
     // the row block passes over them.
-    let tb = (TOKEN_BLOCK_BYTES / (2 * ks)).max(6).next_multiple_of(6).min(t);
+    let tb = (TOKEN_BLOCK_BYTES / (2 * ks))
+        .max(6)
+        .next_multiple_of(6)
+        .min(t);
     let mut xs = vec![0u16; tb * ks];
     let mut r = rows.start;
     while r < rows.end {
@@ -206,7 +209,16 @@ unsafe fn by_row_block<S: Source>(
             let n = tb.min(t - j);
             // SAFETY: x has t·k values, so tokens j..j+n exist; xs has room for n rows of ks;
             // the block's scales exist (checked above).
-            unsafe { scaled_acts(&x[j * k..], n, k, &scales[g * sc..(g + 1) * sc], bk, &mut xs) };
+            unsafe {
+                scaled_acts(
+                    &x[j * k..],
+                    n,
+                    k,
+                    &scales[g * sc..(g + 1) * sc],
+                    bk,
+                    &mut xs,
+                )
+            };
             // SAFETY: rows r..end exist, xs holds n rows of ks, and the caller's `out` covers
             // these rows and tokens.
             unsafe {

@@ -4,3 +4,4 @@ pub mod attention;
 pub mod avx512;
 pub mod bf16dot;
 pub mod fp8dot;
+pub mod gemm_f32;
