@@ -30,7 +30,7 @@ use crate::kernels::matmul::OutRows;
 /// Columns per widened chunk.
 const CHUNK: usize = 64;
 /// Scaled activations per pass over a row block (see `by_row_block`).
-const TOKEN_BLOCK_BYTES: usize = 192 << 10;
+const TOKEN_BLOCK_BYTES: usize = 512 << 10;
 
 /// Whether [`rows`] handles `w`: FP8 whose scale blocks are whole chunks.
 pub fn supports(w: &Matrix) -> bool {
@@ -194,7 +194,7 @@ unsafe fn by_row_block<S: Source>(
     assert!(rows.end <= w.rows && q.len() >= w.rows * k);
     assert!(x.len() >= t * k && scales.len() >= w.rows.div_ceil(bn) * sc);
     let ks = k.next_multiple_of(CHUNK);
-    // Tokens per pass: their scaled activations (≤ 192 KiB) stay in L2 while every panel of
+    // Tokens per pass: their scaled activations (≤ 512 KiB) stay in L2 while every panel of
     // the row block passes over them.
     let tb = (TOKEN_BLOCK_BYTES / (2 * ks))
         .max(6)
