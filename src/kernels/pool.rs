@@ -192,6 +192,20 @@ fn worker(sh: Arc<Shared>, index: usize) {
     }
 }
 
+/// Runs `f(i, chunk)` for each `size`-element chunk of `data` (the last may be shorter),
+/// spread over the global pool: per-row work over a buffer that tasks split between them.
+pub fn for_each_chunk<T: Send>(data: &mut [T], size: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    // Each chunk behind its own (never contended) lock, so a task can borrow it mutably.
+    let chunks: Vec<std::sync::Mutex<&mut [T]>> = data
+        .chunks_mut(size.max(1))
+        .map(std::sync::Mutex::new)
+        .collect();
+    global().run(chunks.len(), &|i| {
+        let mut c = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(i, &mut c);
+    });
+}
+
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// The process-wide pool, sized by [`super::parallel::threads`].

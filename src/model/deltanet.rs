@@ -15,6 +15,17 @@ use crate::kernels::norm::{l2_norm, rms_scale};
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
 
+/// `c += w ⊙ m` (one tap of the depthwise conv), compiled for the wider vector units too.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn causal_tap(c: &mut [f32], w: &[f32], m: &[f32]) {
+    for ((cv, &wv), &mv) in c.iter_mut().zip(w).zip(m) {
+        *cv += wv * mv;
+    }
+}
+
 pub struct DeltaNet {
     in_qkvz: Matrix,
     in_ba: Matrix,
@@ -167,34 +178,37 @@ impl DeltaNet {
 
         // Causal depthwise conv + SiLU; tap Kc−1 multiplies the current token.
         let mut c = vec![0.0f32; n * conv_dim];
-        for (t, ct) in c.chunks_exact_mut(conv_dim).enumerate() {
-            for i in 0..kc {
-                let w = &self.conv_w[i * conv_dim..(i + 1) * conv_dim];
-                let m = &mixed[(t + i) * conv_dim..(t + i + 1) * conv_dim];
-                for ((cv, &wv), &mv) in ct.iter_mut().zip(w).zip(m) {
-                    *cv += wv * mv;
+        // Tokens are independent here: split them over the pool (prefill), one task for a
+        // single token (decode).
+        let per_task = n.div_ceil(4 * pool::global().threads()).max(1);
+        pool::for_each_chunk(&mut c, per_task * conv_dim, &|task, rows| {
+            for (dt, ct) in rows.chunks_exact_mut(conv_dim).enumerate() {
+                let t = task * per_task + dt;
+                for i in 0..kc {
+                    let w = &self.conv_w[i * conv_dim..(i + 1) * conv_dim];
+                    let m = &mixed[(t + i) * conv_dim..(t + i + 1) * conv_dim];
+                    causal_tap(ct, w, m);
                 }
+                silu_in_place(ct);
             }
-            silu_in_place(ct);
-        }
+        });
 
         // Per key head: l2-normed q (scaled by dk^−½) and k, gathered token-major.
         let scale = 1.0 / (dk as f32).sqrt();
-        let mut qs = vec![0.0f32; hk * n * dk];
-        let mut ks = vec![0.0f32; hk * n * dk];
-        for t in 0..n {
-            for j in 0..hk {
-                let q = &mut qs[(j * n + t) * dk..(j * n + t + 1) * dk];
-                q.copy_from_slice(&c[t * conv_dim + j * dk..t * conv_dim + (j + 1) * dk]);
-                l2_norm(q, 1e-6);
-                q.iter_mut().for_each(|v| *v *= scale);
-                let k = &mut ks[(j * n + t) * dk..(j * n + t + 1) * dk];
-                k.copy_from_slice(
-                    &c[t * conv_dim + key_dim + j * dk..t * conv_dim + key_dim + (j + 1) * dk],
-                );
-                l2_norm(k, 1e-6);
+        let mut qks = vec![0.0f32; 2 * hk * n * dk];
+        // Task `i < hk`: q of key head i; task `hk + i`: its k.
+        pool::for_each_chunk(&mut qks, n * dk, &|task, out| {
+            let (j, is_k) = (task % hk, task >= hk);
+            let from = if is_k { key_dim + j * dk } else { j * dk };
+            for (t, row) in out.chunks_exact_mut(dk).enumerate() {
+                row.copy_from_slice(&c[t * conv_dim + from..t * conv_dim + from + dk]);
+                l2_norm(row, 1e-6);
+                if !is_k {
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
             }
-        }
+        });
+        let (qs, ks) = qks.split_at(hk * n * dk);
 
         drop(conv_span);
         let _rule = Span::new(Kind::DeltaNetRule);
@@ -229,18 +243,21 @@ impl DeltaNet {
                 } else {
                     delta_rule::chunked(&inputs, &mut s, &mut o);
                 }
+                // Gated RMSNorm, in place: normalise, weight (plain w), then gate by silu(z).
+                for (t, ot) in o.chunks_exact_mut(dv).enumerate() {
+                    let rs = rms_scale(ot, self.eps);
+                    let zt = &z[t * vd + h * dv..t * vd + (h + 1) * dv];
+                    for ((v, &w), &zi) in ot.iter_mut().zip(&self.norm_w).zip(zt) {
+                        *v = w * (*v * rs) * silu(zi);
+                    }
+                }
             };
             pool::global().run(hv, &head);
         }
-        // Gated RMSNorm: normalise, weight (plain w), then gate by silu(z).
         for h in 0..hv {
             for t in 0..n {
-                let ot = &o_all[(h * n + t) * dv..(h * n + t + 1) * dv];
-                let rs = rms_scale(ot, self.eps);
-                let base = t * vd + h * dv;
-                for i in 0..dv {
-                    y[base + i] = self.norm_w[i] * (ot[i] * rs) * silu(z[base + i]);
-                }
+                y[t * vd + h * dv..t * vd + (h + 1) * dv]
+                    .copy_from_slice(&o_all[(h * n + t) * dv..(h * n + t + 1) * dv]);
             }
         }
     }
