@@ -183,7 +183,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         // 1 GiB of matrices streams from memory; 4 MiB stays in cache, which shows what the
         // kernel's instructions alone allow.
         for (total, place, rounds) in [(1usize << 30, "memory", 5), (4 << 20, "cache", 200)] {
-            for t in [1usize, 4, 64, 256] {
+            for t in [1usize, 2, 4, 64, 256] {
                 for (name, gbps, secs) in
                     qnext::kernels::microbench::matvec_bandwidth(total, 2048, t, rounds)
                 {
