@@ -1,11 +1,76 @@
 //! The hybrid cache of one sequence: per DeltaNet layer the conv state (last `Kc−1` raw
-//! inputs) and the f32 recurrent state; per attention layer the K/V of every past token.
+//! inputs) and the f32 recurrent state; per attention layer the K/V of every past token, in
+//! f32 (`--exact`) or bfloat16 (the fast path: half the memory, and half the bytes decode
+//! reads per token at long contexts).
 //! DeltaNet states are fixed-size, so a [`Snapshot`] is cheap and restoring it only has to
 //! truncate the append-only K/V — the basis for speculative decoding and prefix reuse.
 
 use anyhow::{bail, Result};
 
 use crate::config::{Config, LayerType};
+use crate::kernels::attention::Rows;
+
+/// How attention layers store their keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    /// Rounded to nearest even.
+    Bf16,
+}
+
+/// Cached key or value rows of one attention layer, appended token by token.
+pub enum KvRows {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl KvRows {
+    pub fn new(dtype: KvDtype) -> KvRows {
+        match dtype {
+            KvDtype::F32 => KvRows::F32(Vec::new()),
+            KvDtype::Bf16 => KvRows::Bf16(Vec::new()),
+        }
+    }
+
+    /// Appends one token's row.
+    pub fn push(&mut self, row: &[f32]) {
+        match self {
+            KvRows::F32(d) => d.extend_from_slice(row),
+            KvRows::Bf16(d) => d.extend(row.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
+        }
+    }
+
+    /// Values held (rows × row width).
+    pub fn len(&self) -> usize {
+        self.view().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            KvRows::F32(d) => d.truncate(n),
+            KvRows::Bf16(d) => d.truncate(n),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvRows::F32(d) => 4 * d.len(),
+            KvRows::Bf16(d) => 2 * d.len(),
+        }
+    }
+
+    /// The rows as the attention kernels read them.
+    pub fn view(&self) -> Rows<'_> {
+        match self {
+            KvRows::F32(d) => Rows::F32(d),
+            KvRows::Bf16(d) => Rows::Bf16(d),
+        }
+    }
+}
 
 pub enum LayerState {
     Linear {
@@ -16,8 +81,8 @@ pub enum LayerState {
     },
     Full {
         /// `[len, kv_heads · head_dim]`, post-norm, post-RoPE.
-        k: Vec<f32>,
-        v: Vec<f32>,
+        k: KvRows,
+        v: KvRows,
     },
 }
 
@@ -41,8 +106,13 @@ impl Snapshot {
 }
 
 impl SeqCache {
-    /// An empty cache for a sequence of at most `max_len` tokens.
+    /// An empty cache for a sequence of at most `max_len` tokens, K/V in f32.
     pub fn new(cfg: &Config, max_len: usize) -> SeqCache {
+        SeqCache::with_kv(cfg, max_len, KvDtype::F32)
+    }
+
+    /// An empty cache for a sequence of at most `max_len` tokens, K/V stored as `kv`.
+    pub fn with_kv(cfg: &Config, max_len: usize, kv: KvDtype) -> SeqCache {
         let conv_dim = cfg.linear_conv_dim();
         let ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim;
         let layers = cfg
@@ -54,8 +124,8 @@ impl SeqCache {
                     ssm: vec![0.0; ssm],
                 },
                 LayerType::Full => LayerState::Full {
-                    k: Vec::new(),
-                    v: Vec::new(),
+                    k: KvRows::new(kv),
+                    v: KvRows::new(kv),
                 },
             })
             .collect();
@@ -134,7 +204,7 @@ impl SeqCache {
             .iter()
             .map(|l| match l {
                 LayerState::Linear { conv, ssm } => 4 * (conv.len() + ssm.len()),
-                LayerState::Full { k, v } => 4 * (k.len() + v.len()),
+                LayerState::Full { k, v } => k.bytes() + v.bytes(),
             })
             .sum()
     }

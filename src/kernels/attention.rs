@@ -10,12 +10,49 @@ use multiversion::multiversion;
 use super::activation::softmax;
 use super::matmul::axpy;
 
+/// Cached key or value rows as stored: f32 (`--exact`) or bfloat16 (the fast path, half the
+/// bytes that decode at long contexts reads per token).
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(d) => d.len(),
+            Rows::Bf16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start..start + n` as f32: borrowed, or widened into `buf`.
+    fn get<'s>(&self, start: usize, n: usize, buf: &'s mut [f32]) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match *self {
+            Rows::F32(d) => &d[start..start + n],
+            Rows::Bf16(d) => {
+                for (o, &b) in buf[..n].iter_mut().zip(&d[start..start + n]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+                &buf[..n]
+            }
+        }
+    }
+}
+
 /// One KV head of a sequence's cache as the kernels read it: positions `0..len` of the key and
 /// value rows (`stride` values each), this head's `hd` columns starting at `off`.
 #[derive(Clone, Copy)]
 pub struct KvHead<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: Rows<'a>,
+    pub v: Rows<'a>,
     pub len: usize,
     pub stride: usize,
     pub off: usize,
@@ -30,10 +67,17 @@ pub fn attend_group(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
     assert!(kc.len() >= ctx * kvw && vc.len() >= ctx * kvw);
     #[cfg(target_arch = "x86_64")]
     if super::isa::isa() == super::isa::Isa::Avx512 && hd.is_multiple_of(32) {
+        use super::x86::attention::attend;
         macro_rules! go {
             ($g:literal) => {
                 // SAFETY: AVX-512 F verified by `isa()`; shapes checked above.
-                unsafe { super::x86::attention::attend::<$g>(q, kv, hd, out) }
+                unsafe {
+                    match (kv.k, kv.v) {
+                        (Rows::F32(k), Rows::F32(v)) => attend::<$g, f32>(q, k, v, kv, hd, out),
+                        (Rows::Bf16(k), Rows::Bf16(v)) => attend::<$g, u16>(q, k, v, kv, hd, out),
+                        _ => attend_portable(q, kv, hd, out),
+                    }
+                }
             };
         }
         match group {
@@ -57,8 +101,9 @@ fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
     // scores[h · ctx + j]
     let mut scores = vec![0.0f32; group * ctx];
     let lanes = hd / L * L;
+    let mut kbuf = vec![0.0f32; hd];
     for j in 0..ctx {
-        let kj = &kc[j * kvw + off..j * kvw + off + hd];
+        let kj = kc.get(j * kvw + off, hd, &mut kbuf);
         for h0 in (0..group).step_by(4) {
             let hn = (group - h0).min(4);
             let mut acc = [[0.0f32; L]; 4];
@@ -93,8 +138,8 @@ fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
         for h in 0..group {
             let oh = &mut out[h * hd..(h + 1) * hd];
             let sh = &scores[h * ctx..(h + 1) * ctx];
-            for j in j0..j1 {
-                axpy(oh, sh[j], &vc[j * kvw + off..j * kvw + off + hd]);
+            for (j, &p) in sh.iter().enumerate().take(j1).skip(j0) {
+                axpy(oh, p, vc.get(j * kvw + off, hd, &mut kbuf));
             }
         }
     }
@@ -127,22 +172,48 @@ mod tests {
             let kc: Vec<f32> = (0..ctx * kvw).map(|_| rnd()).collect();
             let vc: Vec<f32> = (0..ctx * kvw).map(|_| rnd()).collect();
             let q: Vec<f32> = (0..group * hd).map(|_| rnd()).collect();
-            let mut got = vec![0.0f32; group * hd];
-            let mut want = vec![0.0f32; group * hd];
-            let kv = super::KvHead {
-                k: &kc,
-                v: &vc,
+            // The same rows stored as bfloat16, and those values widened back to f32: each
+            // stored form must give what f32 rows of the same values give.
+            let bits = |x: &[f32]| -> Vec<u16> {
+                x.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect()
+            };
+            let (kb, vb) = (bits(&kc), bits(&vc));
+            let wide = |b: &[u16]| -> Vec<f32> {
+                b.iter()
+                    .map(|&v| f32::from_bits((v as u32) << 16))
+                    .collect()
+            };
+            let (kw, vw) = (wide(&kb), wide(&vb));
+            let head = |k, v| super::KvHead {
+                k,
+                v,
                 len: ctx,
                 stride: kvw,
                 off: hd,
             };
-            super::attend_group(&q, kv, hd, &mut got);
-            super::attend_portable(&q, kv, hd, &mut want);
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5,
-                    "ctx {ctx} hd {hd} group {group}: [{i}] {a} vs {b}"
-                );
+            use super::Rows;
+            for (stored, as_f32) in [
+                (
+                    head(Rows::F32(&kc), Rows::F32(&vc)),
+                    head(Rows::F32(&kc), Rows::F32(&vc)),
+                ),
+                (
+                    head(Rows::Bf16(&kb), Rows::Bf16(&vb)),
+                    head(Rows::F32(&kw), Rows::F32(&vw)),
+                ),
+            ] {
+                let mut got = vec![0.0f32; group * hd];
+                let mut want = vec![0.0f32; group * hd];
+                super::attend_group(&q, stored, hd, &mut got);
+                super::attend_portable(&q, as_f32, hd, &mut want);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5,
+                        "ctx {ctx} hd {hd} group {group}: [{i}] {a} vs {b}"
+                    );
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
-use crate::kernels::attention::{attend_group, KvHead};
+use crate::kernels::attention::{attend_group, KvHead, Rows};
 use crate::kernels::matmul::{matmul, matmul_many, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
@@ -110,8 +110,8 @@ impl Attention {
                 for head in kt.chunks_mut(hd) {
                     rope.apply(head, &cos, &sin);
                 }
-                kc.extend_from_slice(kt);
-                vc.extend_from_slice(&v_new[ti * kvw..(ti + 1) * kvw]);
+                kc.push(kt);
+                vc.push(&v_new[ti * kvw..(ti + 1) * kvw]);
                 let qt = &mut q[ti * nh * hd..(ti + 1) * nh * hd];
                 let src = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
                 for h in 0..nh {
@@ -134,10 +134,10 @@ impl Attention {
                     owner[ti] = s;
                 }
             }
-            let caches: Vec<(&[f32], &[f32])> = seqs
+            let caches: Vec<(Rows, Rows)> = seqs
                 .iter()
                 .map(|(_, st)| match &**st {
-                    LayerState::Full { k, v } => (k.as_slice(), v.as_slice()),
+                    LayerState::Full { k, v } => (k.view(), v.view()),
                     LayerState::Linear { .. } => {
                         unreachable!("attention layer given a DeltaNet cache")
                     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use std::ops::Range;
 use std::path::Path;
 
-use crate::cache::{LayerState, SeqCache};
+use crate::cache::{KvDtype, LayerState, SeqCache};
 use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
 use crate::config::{Config, LayerType};
 use crate::kernels::matmul::{matmul, Precision};
@@ -231,7 +231,12 @@ impl Model {
 
     /// A fresh cache for a sequence of at most `max_len` tokens (clamped to the model's context).
     pub fn new_cache(&self, max_len: usize) -> SeqCache {
-        SeqCache::new(&self.cfg, max_len.min(self.cfg.max_position_embeddings))
+        // The fast path keeps K/V in bfloat16; `--exact` keeps the reference's f32.
+        let kv = match self.precision {
+            Precision::Fast => KvDtype::Bf16,
+            Precision::Exact => KvDtype::F32,
+        };
+        SeqCache::with_kv(&self.cfg, max_len.min(self.cfg.max_position_embeddings), kv)
     }
 
     /// (bytes of all weights, bytes of weights read per generated token).

@@ -11,19 +11,53 @@ use crate::kernels::attention::KvHead;
 /// while every column block of every head's output passes over them.
 const JB: usize = 64;
 
-/// `G` query heads (`q`: `[G, hd]`) over one KV head of the cache, into `out` (`[G, hd]`).
+/// A stored key/value element: f32, or bfloat16 bits widened exactly on load.
+pub trait KvElem: Copy {
+    /// Values `p[0..16]` as f32.
+    ///
+    /// # Safety
+    /// AVX-512 F; 16 readable elements at `p`.
+    unsafe fn load16(p: *const Self) -> __m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: the caller's guarantee.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for u16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> __m512 {
+        // SAFETY: the caller's guarantee (32 readable bytes).
+        let b = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+    }
+}
+
+/// `G` query heads (`q`: `[G, hd]`) over one KV head of the cache (`k`, `v`: its rows as
+/// stored, `kv` their shape), into `out` (`[G, hd]`).
 ///
 /// Scores: per position, one accumulator per head (G independent FMA chains), the key row
 /// loaded once. Values: per block of positions and 32 output columns, `2·G` accumulators held
 /// in registers across the block.
 ///
 /// # Safety
-/// AVX-512 F; `hd % 32 == 0`; `q` and `out` hold `G·hd`; the key and value rows hold
-/// `len · stride` values; `off + hd ≤ stride`.
+/// AVX-512 F; `hd % 32 == 0`; `q` and `out` hold `G·hd`; `k` and `v` hold `len · stride`
+/// values; `off + hd ≤ stride`.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attend<const G: usize>(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
+pub unsafe fn attend<const G: usize, E: KvElem>(
+    q: &[f32],
+    kc: &[E],
+    vc: &[E],
+    kv: KvHead,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let (ctx, kvw, off) = (kv.len, kv.stride, kv.off);
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0.0f32; G * ctx];
     let (qp, kp, vp) = (q.as_ptr(), kc.as_ptr(), vc.as_ptr());
@@ -34,12 +68,12 @@ pub unsafe fn attend<const G: usize>(q: &[f32], kv: KvHead, hd: usize, out: &mut
             // A few rows ahead: the rows are strided (kvw apart), so the hardware's
             // sequential prefetch sees only part of the pattern.
             let ahead = kj.wrapping_add(4 * kvw) as *const i8;
-            for line in (0..hd * 4).step_by(64) {
+            for line in (0..hd * std::mem::size_of::<E>()).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
             }
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..hd).step_by(16) {
-                let kv = _mm512_loadu_ps(kj.add(c));
+                let kv = E::load16(kj.add(c));
                 for h in 0..G {
                     acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(h * hd + c)), kv, acc[h]);
                 }
@@ -67,7 +101,7 @@ pub unsafe fn attend<const G: usize>(q: &[f32], kv: KvHead, hd: usize, out: &mut
                 });
                 for j in j0..j1 {
                     let vj = vp.add(j * kvw + off + c);
-                    let (v0, v1) = (_mm512_loadu_ps(vj), _mm512_loadu_ps(vj.add(16)));
+                    let (v0, v1) = (E::load16(vj), E::load16(vj.add(16)));
                     for h in 0..G {
                         let p = _mm512_set1_ps(*scores.get_unchecked(h * ctx + j));
                         acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
