@@ -72,14 +72,14 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
 pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
     let (dk, dv) = (x.dk, x.dv);
     let n = x.g.len();
-    // Chunk-sized products are padded to whole vectors of 16 columns.
-    const CP: usize = CHUNK;
+    // Products over the chunk's tokens as columns (`K Kᵀ`, `Q Kᵀ`) run over all CHUNK columns,
+    // zero past `c`, so that their width is whole vectors even for a short last chunk.
     let mut gcum = [0.0f32; CHUNK];
-    let mut kt = vec![0.0f32; dk * CP]; // Kᵀ, [dk, CP]
+    let mut kt = vec![0.0f32; dk * CHUNK]; // Kᵀ, [dk, CHUNK]
     let mut ks0 = vec![0.0f32; CHUNK * dv]; // K S₀
     let mut u = vec![0.0f32; CHUNK * dv];
-    let mut kk = vec![0.0f32; CHUNK * CP]; // K Kᵀ, then L
-    let mut qk = vec![0.0f32; CHUNK * CP]; // Q Kᵀ, then its decayed lower triangle
+    let mut kk = vec![0.0f32; CHUNK * CHUNK]; // K Kᵀ, then L
+    let mut qk = vec![0.0f32; CHUNK * CHUNK]; // Q Kᵀ, then its decayed lower triangle
     let mut decay = vec![0.0f32; CHUNK * CHUNK]; // e^{G_i − G_j}, j ≤ i
     let mut start = 0;
     while start < n {
@@ -98,7 +98,7 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         kt.fill(0.0);
         for (j, kj) in k.chunks_exact(dk).enumerate() {
             for (r, &kr) in kj.iter().enumerate() {
-                kt[r * CP + j] = kr;
+                kt[r * CHUNK + j] = kr;
             }
         }
 
@@ -118,10 +118,10 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         }
         // L = β_i e^{G_i−G_j} k_i·k_j below the diagonal, then forward substitution
         // U_i −= Σ_{j<i} L[i,j] U_j, one row at a time (each needs the rows before it).
-        kk[..c * CP].fill(0.0);
-        gemm_acc(c, CP, dk, View::rows(k, dk), &kt, CP, &mut kk, CP);
+        kk[..c * CHUNK].fill(0.0);
+        gemm_acc(c, CHUNK, dk, View::rows(k, dk), &kt, CHUNK, &mut kk, CHUNK);
         for i in 1..c {
-            let row = &mut kk[i * CP..i * CP + i];
+            let row = &mut kk[i * CHUNK..i * CHUNK + i];
             for (j, l) in row.iter_mut().enumerate() {
                 *l *= -beta[i] * decay[i * CHUNK + j];
             }
@@ -136,10 +136,10 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
             let gamma = exp(gc[i]);
             oi.iter_mut().for_each(|x| *x *= gamma);
         }
-        qk[..c * CP].fill(0.0);
-        gemm_acc(c, CP, dk, View::rows(q, dk), &kt, CP, &mut qk, CP);
+        qk[..c * CHUNK].fill(0.0);
+        gemm_acc(c, CHUNK, dk, View::rows(q, dk), &kt, CHUNK, &mut qk, CHUNK);
         for i in 0..c {
-            let row = &mut qk[i * CP..(i + 1) * CP];
+            let row = &mut qk[i * CHUNK..(i + 1) * CHUNK];
             for (j, a) in row.iter_mut().enumerate() {
                 *a = if j <= i {
                     *a * decay[i * CHUNK + j]
@@ -148,19 +148,22 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
                 };
             }
         }
-        gemm_acc(c, dv, c, View::rows(&qk, CP), &u, dv, oc, dv);
+        gemm_acc(c, dv, c, View::rows(&qk, CHUNK), &u, dv, oc, dv);
         // State for the next chunk: γ_last S₀ + Σ_j e^{G_last−G_j} k_j U_jᵀ, with the weights
         // folded into Kᵀ.
         let glast = gc[c - 1];
         let d = exp(glast);
         state.iter_mut().for_each(|s| *s *= d);
-        let w: Vec<f32> = gc.iter().map(|&g| exp(glast - g)).collect();
-        for row in kt.chunks_exact_mut(CP) {
+        let mut w = [0.0f32; CHUNK];
+        for (wj, &g) in w.iter_mut().zip(gc) {
+            *wj = exp(glast - g);
+        }
+        for row in kt.chunks_exact_mut(CHUNK) {
             for (kr, &wj) in row.iter_mut().zip(&w) {
                 *kr *= wj;
             }
         }
-        gemm_acc(dk, dv, c, View::rows(&kt, CP), &u, dv, state, dv);
+        gemm_acc(dk, dv, c, View::rows(&kt, CHUNK), &u, dv, state, dv);
         start += c;
     }
 }
