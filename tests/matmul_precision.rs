@@ -1,11 +1,16 @@
 //! The matrix products against a plain f64 model of what each precision promises, on shapes
 //! with partial chunks and partial FP8 blocks, and their batch invariance: a token's result
-//! is bit-identical whether it is multiplied alone or among others.
+//! is bit-identical whether it is multiplied alone or among others, with each token's kernel
+//! chosen by its own mark (`Job::bulk`), never by the batch.
 //!
 //! - `Exact`: Σ x·w with w the stored weight (FP8 times its block scale), in f32.
-//! - `Fast` (on CPUs with AVX-512 BF16): BF16 weights Σ bf16(x)·w; FP8 weights
-//!   Σ fp8 · bf16(s·x), the block scale s applied to the activation in f32 before its one
-//!   rounding (every e4m3 value is a bfloat16 value). Elsewhere `Fast` must equal `Exact`.
+//! - `Fast` (on CPUs with AVX-512 BF16), dot-product kernels (unmarked tokens): BF16 weights
+//!   Σ bf16(x)·w; FP8 weights Σ fp8 · bf16(s·x), the block scale s applied to the activation
+//!   in f32 before its one rounding (every e4m3 value is a bfloat16 value).
+//! - `Fast`, blocked kernel (prompt-chunk tokens): Σ bf16(x)·w, FP8 weights times their
+//!   block's scale in f32 (never rounded into an input).
+//!
+//! Elsewhere `Fast` must equal `Exact`.
 //!
 //! Tolerance: both sides sum the same exact products (bfloat16 × bfloat16 is exact in f32);
 //! only the f32 accumulation order differs, ~1e-7 relative per addition over ≤ 4096 terms.
@@ -14,7 +19,7 @@
 
 use qnext::checkpoint::{Elems, Matrix, MatrixData};
 use qnext::kernels::fp8::e4m3_to_f32;
-use qnext::kernels::matmul::{matmul, matmul_many, Precision};
+use qnext::kernels::matmul::{matmul, matmul_many, products, Job, Precision};
 
 const REL: f64 = 1e-5;
 
@@ -108,22 +113,42 @@ fn fast_available() -> bool {
     false
 }
 
+/// How a product is asked for: the precision, and whether its tokens are prompt-chunk tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Way {
+    Exact,
+    Fast,
+    FastBulk,
+}
+
+fn multiply(x: &[f32], t: usize, w: &Matrix, way: Way) -> Vec<f32> {
+    match way {
+        Way::Exact => matmul(x, t, w, Precision::Exact),
+        Way::Fast => matmul(x, t, w, Precision::Fast),
+        Way::FastBulk => {
+            let marks = vec![true; t];
+            products(&[Job::new(x, t, w).bulk(&marks)], Precision::Fast).remove(0)
+        }
+    }
+}
+
 fn check(w: &Matrix, t: usize, rng: &mut Rng) {
     let k = w.cols;
     let x: Vec<f32> = (0..t * k).map(|_| rng.f32()).collect();
     let fast_rounds = fast_available();
-    for p in [Precision::Exact, Precision::Fast] {
-        let y = matmul(&x, t, w, p);
-        let round = p == Precision::Fast && fast_rounds;
+    for way in [Way::Exact, Way::Fast, Way::FastBulk] {
+        let y = multiply(&x, t, w, way);
         for j in 0..t {
             for r in 0..w.rows {
                 let (mut want, mut mag) = (0.0f64, 0.0f64);
                 for c in 0..k {
                     let (xv, (wv, s)) = (x[j * k + c], weight(w, r, c));
-                    let term = if round {
-                        bf16_round(s * xv) as f64 * wv as f64
-                    } else {
-                        xv as f64 * (wv * s) as f64
+                    let term = match way {
+                        Way::Fast if fast_rounds => bf16_round(s * xv) as f64 * wv as f64,
+                        Way::FastBulk if fast_rounds => {
+                            bf16_round(xv) as f64 * wv as f64 * s as f64
+                        }
+                        _ => xv as f64 * (wv * s) as f64,
                     };
                     want += term;
                     mag += term.abs();
@@ -131,7 +156,7 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
                 let got = y[j * w.rows + r] as f64;
                 assert!(
                     (got - want).abs() <= REL * mag + 1e-30,
-                    "{p:?} {}x{} t={t}: row {r} token {j}: {got} vs {want} (Σ|terms| {mag})",
+                    "{way:?} {}x{} t={t}: row {r} token {j}: {got} vs {want} (Σ|terms| {mag})",
                     w.rows,
                     k
                 );
@@ -139,13 +164,24 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
         }
         // Alone or in a batch, the same bits.
         for j in 0..t {
-            let alone = matmul(&x[j * k..(j + 1) * k], 1, w, p);
+            let alone = multiply(&x[j * k..(j + 1) * k], 1, w, way);
             assert_eq!(
                 alone,
                 y[j * w.rows..(j + 1) * w.rows],
-                "{p:?}: token {j} alone differs from the batch of {t}"
+                "{way:?}: token {j} alone differs from the batch of {t}"
             );
         }
+    }
+    // Marked and unmarked tokens mixed in one product: each as it is alone with its mark.
+    let marks: Vec<bool> = (0..t).map(|j| j % 3 != 1).collect();
+    let mixed = products(&[Job::new(&x, t, w).bulk(&marks)], Precision::Fast).remove(0);
+    for j in 0..t {
+        let way = if marks[j] { Way::FastBulk } else { Way::Fast };
+        assert_eq!(
+            multiply(&x[j * k..(j + 1) * k], 1, w, way),
+            mixed[j * w.rows..(j + 1) * w.rows],
+            "token {j} ({way:?}) differs among mixed marks"
+        );
     }
 }
 
@@ -186,5 +222,40 @@ fn many_products_in_one_dispatch_equal_single_products() {
         assert_eq!(many[0], matmul(&xa, 5, &a, p));
         assert_eq!(many[1], matmul(&xb, 1, &b, p));
         assert_eq!(many[2], matmul(&xa, 5, &b, p));
+    }
+}
+
+/// The blocked kernel split over the pool (several 64-row panels per matrix, and a partial
+/// one), marked and unmarked jobs in one dispatch: each equals its product alone.
+#[test]
+fn marked_products_in_one_dispatch_equal_single_products() {
+    let mut rng = Rng(11);
+    let a = fp8_matrix(&mut rng, 300, 512);
+    let b = bf16_matrix(&mut rng, 200, 512);
+    let t = 40;
+    let x: Vec<f32> = (0..t * 512).map(|_| rng.f32()).collect();
+    let all = vec![true; t];
+    let some: Vec<bool> = (0..t).map(|j| !(17..=30).contains(&j)).collect();
+    let jobs = [
+        Job::new(&x, t, &a).bulk(&all),
+        Job::new(&x, t, &b).bulk(&some),
+        Job::new(&x, t, &a),
+    ];
+    let many = products(&jobs, Precision::Fast);
+    for (job, got) in jobs.iter().zip(&many) {
+        assert_eq!(
+            *got,
+            products(std::slice::from_ref(job), Precision::Fast)[0]
+        );
+        for j in 0..t {
+            let mark = job.bulk.get(j).copied().unwrap_or(false);
+            let way = if mark { Way::FastBulk } else { Way::Fast };
+            let rows = job.w.rows;
+            assert_eq!(
+                multiply(&x[j * 512..(j + 1) * 512], 1, job.w, way),
+                got[j * rows..(j + 1) * rows],
+                "token {j} differs from its product alone"
+            );
+        }
     }
 }

@@ -200,8 +200,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         }
         for g in qnext::kernels::microbench::gemm_rates(5) {
             println!(
-                "prefill {:<4} {:<15} {:>2} x {:>5}x{:<4} t={:<3}: {:6.1} GFLOP/s",
-                g.dtype, g.name, g.jobs, g.rows, g.cols, g.tokens, g.gflops
+                "prefill {:<4} {:<15} {:>2} x {:>5}x{:<4} t={:<3}: {:6.1} GFLOP/s blocked, {:6.1} dot products",
+                g.dtype, g.name, g.jobs, g.rows, g.cols, g.tokens, g.gflops, g.dot_gflops
             );
         }
         // The same products over this checkpoint's own matrices, mapped as for inference.

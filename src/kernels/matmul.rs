@@ -11,6 +11,8 @@
 //!
 //! Either way each token's result is the same whatever else is in the batch.
 
+use std::ops::Range;
+
 use super::isa::{isa, Isa};
 use super::pool;
 use crate::checkpoint::{Matrix, MatrixData};
@@ -32,7 +34,39 @@ pub fn matmul(x: &[f32], t: usize, w: &Matrix, p: Precision) -> Vec<f32> {
     matmul_many(&[(x, t, w)], p).pop().unwrap_or_default()
 }
 
-/// A job's activations in the form its kernel reads.
+/// One product of a batch: `x` (`[t, cols]`) times `w`ᵀ.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub x: &'a [f32],
+    pub t: usize,
+    pub w: &'a Matrix,
+    /// Per token (or empty: none), whether it belongs to a prompt chunk, whose tokens go
+    /// through the blocked product (`x86::bf16gemm`) on the fast path; other tokens go
+    /// through the dot-product kernels. The two sum in different orders, so the choice must
+    /// follow something of the token's own sequence, never the rest of the batch.
+    pub bulk: &'a [bool],
+}
+
+impl<'a> Job<'a> {
+    pub fn new(x: &'a [f32], t: usize, w: &'a Matrix) -> Job<'a> {
+        Job { x, t, w, bulk: &[] }
+    }
+
+    pub fn bulk(self, bulk: &'a [bool]) -> Job<'a> {
+        Job { bulk, ..self }
+    }
+}
+
+/// A job's activations in the form its kernels read.
+struct Prepared<'a> {
+    acts: Acts<'a>,
+    /// Runs of tokens and whether each goes through the blocked product.
+    runs: Vec<(Range<usize>, bool)>,
+    /// Unscaled bfloat16 activations for FP8 blocked runs.
+    #[cfg(target_arch = "x86_64")]
+    bf16: Option<super::x86::bf16dot::Bf16Acts>,
+}
+
 enum Acts<'a> {
     F32(&'a [f32]),
     #[cfg(target_arch = "x86_64")]
@@ -42,20 +76,54 @@ enum Acts<'a> {
     Fp8Scaled(&'a [f32]),
 }
 
-fn prepare<'a>(x: &'a [f32], t: usize, w: &Matrix, p: Precision) -> Acts<'a> {
+fn prepare<'a>(job: &Job<'a>, p: Precision) -> Prepared<'a> {
+    let (x, t, w) = (job.x, job.t, job.w);
+    let whole = || vec![(0..t, false)];
     #[cfg(target_arch = "x86_64")]
     if p == Precision::Fast && super::isa::bf16_dot() {
-        use super::x86::{bf16dot, fp8dot};
+        use super::x86::{bf16dot, bf16gemm, fp8dot};
+        let runs = if bf16gemm::supports(w) && job.bulk.len() == t {
+            runs(job.bulk)
+        } else {
+            whole()
+        };
+        let any_bulk = runs.iter().any(|r| r.1);
+        // SAFETY (both conversions): `bf16_dot()` verified AVX-512 F, BW and BF16.
         if fp8dot::supports(w) {
-            return Acts::Fp8Scaled(x);
+            let bf16 = any_bulk.then(|| unsafe { bf16dot::to_bf16(x, t, w.cols) });
+            return Prepared {
+                acts: Acts::Fp8Scaled(x),
+                runs,
+                bf16,
+            };
         }
         if bf16dot::supports(w) {
-            // SAFETY: `bf16_dot()` verified AVX-512 F, BW and BF16 on this CPU.
-            return Acts::Bf16(unsafe { bf16dot::to_bf16(x, t, w.cols) });
+            return Prepared {
+                acts: Acts::Bf16(unsafe { bf16dot::to_bf16(x, t, w.cols) }),
+                runs,
+                bf16: None,
+            };
         }
     }
-    let _ = (t, w, p);
-    Acts::F32(x)
+    let _ = p;
+    Prepared {
+        acts: Acts::F32(x),
+        runs: whole(),
+        #[cfg(target_arch = "x86_64")]
+        bf16: None,
+    }
+}
+
+/// Maximal runs of equal flags.
+fn runs(flags: &[bool]) -> Vec<(Range<usize>, bool)> {
+    let mut out: Vec<(Range<usize>, bool)> = Vec::new();
+    for (i, &f) in flags.iter().enumerate() {
+        match out.last_mut() {
+            Some((r, g)) if *g == f => r.end = i + 1,
+            _ => out.push((i..i + 1, f)),
+        }
+    }
+    out
 }
 
 /// Several independent products in one dispatch to the pool (e.g. the gate and up
@@ -63,18 +131,21 @@ fn prepare<'a>(x: &'a [f32], t: usize, w: &Matrix, p: Precision) -> Acts<'a> {
 /// keep streaming weights from one matrix into the next. Each result is exactly what
 /// [`matmul`] gives.
 pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f32>> {
-    for (x, t, w) in jobs {
-        assert_eq!(x.len(), t * w.cols, "matmul: x is not [t, cols]");
+    let jobs: Vec<Job> = jobs.iter().map(|&(x, t, w)| Job::new(x, t, w)).collect();
+    products(&jobs, p)
+}
+
+/// [`matmul_many`] for jobs that may mark prompt-chunk tokens ([`Job::bulk`]).
+pub fn products(jobs: &[Job], p: Precision) -> Vec<Vec<f32>> {
+    for j in jobs {
+        assert_eq!(j.x.len(), j.t * j.w.cols, "matmul: x is not [t, cols]");
     }
-    let acts: Vec<Acts> = jobs.iter().map(|&(x, t, w)| prepare(x, t, w, p)).collect();
-    let mut outs: Vec<Vec<f32>> = jobs
-        .iter()
-        .map(|(_, t, w)| vec![0.0f32; w.rows * t])
-        .collect();
+    let prepared: Vec<Prepared> = jobs.iter().map(|j| prepare(j, p)).collect();
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0f32; j.w.rows * j.t]).collect();
     let targets = Outputs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
     // Rows r0..r1 of job j, written straight into the `[t, rows]` result by the kernel.
     let task = |j: usize, r0: usize, r1: usize| {
-        let (_, t, w) = jobs[j];
+        let Job { t, w, .. } = jobs[j];
         let (ptr, len) = targets.get(j);
         assert!(t * w.rows <= len && r1 <= w.rows);
         // SAFETY: the result has t·rows elements (asserted above), so rows r0..r1 of every
@@ -82,26 +153,32 @@ pub fn matmul_many(jobs: &[(&[f32], usize, &Matrix)], p: Precision) -> Vec<Vec<f
         // a job. The buffers outlive the dispatch, which returns only once every task has
         // finished.
         let out = unsafe { OutRows::new(ptr.add(r0), w.rows) };
-        rows_kernel(&acts[j], t, w, r0, r1, out);
+        rows_kernel(&prepared[j], t, w, r0, r1, out);
     };
     let pool = pool::global();
-    let work: Vec<usize> = jobs.iter().map(|(_, t, w)| t * w.rows * w.cols).collect();
+    let work: Vec<usize> = jobs.iter().map(|j| j.t * j.w.rows * j.w.cols).collect();
     let total: usize = work.iter().sum();
     if total < PARALLEL_WORK || pool.threads() == 1 {
-        for (j, (_, _, w)) in jobs.iter().enumerate() {
-            task(j, 0, w.rows);
+        for (j, job) in jobs.iter().enumerate() {
+            task(j, 0, job.w.rows);
         }
     } else {
         // About four tasks per thread over all jobs, in proportion to their work; tasks are
-        // claimed dynamically, so uneven sizes even out.
+        // claimed dynamically, so uneven sizes even out. The blocked product works on panels
+        // of 64 rows, so its tasks are whole panels.
         let target = pool.threads() * 4;
         let mut parts: Vec<(usize, usize, usize)> = Vec::new();
-        for (j, (_, _, w)) in jobs.iter().enumerate() {
-            let n = w.rows;
+        for (j, job) in jobs.iter().enumerate() {
+            let n = job.w.rows;
+            let unit = if prepared[j].runs.iter().any(|r| r.1) {
+                64
+            } else {
+                4
+            };
             let tasks = (target * work[j])
                 .div_ceil(total)
-                .clamp(1, n.div_ceil(4).max(1));
-            let rows_per = n.div_ceil(tasks).next_multiple_of(4).max(4);
+                .clamp(1, n.div_ceil(unit).max(1));
+            let rows_per = n.div_ceil(tasks).next_multiple_of(unit).max(unit);
             for r0 in (0..n).step_by(rows_per) {
                 parts.push((j, r0, (r0 + rows_per).min(n)));
             }
@@ -172,22 +249,33 @@ impl Outputs {
     }
 }
 
-/// Rows `r0..r1` into `out`, which must cover them for `t` tokens (see `matmul_many`).
-fn rows_kernel(a: &Acts, t: usize, w: &Matrix, r0: usize, r1: usize, out: OutRows) {
-    let x = match a {
+/// Rows `r0..r1` into `out`, which must cover them for `t` tokens (see `products`).
+fn rows_kernel(a: &Prepared, t: usize, w: &Matrix, r0: usize, r1: usize, out: OutRows) {
+    let x = match &a.acts {
         Acts::F32(x) => *x,
         #[cfg(target_arch = "x86_64")]
-        Acts::Fp8Scaled(x) => {
-            // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
-            // BW and BF16 and `fp8dot::supports(w)` held; `out` covers the rows.
-            unsafe { super::x86::fp8dot::rows(x, t, w, r0..r1, out) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        Acts::Bf16(xb) => {
-            // SAFETY: `prepare` chose this form only after `bf16_dot()` verified AVX-512 F,
-            // BW and BF16 and `supports(w)` held; `out` covers the rows.
-            unsafe { super::x86::bf16dot::rows(xb, t, w, r0..r1, out) };
+        acts => {
+            use super::x86::{bf16dot, bf16gemm, fp8dot};
+            let k = w.cols;
+            for (span, bulk) in &a.runs {
+                let (j0, n) = (span.start, span.len());
+                let o = out.skip(0, j0);
+                // SAFETY (all three): `prepare` chose these forms only after `bf16_dot()`
+                // verified AVX-512 F, BW and BF16 and the kernel's `supports(w)` held (for
+                // blocked runs too); tokens j0..j0+n exist; `o` covers rows r0..r1 of them.
+                match acts {
+                    Acts::Bf16(xb) if *bulk => unsafe { bf16gemm::rows(xb, j0, n, w, r0..r1, o) },
+                    Acts::Fp8Scaled(_) if *bulk => unsafe {
+                        let xb = a.bf16.as_ref().expect("prepared for blocked runs");
+                        bf16gemm::rows(xb, j0, n, w, r0..r1, o)
+                    },
+                    Acts::Bf16(xb) => unsafe { bf16dot::rows(xb, j0, n, w, r0..r1, o) },
+                    Acts::Fp8Scaled(x) => unsafe {
+                        fp8dot::rows(&x[j0 * k..(j0 + n) * k], n, w, r0..r1, o)
+                    },
+                    Acts::F32(_) => unreachable!(),
+                }
+            }
             return;
         }
     };

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::matmul::{matmul, matmul_many, Precision};
+use super::matmul::{matmul, matmul_many, products, Job, Precision};
 use crate::checkpoint::{Checkpoint, Elems, Matrix, MatrixData};
 use crate::config::Fp8Config;
 
@@ -50,7 +50,7 @@ pub fn matvec_bandwidth(
 
 /// A `rows × cols` matrix of varied normal values, FP8 (128×128 scale blocks) or BF16;
 /// `seed` varies the bytes so that matrices differ.
-fn synthetic(rows: usize, cols: usize, fp8: bool, seed: usize) -> Matrix {
+pub fn synthetic(rows: usize, cols: usize, fp8: bool, seed: usize) -> Matrix {
     let n = rows * cols;
     let data = if fp8 {
         MatrixData::Fp8 {
@@ -179,8 +179,10 @@ pub struct GemmRate {
     pub rows: usize,
     pub cols: usize,
     pub tokens: usize,
-    /// Multiply-adds ×2 per second, median of the rounds.
+    /// Multiply-adds ×2 per second, median of the rounds: blocked (prompt) kernel.
     pub gflops: f64,
+    /// The same through the dot-product kernels (what a batch of decode tokens gets).
+    pub dot_gflops: f64,
 }
 
 /// The model's prefill products at their real shapes (a 512-token prompt; each of 32 experts
@@ -199,16 +201,22 @@ pub fn gemm_rates(rounds: usize) -> Vec<GemmRate> {
             let x: Vec<f32> = (0..tokens * cols)
                 .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
                 .collect();
-            let batch: Vec<(&[f32], usize, &Matrix)> =
-                mats.iter().map(|m| (x.as_slice(), tokens, m)).collect();
-            let mut secs: Vec<f64> = (0..rounds)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    std::hint::black_box(matmul_many(&batch, Precision::Fast));
-                    t0.elapsed().as_secs_f64()
-                })
-                .collect();
-            secs.sort_by(f64::total_cmp);
+            let flags = vec![true; tokens];
+            let median = |bulk: &[bool]| {
+                let batch: Vec<Job> = mats
+                    .iter()
+                    .map(|m| Job::new(&x, tokens, m).bulk(bulk))
+                    .collect();
+                let mut secs: Vec<f64> = (0..rounds)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        std::hint::black_box(products(&batch, Precision::Fast));
+                        t0.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                secs.sort_by(f64::total_cmp);
+                secs[secs.len() / 2]
+            };
             let flop = 2.0 * (jobs * rows * cols * tokens) as f64;
             out.push(GemmRate {
                 name,
@@ -217,7 +225,8 @@ pub fn gemm_rates(rounds: usize) -> Vec<GemmRate> {
                 rows,
                 cols,
                 tokens,
-                gflops: flop / secs[secs.len() / 2] / 1e9,
+                gflops: flop / median(&flags) / 1e9,
+                dot_gflops: flop / median(&[]) / 1e9,
             });
         }
     }

@@ -5,12 +5,13 @@ use anyhow::Result;
 use std::ops::Range;
 use std::sync::Mutex;
 
+use super::Step;
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
 use crate::kernels::attention::{attend_group, KvHead, Rows};
-use crate::kernels::matmul::{matmul, matmul_many, Precision};
+use crate::kernels::matmul::products;
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
@@ -75,17 +76,17 @@ impl Attention {
         seqs: &mut [(Range<usize>, &mut LayerState)],
         starts: &[usize],
         rope: &Rope,
-        prec: Precision,
+        step: Step,
     ) -> Vec<f32> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut qkv = time(Kind::AttnProj, || {
-            matmul_many(
+            products(
                 &[
-                    (x, t, &self.q_proj),
-                    (x, t, &self.k_proj),
-                    (x, t, &self.v_proj),
+                    step.job(x, t, &self.q_proj),
+                    step.job(x, t, &self.k_proj),
+                    step.job(x, t, &self.v_proj),
                 ],
-                prec,
+                step.precision,
             )
         });
         let v_new = qkv.pop().unwrap_or_default();
@@ -171,6 +172,8 @@ impl Attention {
             pool::global().run(t * nkv, &task);
         }
         drop(core);
-        time(Kind::AttnOut, || matmul(&o, t, &self.o_proj, prec))
+        time(Kind::AttnOut, || {
+            products(&[step.job(&o, t, &self.o_proj)], step.precision).remove(0)
+        })
     }
 }

@@ -5,12 +5,13 @@ use anyhow::Result;
 use std::ops::Range;
 use std::sync::Mutex;
 
+use super::Step;
 use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, silu, silu_in_place, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
-use crate::kernels::matmul::{matmul, matmul_many, Precision};
+use crate::kernels::matmul::products;
 use crate::kernels::norm::{l2_norm, rms_scale};
 use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
@@ -105,10 +106,13 @@ impl DeltaNet {
         x: &[f32],
         t: usize,
         seqs: &mut [(Range<usize>, &mut LayerState)],
-        prec: Precision,
+        step: Step,
     ) -> Vec<f32> {
         let mut pb = time(Kind::DeltaNetProj, || {
-            matmul_many(&[(x, t, &self.in_qkvz), (x, t, &self.in_ba)], prec)
+            products(
+                &[step.job(x, t, &self.in_qkvz), step.job(x, t, &self.in_ba)],
+                step.precision,
+            )
         });
         let ba = pb.pop().unwrap_or_default();
         let p = pb.pop().unwrap_or_default();
@@ -130,7 +134,9 @@ impl DeltaNet {
                 &mut y[rows.start * vd..rows.end * vd],
             );
         }
-        time(Kind::DeltaNetOut, || matmul(&y, t, &self.out_proj, prec))
+        time(Kind::DeltaNetOut, || {
+            products(&[step.job(&y, t, &self.out_proj)], step.precision).remove(0)
+        })
     }
 
     /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.

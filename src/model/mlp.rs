@@ -2,10 +2,11 @@
 
 use anyhow::Result;
 
+use super::Step;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::Fp8Config;
 use crate::kernels::activation::swiglu;
-use crate::kernels::matmul::{matmul, Precision};
+use crate::kernels::matmul::products;
 
 pub struct SwiGlu {
     pub gate: Matrix,
@@ -30,11 +31,11 @@ impl SwiGlu {
     }
 
     /// `x` is `[t, hidden]`; returns `[t, hidden]`.
-    pub fn forward(&self, x: &[f32], t: usize, p: Precision) -> Vec<f32> {
-        let g = matmul(x, t, &self.gate, p);
-        let u = matmul(x, t, &self.up, p);
-        let h = swiglu(&g, &u);
-        matmul(&h, t, &self.down, p)
+    pub fn forward(&self, x: &[f32], t: usize, step: Step) -> Vec<f32> {
+        let p = step.precision;
+        let gu = products(&[step.job(x, t, &self.gate), step.job(x, t, &self.up)], p);
+        let h = swiglu(&gu[0], &gu[1]);
+        products(&[step.job(&h, t, &self.down)], p).remove(0)
     }
 
     pub fn bytes(&self) -> usize {

@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::cache::{KvDtype, LayerState, SeqCache};
 use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
 use crate::config::{Config, LayerType};
-use crate::kernels::matmul::{matmul, Precision};
+use crate::kernels::matmul::{products, Job, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::profile::{time, Kind};
 use crate::kernels::rope::Rope;
@@ -22,6 +22,26 @@ use attention::Attention;
 use deltanet::DeltaNet;
 use mlp::SwiGlu;
 use moe::Moe;
+
+/// Tokens a sequence must feed in one step for them to count as a prompt chunk, whose
+/// products take the blocked kernel (worth its weight packing from about this many tokens
+/// on); fewer — decode, speculative verification — take the dot-product kernels.
+pub const PROMPT_CHUNK_TOKENS: usize = 16;
+
+/// How one forward step's products run: their precision, and which of the batch's tokens
+/// are prompt-chunk tokens (`matmul::Job::bulk`).
+#[derive(Clone, Copy)]
+pub struct Step<'a> {
+    pub precision: Precision,
+    pub bulk: &'a [bool],
+}
+
+impl<'a> Step<'a> {
+    /// The product of `x` (`[t, cols]`, all of the batch's tokens) and `w`ᵀ.
+    pub fn job(&self, x: &'a [f32], t: usize, w: &'a Matrix) -> Job<'a> {
+        Job::new(x, t, w).bulk(self.bulk)
+    }
+}
 
 enum Mixer {
     Linear(DeltaNet),
@@ -278,6 +298,17 @@ impl Model {
             t += s.tokens.len();
         }
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.pos()).collect();
+        // Prompt chunks go through the blocked products; decode and speculative tokens through
+        // the dot-product kernels. Decided per sequence, so its results never depend on what
+        // else is batched.
+        let bulk: Vec<bool> = spans
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.len() >= PROMPT_CHUNK_TOKENS, s.len()))
+            .collect();
+        let step = Step {
+            precision: p,
+            bulk: &bulk,
+        };
 
         let mut x = vec![0.0f32; t * h];
         time(Kind::Embed, || {
@@ -301,8 +332,8 @@ impl Model {
                 .map(|(s, span)| (span.clone(), &mut s.cache.layers[l]))
                 .collect();
             let y = match &layer.mixer {
-                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs, p),
-                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope, p),
+                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs, step),
+                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope, step),
             };
             let xn = time(Kind::Norms, || {
                 add(&mut x, &y);
@@ -311,8 +342,8 @@ impl Model {
                 xn
             });
             let y = match &layer.ffn {
-                Ffn::Moe(m) => m.forward(&xn, t, p),
-                Ffn::Dense(d) => d.forward(&xn, t, p),
+                Ffn::Moe(m) => m.forward(&xn, t, step),
+                Ffn::Dense(d) => d.forward(&xn, t, step),
             };
             time(Kind::Norms, || add(&mut x, &y));
         }
@@ -321,6 +352,7 @@ impl Model {
         // the head's weights are read once per step, not once per sequence.
         let mut rows_of = Vec::with_capacity(batch.len());
         let mut hidden = Vec::new();
+        let mut head_bulk = Vec::new();
         for (s, span) in batch.iter_mut().zip(&spans) {
             s.cache.advance(span.len());
             let rows = match s.want {
@@ -329,13 +361,18 @@ impl Model {
                 Want::None => span.end..span.end,
             };
             hidden.extend_from_slice(&x[rows.start * h..rows.end * h]);
+            head_bulk.extend(std::iter::repeat_n(
+                span.len() >= PROMPT_CHUNK_TOKENS,
+                rows.len(),
+            ));
             rows_of.push(rows.len());
         }
         let total: usize = rows_of.iter().sum();
         let logits = time(Kind::LmHead, || {
             rms_norm_zc(&mut hidden, &self.norm, self.cfg.rms_norm_eps);
             if total > 0 {
-                matmul(&hidden, total, &self.lm_head, p)
+                let job = Job::new(&hidden, total, &self.lm_head).bulk(&head_bulk);
+                products(&[job], p).remove(0)
             } else {
                 Vec::new()
             }

@@ -5,10 +5,11 @@
 use anyhow::Result;
 
 use super::mlp::SwiGlu;
+use super::Step;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, softmax, swiglu};
-use crate::kernels::matmul::{axpy, matmul, matmul_many, Precision};
+use crate::kernels::matmul::{axpy, matmul, products, Job, Precision};
 use crate::kernels::profile::{Kind, Span};
 
 pub struct Moe {
@@ -71,8 +72,10 @@ impl Moe {
         })
     }
 
-    /// `x` is `[t, hidden]`; returns `[t, hidden]`.
-    pub fn forward(&self, x: &[f32], t: usize, p: Precision) -> Vec<f32> {
+    /// `x` is `[t, hidden]`; returns `[t, hidden]`. `bulk` marks prompt-chunk tokens
+    /// (`matmul::Job::bulk`); each expert's gathered rows keep their tokens' marks.
+    pub fn forward(&self, x: &[f32], t: usize, step: Step) -> Vec<f32> {
+        let (p, bulk) = (step.precision, step.bulk);
         let h = self.router.cols;
         let e_count = self.experts.len();
         let router = Span::new(Kind::MoeRouter);
@@ -122,31 +125,41 @@ impl Moe {
                     .collect()
             })
             .collect();
-        let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
+        let marks: Vec<Vec<bool>> = active
+            .iter()
+            .map(|&e| {
+                if bulk.is_empty() {
+                    Vec::new()
+                } else {
+                    routes[e].iter().map(|&(ti, _)| bulk[ti]).collect()
+                }
+            })
+            .collect();
+        let mut jobs: Vec<Job> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
             let m = routes[e].len();
-            jobs.push((&xs[i], m, &self.experts[e].gate));
-            jobs.push((&xs[i], m, &self.experts[e].up));
+            jobs.push(Job::new(&xs[i], m, &self.experts[e].gate).bulk(&marks[i]));
+            jobs.push(Job::new(&xs[i], m, &self.experts[e].up).bulk(&marks[i]));
         }
         if let (Some(s), Some(g)) = (&self.shared, &self.shared_gate) {
-            jobs.push((x, t, &s.gate));
-            jobs.push((x, t, &s.up));
-            jobs.push((x, t, g));
+            jobs.push(step.job(x, t, &s.gate));
+            jobs.push(step.job(x, t, &s.up));
+            jobs.push(step.job(x, t, g));
         }
-        let gu = matmul_many(&jobs, p);
+        let gu = products(&jobs, p);
         let hs: Vec<Vec<f32>> = gu
             .chunks(2)
             .take(active.len() + usize::from(self.shared.is_some()))
             .map(|p| swiglu(&p[0], &p[1]))
             .collect();
-        let mut jobs: Vec<(&[f32], usize, &Matrix)> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
-            jobs.push((&hs[i], routes[e].len(), &self.experts[e].down));
+            jobs.push(Job::new(&hs[i], routes[e].len(), &self.experts[e].down).bulk(&marks[i]));
         }
         if let Some(s) = &self.shared {
-            jobs.push((&hs[active.len()], t, &s.down));
+            jobs.push(step.job(&hs[active.len()], t, &s.down));
         }
-        let downs = matmul_many(&jobs, p);
+        let downs = products(&jobs, p);
         for (i, &e) in active.iter().enumerate() {
             let y = &downs[i];
             for (r, &(ti, w)) in routes[e].iter().enumerate() {

@@ -46,10 +46,15 @@ pub(super) trait Source {
     /// AVX-512 F/BW/BF16 (and whatever the implementation names); `32 · VECS · ELEM` bytes
     /// readable at `p`.
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2];
+    /// The column pair (columns `2p`, `2p + 1` of the chunk) in 32-bit word `q` of vector
+    /// `h` of a chunk.
+    fn pair(h: usize, q: usize) -> usize {
+        16 * h + q
+    }
 }
 
 /// BF16 weights, used as stored.
-struct Raw;
+pub(super) struct Raw;
 
 impl Source for Raw {
     const ELEM: usize = 2;
@@ -104,20 +109,27 @@ pub unsafe fn to_bf16(x: &[f32], t: usize, k: usize) -> Bf16Acts {
     Bf16Acts { data, stride }
 }
 
-/// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, BF16 `w`.
+/// `out[r - rows.start, j] = Σ_k x[j0 + j, k] · W[r, k]` for `r` in `rows`, `j < t`, BF16 `w`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch),
 /// `supports(w)` must hold, and `out` must be writable for `rows.len()` rows of `t` tokens.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
+pub unsafe fn rows(
+    x: &Bf16Acts,
+    j0: usize,
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+) {
     let MatrixData::Bf16(d) = &w.data else {
         unreachable!("bf16dot::rows called for a {} matrix", w.dtype_name());
     };
     let k = w.cols;
     let d = d.as_slice();
     assert!(rows.end <= w.rows && d.len() >= w.rows * k);
-    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= t * x.stride);
+    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= (j0 + t) * x.stride);
     // SAFETY: same target features; rows and activations checked above, outputs by the
     // caller.
     unsafe {
@@ -125,7 +137,7 @@ pub unsafe fn rows(x: &Bf16Acts, t: usize, w: &Matrix, rows: Range<usize>, out: 
             &Raw,
             d.as_ptr() as *const u8,
             k,
-            x.data.as_ptr(),
+            x.data.as_ptr().add(j0 * x.stride),
             x.stride,
             t,
             rows,
@@ -267,7 +279,7 @@ unsafe fn widen_row<S: Source>(s: &S, p: *const u8, k: usize, dst: *mut u16) {
 /// # Safety
 /// As for [`Source::chunk`], with `n · ELEM` readable bytes at `p`.
 #[inline(always)]
-unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh; 2] {
+pub(super) unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh; 2] {
     let mut tmp = [0u8; 128];
     // SAFETY: n < 32 · VECS columns of at most 2 bytes fit the 128-byte buffer.
     unsafe {

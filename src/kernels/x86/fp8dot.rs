@@ -53,13 +53,13 @@ struct Tables {
 }
 
 /// Widening by table lookup (AVX-512 VBMI).
-struct Lookup(Tables);
+pub(super) struct Lookup(Tables);
 
 impl Lookup {
     /// # Safety
     /// AVX-512 F.
     #[inline(always)]
-    unsafe fn new() -> Lookup {
+    pub(super) unsafe fn new() -> Lookup {
         let tab = table();
         let bytes = |shift: u32, half: usize| {
             let b: [u8; 64] = std::array::from_fn(|i| (tab[64 * half + i] >> shift) as u8);
@@ -76,6 +76,10 @@ impl Lookup {
 impl Source for Lookup {
     const ELEM: usize = 1;
     const VECS: usize = 2;
+    fn pair(h: usize, q: usize) -> usize {
+        // Word q: 128-bit lane q / 4, columns 16·lane + 8·h + 2·(q % 4) (module comment).
+        8 * (q / 4) + 4 * h + q % 4
+    }
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
         // SAFETY: 64 readable bytes at p (the caller's guarantee); VBMI is enabled in the
@@ -96,11 +100,15 @@ impl Source for Lookup {
 }
 
 /// Widening by f32 arithmetic, for CPUs without VBMI: the same bits as [`Lookup`].
-struct Arith;
+pub(super) struct Arith;
 
 impl Source for Arith {
     const ELEM: usize = 1;
     const VECS: usize = 2;
+    fn pair(h: usize, q: usize) -> usize {
+        // Word q: 128-bit lane q / 4, columns 16·lane + 8·h + 2·(q % 4) (module comment).
+        8 * (q / 4) + 4 * h + q % 4
+    }
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
         // SAFETY: 64 readable bytes at p (the caller's guarantee).

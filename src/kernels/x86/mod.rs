@@ -3,5 +3,6 @@
 pub mod attention;
 pub mod avx512;
 pub mod bf16dot;
+pub mod bf16gemm;
 pub mod fp8dot;
 pub mod gemm_f32;

@@ -1,0 +1,470 @@
+//! The blocked product for prompt chunks: outer products of packed weight panels with
+//! broadcast activations, `vdpbf16ps` into accumulators that stay in registers over a whole
+//! block of columns.
+//!
+//! Why a second kernel: the dot-product tiles of [`super::bf16dot`] reread a 64 KiB panel of
+//! widened rows from L2 for every token tile and sum lanes at the end; measured at 43–55% of
+//! the bfloat16 peak. Here a panel of 64 rows × one column block (16–32 KiB) is packed once,
+//! stays in L1 while every token passes, and each step is 4 weight loads and 6 broadcasts for
+//! 24 multiply-adds of 32 products each.
+//!
+//! Packed layout: for column pair `p` (columns `2p`, `2p+1`) and row group `g` (16 rows), one
+//! 64-byte vector whose 32-bit lane `l` holds the two weights of row `16g + l`: exactly the
+//! operand `vdpbf16ps` pairs with a broadcast of one token's two activations. Rows are
+//! transposed into it 16 × 16 at a time.
+//!
+//! Numbers: activations rounded to bfloat16 once (unscaled); BF16 weights as stored, FP8
+//! weights widened exactly; f32 accumulation. Each output sums its column pairs in order
+//! within a column block, and adds the block's sum into the result in block order — for FP8
+//! times the block's scale, in f32 (one fused multiply-add), so the scale is never rounded
+//! into a bfloat16 input. The order depends on nothing but the column count, so a token's
+//! result is the same whatever else the batch holds. It differs in the last bits from the
+//! dot-product kernels' order, which is why the caller picks a kernel per sequence, not per
+//! batch (see `matmul::Job::bulk`).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::bf16dot::{tail, Bf16Acts, Raw, Source};
+use super::fp8dot::{Arith, Lookup};
+use crate::checkpoint::{Matrix, MatrixData};
+use crate::kernels::matmul::OutRows;
+
+/// Vectors (of 16 rows) per panel.
+const NV: usize = 4;
+/// Rows per panel.
+pub const PANEL_ROWS: usize = 16 * NV;
+/// Tokens per register tile: `MR · NV` accumulators, `NV` weight vectors and a broadcast fit
+/// the 32 registers.
+const MR: usize = 6;
+/// Columns per block for BF16 weights (FP8 uses its scale block): 64 rows × 256 columns of
+/// bfloat16 are 32 KiB, in L1 with the tile's activations.
+const BF16_BLOCK: usize = 256;
+
+/// Whether [`rows`] handles `w`: BF16, or FP8 whose column blocks are whole 64-column chunks
+/// of at most 512 columns (the packed panel must stay in L1).
+pub fn supports(w: &Matrix) -> bool {
+    match w.data {
+        MatrixData::Bf16(_) => true,
+        MatrixData::Fp8 {
+            block_k, block_n, ..
+        } => block_k % 64 == 0 && block_k <= 512 && block_n > 0,
+        _ => false,
+    }
+}
+
+/// `out[r - rows.start, j] = Σ_k x[j0 + j, k] · W[r, k]` for `r` in `rows`, `j < t`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch);
+/// `supports(w)`; `x` holds tokens `j0..j0 + t` padded to whole 32-column chunks with zeros;
+/// `out` is writable for `rows.len()` rows of `t` tokens.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn rows(
+    x: &Bf16Acts,
+    j0: usize,
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    let k = w.cols;
+    assert!(rows.end <= w.rows);
+    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= (j0 + t) * x.stride);
+    let xp = x.data.as_ptr().wrapping_add(j0 * x.stride);
+    match &w.data {
+        MatrixData::Bf16(d) => {
+            let d = d.as_slice();
+            assert!(d.len() >= w.rows * k);
+            let g = Geometry {
+                k,
+                kc: BF16_BLOCK,
+                scales: None,
+            };
+            // SAFETY: same features; rows and activations checked above, outputs by the caller.
+            unsafe {
+                run(
+                    &Raw,
+                    d.as_ptr() as *const u8,
+                    &g,
+                    xp,
+                    x.stride,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+        }
+        MatrixData::Fp8 {
+            w: q,
+            scales,
+            block_n,
+            block_k,
+        } => {
+            let q = q.as_slice();
+            let sc = k.div_ceil(*block_k);
+            assert!(q.len() >= w.rows * k && scales.len() >= w.rows.div_ceil(*block_n) * sc);
+            let g = Geometry {
+                k,
+                kc: *block_k,
+                scales: Some((scales, *block_n, sc)),
+            };
+            // SAFETY: as above; VBMI checked for the lookup widening.
+            unsafe {
+                if super::super::isa::vbmi() {
+                    fp8_lookup(q.as_ptr(), &g, xp, x.stride, t, rows, out)
+                } else {
+                    run(&Arith, q.as_ptr(), &g, xp, x.stride, t, rows, out)
+                }
+            }
+        }
+        _ => unreachable!("bf16gemm::rows called for a {} matrix", w.dtype_name()),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fp8_lookup(
+    q: *const u8,
+    g: &Geometry,
+    x: *const u16,
+    xs: usize,
+    t: usize,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Lookup::new() };
+    // SAFETY: forwarded (VBMI enabled, which `Lookup` needs).
+    unsafe { run(&s, q, g, x, xs, t, rows, out) }
+}
+
+/// The matrix's shape as the loops see it.
+struct Geometry<'a> {
+    /// Columns.
+    k: usize,
+    /// Columns per block.
+    kc: usize,
+    /// FP8: scales (`[row blocks, column blocks]`), rows per scale block, column blocks.
+    scales: Option<(&'a [f32], usize, usize)>,
+}
+
+/// Panels of [`PANEL_ROWS`] rows, column blocks within each, every token tile per block.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16 and what `S` needs; rows exist in the `k`-column matrix at `w`; `x`
+/// holds `t` tokens `xs` apart, each padded to whole 32-column chunks; `out` as for [`rows`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run<S: Source>(
+    s: &S,
+    w: *const u8,
+    g: &Geometry,
+    x: *const u16,
+    xs: usize,
+    t: usize,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    let (k, kc) = (g.k, g.kc);
+    let ch = 32 * S::VECS;
+    debug_assert!(kc % ch == 0);
+    // Packed column pairs × row groups × 16 lanes, as 32-bit words.
+    let mut pack = vec![0u32; kc / 2 * NV * 16];
+    let blocks: Vec<(usize, usize)> = rows
+        .clone()
+        .step_by(PANEL_ROWS)
+        .flat_map(|n0| (0..k).step_by(kc).map(move |k0| (n0, k0)))
+        .collect();
+    let tiles = t.div_ceil(MR);
+    for (b, &(n0, k0)) in blocks.iter().enumerate() {
+        let nr = PANEL_ROWS.min(rows.end - n0);
+        let kcols = kc.min(k - k0);
+        // SAFETY: rows n0..n0+nr and columns k0..k0+kcols exist; the buffer holds a block.
+        unsafe { pack_block(s, w, k, n0, nr, k0, kcols, pack.as_mut_ptr()) };
+        let mut scale = [_mm512_setzero_ps(); NV];
+        if let Some((sv, bn, sc)) = g.scales {
+            let kb = k0 / kc;
+            for (v, sv_v) in scale.iter_mut().enumerate() {
+                let r = n0 + 16 * v;
+                *sv_v = if bn % 16 == 0 && r % 16 == 0 {
+                    // All 16 rows in one scale block (the usual case: panels start on a
+                    // multiple of 64 and blocks are 128 rows).
+                    _mm512_set1_ps(if r < rows.end {
+                        sv[r / bn * sc + kb]
+                    } else {
+                        0.0
+                    })
+                } else {
+                    let lanes: [f32; 16] = std::array::from_fn(|l| {
+                        if r + l < rows.end {
+                            sv[(r + l) / bn * sc + kb]
+                        } else {
+                            0.0
+                        }
+                    });
+                    // SAFETY: 16 floats.
+                    unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+                };
+            }
+        }
+        let mask: [__mmask16; NV] = std::array::from_fn(|v| {
+            let n = nr.saturating_sub(16 * v).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        });
+        // The next block's weights, a share per token tile, into L2: read only when packed,
+        // they would stall the packing on memory.
+        let next = blocks.get(b + 1).map(|&(n1, k1)| {
+            (
+                w.wrapping_add((n1 * k + k1) * S::ELEM),
+                PANEL_ROWS.min(rows.end - n1),
+                (kc.min(k - k1) * S::ELEM).div_ceil(64),
+            )
+        });
+        let lines = next.map_or(0, |(_, r, l)| r * l);
+        let per_tile = lines.div_ceil(tiles);
+        // Next line to fetch: row `fr`, line `fl` of it.
+        let (mut fr, mut fl) = (0, 0);
+        let pairs = kcols.div_ceil(2);
+        for tile in 0..tiles {
+            if let Some((base, nrows, lpr)) = next {
+                for _ in 0..per_tile {
+                    if fr == nrows {
+                        break;
+                    }
+                    let p = base.wrapping_add(fr * k * S::ELEM + 64 * fl) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T1>(p);
+                    fl += 1;
+                    if fl == lpr {
+                        (fr, fl) = (fr + 1, 0);
+                    }
+                }
+            }
+            let j = tile * MR;
+            let nt = MR.min(t - j);
+            let c = out.at(n0 - rows.start, j);
+            // SAFETY: the packed block has `pairs` column pairs; tokens j..j+nt have their
+            // columns k0..k0 + 2·pairs (within the padded rows); `c` reaches the panel's
+            // rows (masked) for tokens j..j+nt.
+            unsafe {
+                tile_dispatch(
+                    pack.as_ptr(),
+                    pairs,
+                    x.add(j * xs + k0),
+                    xs,
+                    c,
+                    out.ts,
+                    g.scales.is_some().then_some(&scale),
+                    &mask,
+                    nt,
+                )
+            };
+        }
+    }
+}
+
+/// Rows `n0..n0+nr` (≤ 64), columns `k0..k0+kcols`, packed into `dst` as the module comment
+/// describes; rows past `nr` and columns past `kcols` (to a whole chunk) are zero.
+///
+/// # Safety
+/// As for [`run`]; `dst` holds a whole block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+#[allow(clippy::needless_range_loop)] // `l` names the lane a row lands in
+unsafe fn pack_block<S: Source>(
+    s: &S,
+    w: *const u8,
+    k: usize,
+    n0: usize,
+    nr: usize,
+    k0: usize,
+    kcols: usize,
+    dst: *mut u32,
+) {
+    let ch = 32 * S::VECS;
+    for g in 0..NV {
+        for c in (0..kcols).step_by(ch) {
+            let mut v = [[_mm512_setzero_si512(); 16]; 2];
+            for l in 0..16 {
+                let r = 16 * g + l;
+                if r >= nr {
+                    break;
+                }
+                let p = w.wrapping_add(((n0 + r) * k + k0 + c) * S::ELEM);
+                // SAFETY: a whole chunk within the row, or the partial last one through a
+                // zeroed copy.
+                let chunk = unsafe {
+                    if c + ch <= kcols {
+                        s.chunk(p)
+                    } else {
+                        tail(s, p, kcols - c)
+                    }
+                };
+                for h in 0..S::VECS {
+                    v[h][l] = std::mem::transmute::<__m512bh, __m512i>(chunk[h]);
+                }
+            }
+            for (h, vh) in v.iter().enumerate().take(S::VECS) {
+                // SAFETY: AVX-512 F.
+                let tr = unsafe { transpose16(*vh) };
+                for (q, col) in tr.iter().enumerate() {
+                    let pair = c / 2 + S::pair(h, q);
+                    // SAFETY: pair < kc / 2 and g < NV: inside the block.
+                    unsafe { _mm512_storeu_si512(dst.add((pair * NV + g) * 16) as *mut _, *col) };
+                }
+            }
+        }
+    }
+}
+
+/// 16 × 16 32-bit words transposed: four rounds, each exchanging one bit between the row and
+/// the lane index with two-source permutes.
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+unsafe fn transpose16(mut r: [__m512i; 16]) -> [__m512i; 16] {
+    for d in [8usize, 4, 2, 1] {
+        let lo: [i32; 16] = std::array::from_fn(|l| {
+            if l & d == 0 {
+                l as i32
+            } else {
+                (16 + l - d) as i32
+            }
+        });
+        let hi: [i32; 16] = std::array::from_fn(|l| {
+            if l & d == 0 {
+                (l + d) as i32
+            } else {
+                (16 + l) as i32
+            }
+        });
+        // SAFETY: 16 integers each.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_loadu_si512(lo.as_ptr() as *const _),
+                _mm512_loadu_si512(hi.as_ptr() as *const _),
+            )
+        };
+        for i in (0..16).filter(|i| i & d == 0) {
+            let (a, b) = (r[i], r[i + d]);
+            // SAFETY: AVX-512 F (the caller's guarantee).
+            unsafe {
+                r[i] = _mm512_permutex2var_epi32(a, lo, b);
+                r[i + d] = _mm512_permutex2var_epi32(a, hi, b);
+            }
+        }
+    }
+    r
+}
+
+/// Dispatches a token tile to the kernel instance for its height.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn tile_dispatch(
+    pack: *const u32,
+    pairs: usize,
+    x: *const u16,
+    xs: usize,
+    c: *mut f32,
+    ldc: usize,
+    scale: Option<&[__m512; NV]>,
+    mask: &[__mmask16; NV],
+    nt: usize,
+) {
+    macro_rules! go {
+        ($m:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe { tile::<$m>(pack, pairs, x, xs, c, ldc, scale, mask) }
+        };
+    }
+    match nt {
+        6 => go!(6),
+        5 => go!(5),
+        4 => go!(4),
+        3 => go!(3),
+        2 => go!(2),
+        _ => go!(1),
+    }
+}
+
+/// `M` tokens × one packed panel over `pairs` column pairs, added into `c` (token `i`'s 64
+/// results at `c + i·ldc`, lanes per `mask`), times `scale` per lane if given.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16; `pack` holds `pairs` packed column pairs; token `i`'s activations at
+/// `x + i·xs` have `2·pairs` columns; the masked outputs are writable.
+#[inline]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn tile<const M: usize>(
+    pack: *const u32,
+    pairs: usize,
+    x: *const u16,
+    xs: usize,
+    c: *mut f32,
+    ldc: usize,
+    scale: Option<&[__m512; NV]>,
+    mask: &[__mmask16; NV],
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; M];
+    for p in 0..pairs {
+        // SAFETY: p < pairs, within the packed block and every token's columns.
+        unsafe {
+            let w: [__m512bh; NV] = std::array::from_fn(|v| {
+                std::mem::transmute(_mm512_loadu_si512(pack.add((p * NV + v) * 16) as *const _))
+            });
+            for i in 0..M {
+                let pair = (x.add(i * xs + 2 * p) as *const i32).read_unaligned();
+                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                for v in 0..NV {
+                    acc[i][v] = _mm512_dpbf16_ps(acc[i][v], w[v], b);
+                }
+            }
+        }
+    }
+    for i in 0..M {
+        for v in 0..NV {
+            // SAFETY: the masked lanes are writable (the caller's guarantee).
+            unsafe {
+                let cp = c.add(i * ldc + 16 * v);
+                let old = _mm512_maskz_loadu_ps(mask[v], cp);
+                let new = match scale {
+                    Some(s) => _mm512_fmadd_ps(acc[i][v], s[v], old),
+                    None => _mm512_add_ps(acc[i][v], old),
+                };
+                _mm512_mask_storeu_ps(cp, mask[v], new);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: [[i32; 16]; 16] =
+            std::array::from_fn(|i| std::array::from_fn(|l| 100 * i as i32 + l as i32));
+        // SAFETY: AVX-512 F checked above.
+        let got: [[i32; 16]; 16] = unsafe { check(&m) };
+        for i in 0..16 {
+            for l in 0..16 {
+                assert_eq!(got[i][l], m[l][i]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn check(m: &[[i32; 16]; 16]) -> [[i32; 16]; 16] {
+        // SAFETY: 16 rows of 16 integers.
+        let r: [__m512i; 16] =
+            std::array::from_fn(|i| unsafe { _mm512_loadu_si512(m[i].as_ptr() as *const _) });
+        // SAFETY: 16 vectors reinterpreted as 16 rows.
+        unsafe { std::mem::transmute(transpose16(r)) }
+    }
+}
