@@ -149,7 +149,8 @@ struct Geometry<'a> {
     scales: Option<(&'a [f32], usize, usize)>,
 }
 
-/// Panels of [`PANEL_ROWS`] rows, column blocks within each, every token tile per block.
+/// Panels of [`PANEL_ROWS`] rows: each packed whole (its rows read front to back, which the
+/// hardware prefetchers follow), then every token tile per column block.
 ///
 /// # Safety
 /// AVX-512 F/BW/BF16 and what `S` needs; rows exist in the `k`-column matrix at `w`; `x`
@@ -167,100 +168,101 @@ unsafe fn run<S: Source>(
     out: OutRows,
 ) {
     let (k, kc) = (g.k, g.kc);
-    let ch = 32 * S::VECS;
-    debug_assert!(kc % ch == 0);
-    // Packed column pairs × row groups × 16 lanes, as 32-bit words.
-    let mut pack = vec![0u32; kc / 2 * NV * 16];
-    let blocks: Vec<(usize, usize)> = rows
-        .clone()
-        .step_by(PANEL_ROWS)
-        .flat_map(|n0| (0..k).step_by(kc).map(move |k0| (n0, k0)))
-        .collect();
+    debug_assert!(kc % (32 * S::VECS) == 0);
+    let kblocks = k.div_ceil(kc);
+    // Per column block: its column pairs × row groups × 16 lanes, as 32-bit words.
+    let block_words = kc / 2 * NV * 16;
+    let mut pack = vec![0u32; kblocks * block_words];
     let tiles = t.div_ceil(MR);
-    for (b, &(n0, k0)) in blocks.iter().enumerate() {
+    let row_lines = (k * S::ELEM).div_ceil(64);
+    let mut n0 = rows.start;
+    while n0 < rows.end {
         let nr = PANEL_ROWS.min(rows.end - n0);
-        let kcols = kc.min(k - k0);
-        // SAFETY: rows n0..n0+nr and columns k0..k0+kcols exist; the buffer holds a block.
-        unsafe { pack_block(s, w, k, n0, nr, k0, kcols, pack.as_mut_ptr()) };
-        let mut scale = [_mm512_setzero_ps(); NV];
-        if let Some((sv, bn, sc)) = g.scales {
-            let kb = k0 / kc;
-            for (v, sv_v) in scale.iter_mut().enumerate() {
-                let r = n0 + 16 * v;
-                *sv_v = if bn % 16 == 0 && r % 16 == 0 {
-                    // All 16 rows in one scale block (the usual case: panels start on a
-                    // multiple of 64 and blocks are 128 rows).
-                    _mm512_set1_ps(if r < rows.end {
-                        sv[r / bn * sc + kb]
-                    } else {
-                        0.0
-                    })
-                } else {
-                    let lanes: [f32; 16] = std::array::from_fn(|l| {
-                        if r + l < rows.end {
-                            sv[(r + l) / bn * sc + kb]
-                        } else {
-                            0.0
-                        }
-                    });
-                    // SAFETY: 16 floats.
-                    unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
-                };
-            }
+        for kb in 0..kblocks {
+            let k0 = kb * kc;
+            // SAFETY: rows n0..n0+nr and columns k0.. of this block exist; the buffer holds
+            // every block.
+            unsafe {
+                pack_block(
+                    s,
+                    w,
+                    k,
+                    n0,
+                    nr,
+                    k0,
+                    kc.min(k - k0),
+                    pack.as_mut_ptr().add(kb * block_words),
+                )
+            };
         }
         let mask: [__mmask16; NV] = std::array::from_fn(|v| {
             let n = nr.saturating_sub(16 * v).min(16);
             ((1u32 << n) - 1) as __mmask16
         });
-        // The next block's weights, a share per token tile, into L2: read only when packed,
-        // they would stall the packing on memory.
-        let next = blocks.get(b + 1).map(|&(n1, k1)| {
-            (
-                w.wrapping_add((n1 * k + k1) * S::ELEM),
-                PANEL_ROWS.min(rows.end - n1),
-                (kc.min(k - k1) * S::ELEM).div_ceil(64),
-            )
-        });
-        let lines = next.map_or(0, |(_, r, l)| r * l);
-        let per_tile = lines.div_ceil(tiles);
-        // Next line to fetch: row `fr`, line `fl` of it.
-        let (mut fr, mut fl) = (0, 0);
-        let pairs = kcols.div_ceil(2);
-        for tile in 0..tiles {
-            if let Some((base, nrows, lpr)) = next {
-                for _ in 0..per_tile {
-                    if fr == nrows {
-                        break;
-                    }
-                    let p = base.wrapping_add(fr * k * S::ELEM + 64 * fl) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T1>(p);
-                    fl += 1;
-                    if fl == lpr {
-                        (fr, fl) = (fr + 1, 0);
-                    }
+        // The next panel's rows, fetched into L2 a share per token tile while this one is
+        // multiplied: read only when packed, they would stall the packing on memory.
+        let n1 = n0 + nr;
+        let next = w.wrapping_add(n1 * k * S::ELEM) as *const i8;
+        let lines = PANEL_ROWS.min(rows.end.saturating_sub(n1)) * row_lines;
+        let per_tile = lines.div_ceil(kblocks * tiles);
+        let mut fetched = 0;
+        for kb in 0..kblocks {
+            let k0 = kb * kc;
+            let scale = g.scales.map(|(sv, bn, sc)| block_scales(sv, bn, sc, n0, kb, rows.end));
+            let pairs = kc.min(k - k0).div_ceil(2);
+            for tile in 0..tiles {
+                for _ in 0..per_tile.min(lines - fetched) {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * fetched));
+                    fetched += 1;
                 }
+                let j = tile * MR;
+                let nt = MR.min(t - j);
+                let c = out.at(n0 - rows.start, j);
+                // SAFETY: the packed block has `pairs` column pairs; tokens j..j+nt have
+                // their columns k0..k0 + 2·pairs (within the padded rows); `c` reaches the
+                // panel's rows (masked) for tokens j..j+nt.
+                unsafe {
+                    tile_dispatch(
+                        pack.as_ptr().add(kb * block_words),
+                        pairs,
+                        x.add(j * xs + k0),
+                        xs,
+                        c,
+                        out.ts,
+                        scale.as_ref(),
+                        &mask,
+                        nt,
+                    )
+                };
             }
-            let j = tile * MR;
-            let nt = MR.min(t - j);
-            let c = out.at(n0 - rows.start, j);
-            // SAFETY: the packed block has `pairs` column pairs; tokens j..j+nt have their
-            // columns k0..k0 + 2·pairs (within the padded rows); `c` reaches the panel's
-            // rows (masked) for tokens j..j+nt.
-            unsafe {
-                tile_dispatch(
-                    pack.as_ptr(),
-                    pairs,
-                    x.add(j * xs + k0),
-                    xs,
-                    c,
-                    out.ts,
-                    g.scales.is_some().then_some(&scale),
-                    &mask,
-                    nt,
-                )
-            };
         }
+        n0 = n1;
     }
+}
+
+/// FP8: the scales of column block `kb` for the 64 rows from `n0`, one vector per 16 rows
+/// (zero past `end`).
+#[inline(always)]
+fn block_scales(
+    sv: &[f32],
+    bn: usize,
+    sc: usize,
+    n0: usize,
+    kb: usize,
+    end: usize,
+) -> [__m512; NV] {
+    std::array::from_fn(|v| {
+        let r = n0 + 16 * v;
+        let lanes: [f32; 16] = std::array::from_fn(|l| {
+            if r + l < end {
+                sv[(r + l) / bn * sc + kb]
+            } else {
+                0.0
+            }
+        });
+        // SAFETY: 16 floats (AVX-512 F in every caller).
+        unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+    })
 }
 
 /// Rows `n0..n0+nr` (≤ 64), columns `k0..k0+kcols`, packed into `dst` as the module comment
@@ -428,12 +430,22 @@ unsafe fn tile<const M: usize>(
             // SAFETY: the masked lanes are writable (the caller's guarantee).
             unsafe {
                 let cp = c.add(i * ldc + 16 * v);
-                let old = _mm512_maskz_loadu_ps(mask[v], cp);
+                // Whole vectors unmasked: the usual case, and masked stores are slower.
+                let full = mask[v] == !0;
+                let old = if full {
+                    _mm512_loadu_ps(cp)
+                } else {
+                    _mm512_maskz_loadu_ps(mask[v], cp)
+                };
                 let new = match scale {
                     Some(s) => _mm512_fmadd_ps(acc[i][v], s[v], old),
                     None => _mm512_add_ps(acc[i][v], old),
                 };
-                _mm512_mask_storeu_ps(cp, mask[v], new);
+                if full {
+                    _mm512_storeu_ps(cp, new);
+                } else {
+                    _mm512_mask_storeu_ps(cp, mask[v], new);
+                }
             }
         }
     }
