@@ -12,6 +12,8 @@
 //! Either way each token's result is the same whatever else is in the batch.
 
 use std::ops::Range;
+#[cfg(target_arch = "x86_64")]
+use std::sync::Arc;
 
 use super::isa::{isa, Isa};
 use super::pool;
@@ -64,19 +66,27 @@ struct Prepared<'a> {
     runs: Vec<(Range<usize>, bool)>,
     /// Unscaled bfloat16 activations for FP8 blocked runs.
     #[cfg(target_arch = "x86_64")]
-    bf16: Option<super::x86::bf16dot::Bf16Acts>,
+    bf16: Option<Arc<super::x86::bf16dot::Bf16Acts>>,
 }
 
 enum Acts<'a> {
     F32(&'a [f32]),
     #[cfg(target_arch = "x86_64")]
-    Bf16(super::x86::bf16dot::Bf16Acts),
+    Bf16(Arc<super::x86::bf16dot::Bf16Acts>),
     /// Fast FP8: the kernel scales (and rounds) them per row block itself.
     #[cfg(target_arch = "x86_64")]
     Fp8Scaled(&'a [f32]),
 }
 
-fn prepare<'a>(job: &Job<'a>, p: Precision) -> Prepared<'a> {
+/// Activations already rounded in this dispatch, by address, length and columns of the f32
+/// input:
+/// jobs often share theirs (gate and up, q/k/v).
+#[cfg(target_arch = "x86_64")]
+type Rounded = Vec<((usize, usize, usize), Arc<super::x86::bf16dot::Bf16Acts>)>;
+#[cfg(not(target_arch = "x86_64"))]
+type Rounded = ();
+
+fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'a> {
     let (x, t, w) = (job.x, job.t, job.w);
     let whole = || vec![(0..t, false)];
     #[cfg(target_arch = "x86_64")]
@@ -88,9 +98,17 @@ fn prepare<'a>(job: &Job<'a>, p: Precision) -> Prepared<'a> {
             whole()
         };
         let any_bulk = runs.iter().any(|r| r.1);
-        // SAFETY (both conversions): `bf16_dot()` verified AVX-512 F, BW and BF16.
+        let mut round = || {
+            let key = (x.as_ptr() as usize, x.len(), w.cols);
+            if let Some((_, a)) = rounded.iter().find(|(k, _)| *k == key) {
+                return a.clone();
+            }
+            let a = Arc::new(bf16_acts(x, t, w.cols));
+            rounded.push((key, a.clone()));
+            a
+        };
         if fp8dot::supports(w) {
-            let bf16 = any_bulk.then(|| unsafe { bf16dot::to_bf16(x, t, w.cols) });
+            let bf16 = any_bulk.then(&mut round);
             return Prepared {
                 acts: Acts::Fp8Scaled(x),
                 runs,
@@ -99,19 +117,42 @@ fn prepare<'a>(job: &Job<'a>, p: Precision) -> Prepared<'a> {
         }
         if bf16dot::supports(w) {
             return Prepared {
-                acts: Acts::Bf16(unsafe { bf16dot::to_bf16(x, t, w.cols) }),
+                acts: Acts::Bf16(round()),
                 runs,
                 bf16: None,
             };
         }
     }
-    let _ = p;
+    let _ = (p, rounded);
     Prepared {
         acts: Acts::F32(x),
         runs: whole(),
         #[cfg(target_arch = "x86_64")]
         bf16: None,
     }
+}
+
+/// `x` (`[t, k]`) rounded to bfloat16, split over the pool when large (it runs before the
+/// products, while the other threads would wait).
+#[cfg(target_arch = "x86_64")]
+fn bf16_acts(x: &[f32], t: usize, k: usize) -> super::x86::bf16dot::Bf16Acts {
+    use super::x86::bf16dot::{acts_stride, fill_bf16, Bf16Acts};
+    let stride = acts_stride(k);
+    let mut data = vec![0u16; t * stride];
+    let pool = pool::global();
+    if t * k < PARALLEL_WORK / 2 || pool.threads() == 1 || t < 2 {
+        // SAFETY: only called once `bf16_dot()` verified AVX-512 F, BW and BF16.
+        unsafe { fill_bf16(x, t, k, stride, &mut data) };
+    } else {
+        let per = t.div_ceil(pool.threads());
+        pool::for_each_chunk(&mut data, per * stride, &|i, rows| {
+            let n = rows.len() / stride;
+            let xs = &x[i * per * k..(i * per + n) * k];
+            // SAFETY: as above.
+            unsafe { fill_bf16(xs, n, k, stride, rows) };
+        });
+    }
+    Bf16Acts { data, stride }
 }
 
 /// Maximal runs of equal flags.
@@ -140,7 +181,9 @@ pub fn products(jobs: &[Job], p: Precision) -> Vec<Vec<f32>> {
     for j in jobs {
         assert_eq!(j.x.len(), j.t * j.w.cols, "matmul: x is not [t, cols]");
     }
-    let prepared: Vec<Prepared> = jobs.iter().map(|j| prepare(j, p)).collect();
+    let mut rounded = Rounded::default();
+    let prepared: Vec<Prepared> = jobs.iter().map(|j| prepare(j, p, &mut rounded)).collect();
+    drop(rounded);
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0f32; j.w.rows * j.t]).collect();
     let targets = Outputs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
     // Rows r0..r1 of job j, written straight into the `[t, rows]` result by the kernel.

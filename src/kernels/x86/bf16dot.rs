@@ -79,15 +79,18 @@ pub struct Bf16Acts {
     pub stride: usize,
 }
 
-/// `x` (`[t, k]`) as [`Bf16Acts`].
+/// The padded row length of [`Bf16Acts`] for `k` columns.
+pub fn acts_stride(k: usize) -> usize {
+    k.next_multiple_of(32)
+}
+
+/// `x` (`[t, k]`) rounded into `data` (`t` rows of `stride` ≥ `k`, already zero past `k`).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn to_bf16(x: &[f32], t: usize, k: usize) -> Bf16Acts {
-    assert!(x.len() >= t * k);
-    let stride = k.next_multiple_of(32);
-    let mut data = vec![0u16; t * stride];
+pub unsafe fn fill_bf16(x: &[f32], t: usize, k: usize, stride: usize, data: &mut [u16]) {
+    assert!(x.len() >= t * k && stride >= acts_stride(k) && data.len() >= t * stride);
     for j in 0..t {
         let mut c = 0;
         while c < k {
@@ -106,7 +109,6 @@ pub unsafe fn to_bf16(x: &[f32], t: usize, k: usize) -> Bf16Acts {
             c += 16;
         }
     }
-    Bf16Acts { data, stride }
 }
 
 /// `out[r - rows.start, j] = Σ_k x[j0 + j, k] · W[r, k]` for `r` in `rows`, `j < t`, BF16 `w`.
