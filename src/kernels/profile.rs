@@ -17,11 +17,10 @@ pub enum Kind {
     AttnOut,
     MoeRouter,
     MoeExperts,
-    MoeShared,
     LmHead,
 }
 
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 12] = [
     Kind::Embed,
     Kind::Norms,
     Kind::DeltaNetProj,
@@ -33,7 +32,6 @@ pub const KINDS: [Kind; 13] = [
     Kind::AttnOut,
     Kind::MoeRouter,
     Kind::MoeExperts,
-    Kind::MoeShared,
     Kind::LmHead,
 ];
 
@@ -50,8 +48,7 @@ impl Kind {
             Kind::AttnCore => "attention norm + RoPE + softmax(QK)V",
             Kind::AttnOut => "attention o_proj",
             Kind::MoeRouter => "MoE router + top-k",
-            Kind::MoeExperts => "MoE routed experts",
-            Kind::MoeShared => "MoE shared expert",
+            Kind::MoeExperts => "MoE experts (routed + shared), combine",
             Kind::LmHead => "final norm + lm_head",
         }
     }

@@ -10,7 +10,22 @@ use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, softmax, swiglu};
 use crate::kernels::matmul::{axpy, matmul, products, Job, Precision};
+use crate::kernels::pool;
 use crate::kernels::profile::{Kind, Span};
+
+/// Tokens in a step from which the MoE's copies run on every thread.
+const SPREAD_TOKENS: usize = 16;
+
+/// `f(i, &mut items[i])` for every item: over the pool when `spread`.
+fn each<T: Send>(items: &mut [T], spread: bool, f: &(dyn Fn(usize, &mut T) + Sync)) {
+    if spread {
+        pool::for_each_chunk(items, 1, &|i, c| f(i, &mut c[0]));
+    } else {
+        for (i, it) in items.iter_mut().enumerate() {
+            f(i, it);
+        }
+    }
+}
 
 pub struct Moe {
     router: Matrix,
@@ -116,15 +131,19 @@ impl Moe {
         // Gather each selected expert's tokens, then run every gate/up projection (and the
         // shared expert's) in one dispatch, and every down projection in a second.
         let active: Vec<usize> = (0..e_count).filter(|&e| !routes[e].is_empty()).collect();
-        let xs: Vec<Vec<f32>> = active
-            .iter()
-            .map(|&e| {
-                routes[e]
-                    .iter()
-                    .flat_map(|&(ti, _)| x[ti * h..(ti + 1) * h].iter().copied())
-                    .collect()
-            })
-            .collect();
+        // Prompt chunks gather, activate and combine on every thread: at hundreds of tokens
+        // these copies are a tenth of the layer, and on one thread the others would wait.
+        // Decode keeps them on the calling thread (a dispatch costs more than the work).
+        let spread = t >= SPREAD_TOKENS;
+        let mut xs: Vec<Vec<f32>> = vec![Vec::new(); active.len()];
+        let gather = |i: usize, dst: &mut Vec<f32>| {
+            let r = &routes[active[i]];
+            dst.reserve_exact(r.len() * h);
+            for &(ti, _) in r {
+                dst.extend_from_slice(&x[ti * h..(ti + 1) * h]);
+            }
+        };
+        each(&mut xs, spread, &gather);
         let marks: Vec<Vec<bool>> = active
             .iter()
             .map(|&e| {
@@ -147,11 +166,11 @@ impl Moe {
             jobs.push(step.job(x, t, g));
         }
         let gu = products(&jobs, p);
-        let hs: Vec<Vec<f32>> = gu
-            .chunks(2)
-            .take(active.len() + usize::from(self.shared.is_some()))
-            .map(|p| swiglu(&p[0], &p[1]))
-            .collect();
+        let mut hs: Vec<Vec<f32>> =
+            vec![Vec::new(); active.len() + usize::from(self.shared.is_some())];
+        each(&mut hs, spread, &|i, h| {
+            *h = swiglu(&gu[2 * i], &gu[2 * i + 1])
+        });
         let mut jobs: Vec<Job> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
             jobs.push(Job::new(&hs[i], routes[e].len(), &self.experts[e].down).bulk(&marks[i]));
@@ -160,25 +179,40 @@ impl Moe {
             jobs.push(step.job(&hs[active.len()], t, &s.down));
         }
         let downs = products(&jobs, p);
+        // Each token's contributions in ascending expert order, then the shared expert's: the
+        // order of additions depends only on the token's own choices.
+        let k = self.top_k.min(e_count);
+        let mut slots = vec![(0u32, 0u32, 0.0f32); t * k];
+        let mut filled = vec![0usize; t];
         for (i, &e) in active.iter().enumerate() {
-            let y = &downs[i];
             for (r, &(ti, w)) in routes[e].iter().enumerate() {
-                axpy(&mut out[ti * h..(ti + 1) * h], w, &y[r * h..(r + 1) * h]);
+                slots[ti * k + filled[ti]] = (i as u32, r as u32, w);
+                filled[ti] += 1;
             }
+        }
+        let shared = self
+            .shared
+            .is_some()
+            .then(|| (&gu[2 * active.len() + 2], &downs[active.len()]));
+        let combine = |t0: usize, rows: &mut [f32]| {
+            for (n, o) in rows.chunks_exact_mut(h).enumerate() {
+                let ti = t0 + n;
+                for &(i, r, w) in &slots[ti * k..ti * k + filled[ti]] {
+                    let (i, r) = (i as usize, r as usize);
+                    axpy(o, w, &downs[i][r * h..(r + 1) * h]);
+                }
+                if let Some((g, y)) = shared {
+                    axpy(o, sigmoid(g[ti]), &y[ti * h..(ti + 1) * h]);
+                }
+            }
+        };
+        if spread {
+            let per = t.div_ceil(4 * pool::global().threads());
+            pool::for_each_chunk(&mut out, per * h, &|c, rows| combine(c * per, rows));
+        } else {
+            combine(0, &mut out);
         }
         drop(experts);
-        let _shared = Span::new(Kind::MoeShared);
-        if self.shared.is_some() {
-            let g = &gu[2 * active.len() + 2];
-            let y = &downs[active.len()];
-            for ti in 0..t {
-                axpy(
-                    &mut out[ti * h..(ti + 1) * h],
-                    sigmoid(g[ti]),
-                    &y[ti * h..(ti + 1) * h],
-                );
-            }
-        }
         out
     }
 

@@ -208,7 +208,9 @@ unsafe fn run<S: Source>(
         let mut fetched = 0;
         for kb in 0..kblocks {
             let k0 = kb * kc;
-            let scale = g.scales.map(|(sv, bn, sc)| block_scales(sv, bn, sc, n0, kb, rows.end));
+            let scale = g
+                .scales
+                .map(|(sv, bn, sc)| block_scales(sv, bn, sc, n0, kb, rows.end));
             let pairs = kc.min(k - k0).div_ceil(2);
             for tile in 0..tiles {
                 for _ in 0..per_tile.min(lines - fetched) {
