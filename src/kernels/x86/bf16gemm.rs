@@ -178,22 +178,26 @@ unsafe fn run<S: Source>(
     let mut n0 = rows.start;
     while n0 < rows.end {
         let nr = PANEL_ROWS.min(rows.end - n0);
-        for kb in 0..kblocks {
-            let k0 = kb * kc;
-            // SAFETY: rows n0..n0+nr and columns k0.. of this block exist; the buffer holds
-            // every block.
-            unsafe {
-                pack_block(
-                    s,
-                    w,
-                    k,
-                    n0,
-                    nr,
-                    k0,
-                    kc.min(k - k0),
-                    pack.as_mut_ptr().add(kb * block_words),
-                )
-            };
+        // Group by group, each of its 16 rows read front to back across the blocks.
+        for g in 0..NV {
+            for kb in 0..kblocks {
+                let k0 = kb * kc;
+                // SAFETY: rows n0..n0+nr and columns k0.. of this block exist; the buffer
+                // holds every block.
+                unsafe {
+                    pack_block(
+                        s,
+                        w,
+                        k,
+                        n0,
+                        nr,
+                        g,
+                        k0,
+                        kc.min(k - k0),
+                        pack.as_mut_ptr().add(kb * block_words),
+                    )
+                };
+            }
         }
         let mask: [__mmask16; NV] = std::array::from_fn(|v| {
             let n = nr.saturating_sub(16 * v).min(16);
@@ -255,6 +259,12 @@ fn block_scales(
 ) -> [__m512; NV] {
     std::array::from_fn(|v| {
         let r = n0 + 16 * v;
+        if bn % 16 == 0 && r % 16 == 0 && r + 16 <= end {
+            // 16 rows in one scale block (the usual case: panels start on a multiple of 64,
+            // blocks are 128 rows): no per-lane divisions.
+            // SAFETY: AVX-512 F in every caller.
+            return unsafe { _mm512_set1_ps(sv[r / bn * sc + kb]) };
+        }
         let lanes: [f32; 16] = std::array::from_fn(|l| {
             if r + l < end {
                 sv[(r + l) / bn * sc + kb]
@@ -267,8 +277,9 @@ fn block_scales(
     })
 }
 
-/// Rows `n0..n0+nr` (≤ 64), columns `k0..k0+kcols`, packed into `dst` as the module comment
-/// describes; rows past `nr` and columns past `kcols` (to a whole chunk) are zero.
+/// Row group `g` (rows `n0 + 16g ..`, of `n0..n0+nr`), columns `k0..k0+kcols`, packed into
+/// `dst` as the module comment describes; rows past `nr` and columns past `kcols` (to a whole
+/// chunk) are zero.
 ///
 /// # Safety
 /// As for [`run`]; `dst` holds a whole block.
@@ -281,41 +292,40 @@ unsafe fn pack_block<S: Source>(
     k: usize,
     n0: usize,
     nr: usize,
+    g: usize,
     k0: usize,
     kcols: usize,
     dst: *mut u32,
 ) {
     let ch = 32 * S::VECS;
-    for g in 0..NV {
-        for c in (0..kcols).step_by(ch) {
-            let mut v = [[_mm512_setzero_si512(); 16]; 2];
-            for l in 0..16 {
-                let r = 16 * g + l;
-                if r >= nr {
-                    break;
-                }
-                let p = w.wrapping_add(((n0 + r) * k + k0 + c) * S::ELEM);
-                // SAFETY: a whole chunk within the row, or the partial last one through a
-                // zeroed copy.
-                let chunk = unsafe {
-                    if c + ch <= kcols {
-                        s.chunk(p)
-                    } else {
-                        tail(s, p, kcols - c)
-                    }
-                };
-                for h in 0..S::VECS {
-                    v[h][l] = std::mem::transmute::<__m512bh, __m512i>(chunk[h]);
-                }
+    for c in (0..kcols).step_by(ch) {
+        let mut v = [[_mm512_setzero_si512(); 16]; 2];
+        for l in 0..16 {
+            let r = 16 * g + l;
+            if r >= nr {
+                break;
             }
-            for (h, vh) in v.iter().enumerate().take(S::VECS) {
-                // SAFETY: AVX-512 F.
-                let tr = unsafe { transpose16(*vh) };
-                for (q, col) in tr.iter().enumerate() {
-                    let pair = c / 2 + S::pair(h, q);
-                    // SAFETY: pair < kc / 2 and g < NV: inside the block.
-                    unsafe { _mm512_storeu_si512(dst.add((pair * NV + g) * 16) as *mut _, *col) };
+            let p = w.wrapping_add(((n0 + r) * k + k0 + c) * S::ELEM);
+            // SAFETY: a whole chunk within the row, or the partial last one through a
+            // zeroed copy.
+            let chunk = unsafe {
+                if c + ch <= kcols {
+                    s.chunk(p)
+                } else {
+                    tail(s, p, kcols - c)
                 }
+            };
+            for h in 0..S::VECS {
+                v[h][l] = std::mem::transmute::<__m512bh, __m512i>(chunk[h]);
+            }
+        }
+        for (h, vh) in v.iter().enumerate().take(S::VECS) {
+            // SAFETY: AVX-512 F.
+            let tr = unsafe { transpose16(*vh) };
+            for (q, col) in tr.iter().enumerate() {
+                let pair = c / 2 + S::pair(h, q);
+                // SAFETY: pair < kc / 2 and g < NV: inside the block.
+                unsafe { _mm512_storeu_si512(dst.add((pair * NV + g) * 16) as *mut _, *col) };
             }
         }
     }
