@@ -48,7 +48,7 @@ pub fn supports(w: &Matrix) -> bool {
         MatrixData::Bf16(_) => true,
         MatrixData::Fp8 {
             block_k, block_n, ..
-        } => block_k % 64 == 0 && block_k <= 512 && block_n > 0,
+        } => block_k.is_multiple_of(64) && block_k <= 512 && block_n > 0,
         _ => false,
     }
 }
@@ -259,7 +259,7 @@ fn block_scales(
 ) -> [__m512; NV] {
     std::array::from_fn(|v| {
         let r = n0 + 16 * v;
-        if bn % 16 == 0 && r % 16 == 0 && r + 16 <= end {
+        if bn.is_multiple_of(16) && r.is_multiple_of(16) && r + 16 <= end {
             // 16 rows in one scale block (the usual case: panels start on a multiple of 64,
             // blocks are 128 rows): no per-lane divisions.
             // SAFETY: AVX-512 F in every caller.
