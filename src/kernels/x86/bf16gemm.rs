@@ -173,6 +173,7 @@ unsafe fn run<S: Source>(
     // Per column block: its column pairs × row groups × 16 lanes, as 32-bit words.
     let block_words = kc / 2 * NV * 16;
     let mut pack = vec![0u32; kblocks * block_words];
+    let mut acc = vec![0.0f32; t * PANEL_ROWS];
     let tiles = t.div_ceil(MR);
     let row_lines = (k * S::ELEM).div_ceil(64);
     let mut n0 = rows.start;
@@ -199,10 +200,11 @@ unsafe fn run<S: Source>(
                 };
             }
         }
-        let mask: [__mmask16; NV] = std::array::from_fn(|v| {
-            let n = nr.saturating_sub(16 * v).min(16);
-            ((1u32 << n) - 1) as __mmask16
-        });
+        // The panel's sums build up in a compact `[t, 64]` buffer, copied out at the end:
+        // rows of the result are a whole matrix row apart (48 KiB for the DeltaNet input
+        // projection), so updating them in place at every column block touched hundreds of
+        // pages per block, more than the TLB holds.
+        acc.fill(0.0);
         // The next panel's rows, fetched into L2 a share per token tile while this one is
         // multiplied: read only when packed, they would stall the packing on memory.
         let n1 = n0 + nr;
@@ -223,24 +225,26 @@ unsafe fn run<S: Source>(
                 }
                 let j = tile * MR;
                 let nt = MR.min(t - j);
-                let c = out.at(n0 - rows.start, j);
                 // SAFETY: the packed block has `pairs` column pairs; tokens j..j+nt have
-                // their columns k0..k0 + 2·pairs (within the padded rows); `c` reaches the
-                // panel's rows (masked) for tokens j..j+nt.
+                // their columns k0..k0 + 2·pairs (within the padded rows); the buffer has
+                // 64 sums for each of them.
                 unsafe {
                     tile_dispatch(
                         pack.as_ptr().add(kb * block_words),
                         pairs,
                         x.add(j * xs + k0),
                         xs,
-                        c,
-                        out.ts,
+                        acc.as_mut_ptr().add(j * PANEL_ROWS),
+                        PANEL_ROWS,
                         scale.as_ref(),
-                        &mask,
                         nt,
                     )
                 };
             }
+        }
+        for (j, sums) in acc.chunks_exact(PANEL_ROWS).enumerate() {
+            // SAFETY: rows n0..n0+nr of token j are within `out` (the caller's guarantee).
+            unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), out.at(n0 - rows.start, j), nr) };
         }
         n0 = n1;
     }
@@ -383,13 +387,12 @@ unsafe fn tile_dispatch(
     c: *mut f32,
     ldc: usize,
     scale: Option<&[__m512; NV]>,
-    mask: &[__mmask16; NV],
     nt: usize,
 ) {
     macro_rules! go {
         ($m:literal) => {
             // SAFETY: forwarded from the caller.
-            unsafe { tile::<$m>(pack, pairs, x, xs, c, ldc, scale, mask) }
+            unsafe { tile::<$m>(pack, pairs, x, xs, c, ldc, scale) }
         };
     }
     match nt {
@@ -403,11 +406,11 @@ unsafe fn tile_dispatch(
 }
 
 /// `M` tokens × one packed panel over `pairs` column pairs, added into `c` (token `i`'s 64
-/// results at `c + i·ldc`, lanes per `mask`), times `scale` per lane if given.
+/// sums at `c + i·ldc`), times `scale` per lane if given.
 ///
 /// # Safety
 /// AVX-512 F/BW/BF16; `pack` holds `pairs` packed column pairs; token `i`'s activations at
-/// `x + i·xs` have `2·pairs` columns; the masked outputs are writable.
+/// `x + i·xs` have `2·pairs` columns; 64 sums per token writable at `c`.
 #[inline]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -419,7 +422,6 @@ unsafe fn tile<const M: usize>(
     c: *mut f32,
     ldc: usize,
     scale: Option<&[__m512; NV]>,
-    mask: &[__mmask16; NV],
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; M];
     for p in 0..pairs {
@@ -439,25 +441,15 @@ unsafe fn tile<const M: usize>(
     }
     for i in 0..M {
         for v in 0..NV {
-            // SAFETY: the masked lanes are writable (the caller's guarantee).
+            // SAFETY: the caller's buffer has 64 sums per token.
             unsafe {
                 let cp = c.add(i * ldc + 16 * v);
-                // Whole vectors unmasked: the usual case, and masked stores are slower.
-                let full = mask[v] == !0;
-                let old = if full {
-                    _mm512_loadu_ps(cp)
-                } else {
-                    _mm512_maskz_loadu_ps(mask[v], cp)
-                };
+                let old = _mm512_loadu_ps(cp);
                 let new = match scale {
                     Some(s) => _mm512_fmadd_ps(acc[i][v], s[v], old),
                     None => _mm512_add_ps(acc[i][v], old),
                 };
-                if full {
-                    _mm512_storeu_ps(cp, new);
-                } else {
-                    _mm512_mask_storeu_ps(cp, mask[v], new);
-                }
+                _mm512_storeu_ps(cp, new);
             }
         }
     }
