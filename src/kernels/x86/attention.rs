@@ -10,6 +10,8 @@ use crate::kernels::attention::KvHead;
 /// Positions per block of the value pass: 64 rows of one head (64 KiB at hd 256) stay in L2
 /// while every column block of every head's output passes over them.
 const JB: usize = 64;
+/// Key rows prefetched ahead of the one being scored.
+const ROWS_AHEAD: usize = 16;
 
 /// A stored key/value element: f32, or bfloat16 bits widened exactly on load.
 pub trait KvElem: Copy {
@@ -65,9 +67,11 @@ pub unsafe fn attend<const G: usize, E: KvElem>(
         // SAFETY: row j < ctx, columns off..off + hd inside it; q has G·hd values.
         unsafe {
             let kj = kp.add(j * kvw + off);
-            // A few rows ahead: the rows are strided (kvw apart), so the hardware's
-            // sequential prefetch sees only part of the pattern.
-            let ahead = kj.wrapping_add(4 * kvw) as *const i8;
+            // Rows ahead: they are strided (kvw apart), so the hardware's sequential prefetch
+            // sees only part of the pattern, and at long contexts they come from memory (a
+            // profile at depth 4096 had half of this kernel waiting on K and V loads with 4
+            // rows of distance).
+            let ahead = kj.wrapping_add(ROWS_AHEAD * kvw) as *const i8;
             for line in (0..hd * std::mem::size_of::<E>()).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
             }
@@ -101,6 +105,13 @@ pub unsafe fn attend<const G: usize, E: KvElem>(
                 });
                 for j in j0..j1 {
                     let vj = vp.add(j * kvw + off + c);
+                    if c == 0 {
+                        // The next block's value rows, while this block's first columns pass.
+                        let ahead = vp.wrapping_add((j + JB) * kvw + off) as *const i8;
+                        for line in (0..hd * std::mem::size_of::<E>()).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+                        }
+                    }
                     let (v0, v1) = (E::load16(vj), E::load16(vj.add(16)));
                     for h in 0..G {
                         let p = _mm512_set1_ps(*scores.get_unchecked(h * ctx + j));
