@@ -4,9 +4,10 @@
 //!
 //! Why a second kernel: the dot-product tiles of [`super::bf16dot`] reread a 64 KiB panel of
 //! widened rows from L2 for every token tile and sum lanes at the end; measured at 43–55% of
-//! the bfloat16 peak. Here a panel of 64 rows × one column block (16–32 KiB) is packed once,
-//! stays in L1 while every token passes, and each step is 4 weight loads and 6 broadcasts for
-//! 24 multiply-adds of 32 products each.
+//! the bfloat16 peak. Here a panel of 64 rows is packed once (into L2); each column block of
+//! it (16–32 KiB) stays in L1 while every token passes, and each step is 4 weight loads and 6
+//! broadcasts for 24 multiply-adds of 32 products each (63–79% of the peak at the model's
+//! shapes).
 //!
 //! Packed layout: for column pair `p` (columns `2p`, `2p+1`) and row group `g` (16 rows), one
 //! 64-byte vector whose 32-bit lane `l` holds the two weights of row `16g + l`: exactly the
@@ -42,7 +43,7 @@ const MR: usize = 6;
 const BF16_BLOCK: usize = 256;
 
 /// Whether [`rows`] handles `w`: BF16, or FP8 whose column blocks are whole 64-column chunks
-/// of at most 512 columns (the packed panel must stay in L1).
+/// of at most 512 columns (a packed column block must stay in L1).
 pub fn supports(w: &Matrix) -> bool {
     match w.data {
         MatrixData::Bf16(_) => true,
