@@ -79,6 +79,15 @@ pub struct Bf16Acts {
     pub stride: usize,
 }
 
+impl Bf16Acts {
+    /// Where token `j0` starts, after checking that tokens `j0..j0 + t` of `k` columns (padded
+    /// to whole 32-column chunks) are all there.
+    pub(super) fn tokens(&self, j0: usize, t: usize, k: usize) -> *const u16 {
+        assert!(self.stride >= acts_stride(k) && self.data.len() >= (j0 + t) * self.stride);
+        self.data.as_ptr().wrapping_add(j0 * self.stride)
+    }
+}
+
 /// The padded row length of [`Bf16Acts`] for `k` columns.
 pub fn acts_stride(k: usize) -> usize {
     k.next_multiple_of(32)
@@ -131,21 +140,10 @@ pub unsafe fn rows(
     let k = w.cols;
     let d = d.as_slice();
     assert!(rows.end <= w.rows && d.len() >= w.rows * k);
-    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= (j0 + t) * x.stride);
+    let xp = x.tokens(j0, t, k);
     // SAFETY: same target features; rows and activations checked above, outputs by the
     // caller.
-    unsafe {
-        run(
-            &Raw,
-            d.as_ptr() as *const u8,
-            k,
-            x.data.as_ptr().add(j0 * x.stride),
-            x.stride,
-            t,
-            rows,
-            out,
-        )
-    }
+    unsafe { run(&Raw, d.as_ptr() as *const u8, k, xp, x.stride, t, rows, out) }
 }
 
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token

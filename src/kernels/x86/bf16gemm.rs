@@ -71,8 +71,7 @@ pub unsafe fn rows(
 ) {
     let k = w.cols;
     assert!(rows.end <= w.rows);
-    assert!(x.stride >= k.next_multiple_of(32) && x.data.len() >= (j0 + t) * x.stride);
-    let xp = x.data.as_ptr().wrapping_add(j0 * x.stride);
+    let xp = x.tokens(j0, t, k);
     match &w.data {
         MatrixData::Bf16(d) => {
             let d = d.as_slice();
