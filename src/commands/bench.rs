@@ -195,6 +195,13 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
                 }
             }
         }
+        for (depth, layers) in [(4096usize, 12usize), (4096, 1)] {
+            let (ms, gbps) = qnext::kernels::microbench::attention_decode(depth, layers, 21);
+            println!(
+                "attention decode depth {depth} over {layers:>2} layers' caches: {:.3} ms per layer, {gbps:.1} GB/s of cache",
+                ms / layers as f64
+            );
+        }
         if let Some(peak) = qnext::kernels::microbench::bf16_peak() {
             println!("bf16 dot-product peak (registers only): {peak:.0} GFLOP/s");
         }

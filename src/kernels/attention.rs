@@ -1,14 +1,26 @@
-//! Softmax attention of a group of query heads over one KV head of the cache: the inner loop
-//! of decode at long contexts, where it reads the whole cache for every token.
+//! Softmax attention of one token's query heads over a sequence's K/V cache: the inner loop of
+//! decode at long contexts, where it reads the whole cache for every token.
 //!
-//! Every cached key and value row is read once for the whole group (GQA: 8 query heads per KV
-//! head in Qwen3-Next). Scores are f32 dot products, softmax uses the vectorised `exp`, and
-//! the weighted sum of values runs over blocks of positions that stay in cache.
+//! The cache is cut into chunks of [`CHUNK`] positions at fixed absolute positions. Each chunk
+//! gives a [`Part`]: per head, the scores' maximum, the sum of their exponentials and the
+//! unnormalised weighted sum of values (flash-decoding). Parts are folded in chunk order.
+//! Because the cut and the fold's order depend only on the token's position, a token's result
+//! is the same whether its chunks ran one after the other ([`attend`], prompt tokens) or as
+//! separate tasks on the pool (decode, where one token's chunks are all the work there is).
+//!
+//! A chunk reads each cached row once for all heads (GQA: 8 query heads share a KV head in
+//! Qwen3-Next), whole rows in order, which the hardware prefetchers follow.
+
+use std::ops::Range;
 
 use multiversion::multiversion;
 
-use super::activation::softmax;
-use super::matmul::axpy;
+use super::activation::exp;
+
+/// Positions per chunk: its keys and values (512 KiB at the model's shape in bfloat16) stay in
+/// L2 between the scoring and the weighting pass, and at depth 4096 one token gives the pool 16
+/// chunks to share.
+pub const CHUNK: usize = 256;
 
 /// Cached key or value rows as stored: f32 (`--exact`) or bfloat16 (the fast path, half the
 /// bytes that decode at long contexts reads per token).
@@ -18,7 +30,7 @@ pub enum Rows<'a> {
     Bf16(&'a [u16]),
 }
 
-impl<'a> Rows<'a> {
+impl Rows<'_> {
     pub fn len(&self) -> usize {
         match self {
             Rows::F32(d) => d.len(),
@@ -30,116 +42,227 @@ impl<'a> Rows<'a> {
         self.len() == 0
     }
 
-    /// Values `start..start + n` as f32: borrowed, or widened into `buf`.
-    fn get<'s>(&self, start: usize, n: usize, buf: &'s mut [f32]) -> &'s [f32]
-    where
-        'a: 's,
-    {
+    /// Value `i` as f32.
+    fn at(&self, i: usize) -> f32 {
         match *self {
-            Rows::F32(d) => &d[start..start + n],
-            Rows::Bf16(d) => {
-                for (o, &b) in buf[..n].iter_mut().zip(&d[start..start + n]) {
-                    *o = f32::from_bits((b as u32) << 16);
-                }
-                &buf[..n]
+            Rows::F32(d) => d[i],
+            Rows::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
+        }
+    }
+}
+
+/// A sequence's cache as the kernels read it: rows of `heads × hd` keys and values, one per
+/// position, at least `len` of them.
+#[derive(Clone, Copy)]
+pub struct Kv<'a> {
+    pub k: Rows<'a>,
+    pub v: Rows<'a>,
+    pub heads: usize,
+    pub hd: usize,
+    pub len: usize,
+}
+
+impl Kv<'_> {
+    fn check(&self, q_heads: usize) {
+        let w = self.heads * self.hd;
+        assert!(self.heads > 0 && q_heads.is_multiple_of(self.heads));
+        assert!(self.k.len() >= self.len * w && self.v.len() >= self.len * w);
+    }
+}
+
+/// The chunks of a context of `ctx` positions.
+pub fn chunks(ctx: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..ctx)
+        .step_by(CHUNK)
+        .map(move |p| p..(p + CHUNK).min(ctx))
+}
+
+/// Attention of all query heads over one chunk, before normalisation.
+#[derive(Clone, Default)]
+pub struct Part {
+    /// Per query head: the largest scaled score.
+    pub m: Vec<f32>,
+    /// Per query head: Σ exp(score − m).
+    pub l: Vec<f32>,
+    /// `[heads, hd]`: Σ exp(score − m) · value.
+    pub o: Vec<f32>,
+}
+
+impl Part {
+    pub fn new(heads: usize, hd: usize) -> Part {
+        Part {
+            m: vec![0.0; heads],
+            l: vec![0.0; heads],
+            o: vec![0.0; heads * hd],
+        }
+    }
+
+    /// Folds `next` (the following chunk) into `self`, rescaling both to the larger maximum.
+    pub fn fold(&mut self, next: &Part) {
+        let hd = self.o.len() / self.m.len();
+        for h in 0..self.m.len() {
+            let m = self.m[h].max(next.m[h]);
+            let (a, b) = (exp(self.m[h] - m), exp(next.m[h] - m));
+            self.m[h] = m;
+            self.l[h] = a * self.l[h] + b * next.l[h];
+            let (o, n) = (
+                &mut self.o[h * hd..(h + 1) * hd],
+                &next.o[h * hd..(h + 1) * hd],
+            );
+            for (o, &n) in o.iter_mut().zip(n) {
+                *o = a * *o + b * n;
+            }
+        }
+    }
+
+    /// The normalised attention output `[heads, hd]`.
+    pub fn finish(&self, out: &mut [f32]) {
+        let hd = self.o.len() / self.m.len();
+        for (h, (out, o)) in out.chunks_mut(hd).zip(self.o.chunks(hd)).enumerate() {
+            let inv = 1.0 / self.l[h];
+            for (y, &x) in out.iter_mut().zip(o) {
+                *y = x * inv;
             }
         }
     }
 }
 
-/// One KV head of a sequence's cache as the kernels read it: positions `0..len` of the key and
-/// value rows (`stride` values each), this head's `hd` columns starting at `off`.
-#[derive(Clone, Copy)]
-pub struct KvHead<'a> {
-    pub k: Rows<'a>,
-    pub v: Rows<'a>,
-    pub len: usize,
-    pub stride: usize,
-    pub off: usize,
+/// Causal softmax attention of one token's query heads `q` (`[heads, hd]`) over positions
+/// `0..kv.len` of the cache, into `out` (`[heads, hd]`): its chunks in order, folded.
+pub fn attend(q: &[f32], kv: Kv, out: &mut [f32]) {
+    let heads = q.len() / kv.hd;
+    let mut acc = Part::new(heads, kv.hd);
+    let mut next = Part::new(heads, kv.hd);
+    for (i, range) in chunks(kv.len).enumerate() {
+        if i == 0 {
+            attend_chunk(q, kv, range, &mut acc);
+        } else {
+            attend_chunk(q, kv, range, &mut next);
+            acc.fold(&next);
+        }
+    }
+    acc.finish(out);
 }
 
-/// Causal softmax attention of the query heads `q` (`[group, hd]`) over one KV head, into
-/// `out` (`[group, hd]`).
-pub fn attend_group(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
-    let group = q.len() / hd;
-    assert!(q.len() == group * hd && out.len() == group * hd && off + hd <= kvw);
-    assert!(kc.len() >= ctx * kvw && vc.len() >= ctx * kvw);
+/// One chunk's [`Part`] of the attention of `q` (`[heads, hd]`), `range` within `0..kv.len`.
+pub fn attend_chunk(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part) {
+    chunk_with(q, kv, range, part, super::isa::bf16_dot());
+}
+
+/// [`attend_chunk`], with bfloat16 rows taking the bfloat16 dot products where `dots` (and the
+/// CPU has them) and f32 arithmetic otherwise.
+fn chunk_with(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, dots: bool) {
+    let heads = q.len() / kv.hd;
+    kv.check(heads);
+    assert!(q.len() == heads * kv.hd && !range.is_empty() && range.end <= kv.len);
+    assert!(part.m.len() == heads && part.l.len() == heads && part.o.len() == heads * kv.hd);
     #[cfg(target_arch = "x86_64")]
-    if super::isa::isa() == super::isa::Isa::Avx512 && hd.is_multiple_of(32) {
-        use super::x86::attention::attend;
+    if super::isa::isa() == super::isa::Isa::Avx512 && kv.hd.is_multiple_of(32) {
+        use super::x86::attention::{chunk, chunk_bf16, Bf16Rows, F32Rows};
+        let dots = dots && super::isa::bf16_dot();
         macro_rules! go {
-            ($g:literal) => {
-                // SAFETY: AVX-512 F verified by `isa()`; shapes checked above.
+            ($g:literal, $p:literal) => {
+                // SAFETY: AVX-512 F (and BF16 where used) verified by `isa()` and
+                // `bf16_dot()`; shapes checked above.
                 unsafe {
                     match (kv.k, kv.v) {
-                        (Rows::F32(k), Rows::F32(v)) => attend::<$g, f32>(q, k, v, kv, hd, out),
-                        (Rows::Bf16(k), Rows::Bf16(v)) => attend::<$g, u16>(q, k, v, kv, hd, out),
-                        _ => attend_portable(q, kv, hd, out),
+                        (Rows::F32(k), Rows::F32(v)) => {
+                            chunk::<$g, $p, F32Rows>(q, k, v, kv, range, part)
+                        }
+                        (Rows::Bf16(k), Rows::Bf16(v)) if dots => {
+                            chunk_bf16::<$g, $p>(q, k, v, kv, range, part)
+                        }
+                        (Rows::Bf16(k), Rows::Bf16(v)) => {
+                            chunk::<$g, $p, Bf16Rows>(q, k, v, kv, range, part)
+                        }
+                        _ => chunk_portable(q, kv, range, part, false),
                     }
                 }
             };
         }
-        match group {
-            8 => return go!(8),
-            4 => return go!(4),
-            2 => return go!(2),
-            1 => return go!(1),
+        match heads / kv.heads {
+            8 => return go!(8, 2),
+            4 => return go!(4, 4),
+            2 => return go!(2, 8),
+            1 => return go!(1, 16),
             _ => {}
         }
     }
-    attend_portable(q, kv, hd, out);
+    chunk_portable(q, kv, range, part, false);
 }
 
-/// The portable form: 16-lane chains the compiler vectorises.
+/// `x` rounded to the nearest bfloat16 (ties to even), as f32.
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The portable form: 16-lane chains the compiler vectorises; each row is widened once for
+/// the query heads that share it. With `round`, queries and weights are rounded to bfloat16
+/// first, as the bfloat16 dot products take them (the tests' model of that kernel).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
-    let (kc, vc, ctx, kvw, off) = (kv.k, kv.v, kv.len, kv.stride, kv.off);
+fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round: bool) {
+    let rounded: Vec<f32>;
+    let q = if round {
+        rounded = q.iter().map(|&x| bf16_round(x)).collect();
+        &rounded
+    } else {
+        q
+    };
     const L: usize = 16;
-    let group = q.len() / hd;
+    let (hd, w) = (kv.hd, kv.heads * kv.hd);
+    let group = q.len() / hd / kv.heads;
+    let n = range.len();
     let scale = 1.0 / (hd as f32).sqrt();
-    // scores[h · ctx + j]
-    let mut scores = vec![0.0f32; group * ctx];
     let lanes = hd / L * L;
-    let mut kbuf = vec![0.0f32; hd];
-    for j in 0..ctx {
-        let kj = kc.get(j * kvw + off, hd, &mut kbuf);
-        for h0 in (0..group).step_by(4) {
-            let hn = (group - h0).min(4);
-            let mut acc = [[0.0f32; L]; 4];
-            for c in (0..lanes).step_by(L) {
-                let kv: &[f32; L] = kj[c..c + L].try_into().unwrap();
-                for (hh, a) in acc.iter_mut().enumerate().take(hn) {
-                    let qh = &q[(h0 + hh) * hd + c..(h0 + hh) * hd + c + L];
+    let mut row = vec![0.0f32; hd];
+    // scores[hh · n + j] for the heads of one KV head.
+    let mut scores = vec![0.0f32; group * n];
+    part.o.fill(0.0);
+    for g in 0..kv.heads {
+        let widen = |rows: Rows, j: usize, row: &mut [f32]| {
+            for (c, r) in row.iter_mut().enumerate() {
+                *r = rows.at(j * w + g * hd + c);
+            }
+        };
+        for (jj, j) in range.clone().enumerate() {
+            widen(kv.k, j, &mut row);
+            for hh in 0..group {
+                let qh = &q[(g * group + hh) * hd..(g * group + hh + 1) * hd];
+                let mut acc = [0.0f32; L];
+                for c in (0..lanes).step_by(L) {
                     for l in 0..L {
-                        a[l] += qh[l] * kv[l];
+                        acc[l] += qh[c + l] * row[c + l];
                     }
                 }
-            }
-            for (hh, a) in acc.iter().enumerate().take(hn) {
-                let h = h0 + hh;
-                let mut s: f32 = a.iter().sum();
+                let mut dot: f32 = acc.iter().sum();
                 for c in lanes..hd {
-                    s += q[h * hd + c] * kj[c];
+                    dot += qh[c] * row[c];
                 }
-                scores[h * ctx + j] = s * scale;
+                scores[hh * n + jj] = dot * scale;
             }
         }
-    }
-    for h in 0..group {
-        softmax(&mut scores[h * ctx..(h + 1) * ctx]);
-    }
-    // Blocks of positions, so that a block of values stays in cache while every column block
-    // of every head's output passes over it.
-    const JB: usize = 64;
-    out.fill(0.0);
-    for j0 in (0..ctx).step_by(JB) {
-        let j1 = (j0 + JB).min(ctx);
-        for h in 0..group {
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            let sh = &scores[h * ctx..(h + 1) * ctx];
-            for (j, &p) in sh.iter().enumerate().take(j1).skip(j0) {
-                axpy(oh, p, vc.get(j * kvw + off, hd, &mut kbuf));
+        for hh in 0..group {
+            let s = &mut scores[hh * n..(hh + 1) * n];
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut l = 0.0f32;
+            for s in s.iter_mut() {
+                *s = exp(*s - m);
+                if round {
+                    *s = bf16_round(*s);
+                }
+                l += *s;
+            }
+            part.m[g * group + hh] = m;
+            part.l[g * group + hh] = l;
+        }
+        for (jj, j) in range.clone().enumerate() {
+            widen(kv.v, j, &mut row);
+            for hh in 0..group {
+                let p = scores[hh * n + jj];
+                let h = g * group + hh;
+                for (o, &r) in part.o[h * hd..(h + 1) * hd].iter_mut().zip(&row) {
+                    *o += p * r;
+                }
             }
         }
     }
@@ -147,74 +270,194 @@ fn attend_portable(q: &[f32], kv: KvHead, hd: usize, out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    /// The dispatched kernel (AVX-512 where present) against the portable one, at the model's
-    /// shape (8 query heads of 256 per KV head) and small ones, reading the second KV head of
-    /// the rows. Both are f32 with different summation orders: outputs are convex
-    /// combinations of values below 1 in magnitude, so 1e-5 absolute is ~100× the rounding
+    use super::{attend, attend_chunk, chunk_portable, chunk_with, chunks, Kv, Part, Rows, CHUNK};
+
+    fn rnd_vec(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn bits(x: &[f32]) -> Vec<u16> {
+        x.iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    fn wide(b: &[u16]) -> Vec<f32> {
+        b.iter()
+            .map(|&v| f32::from_bits((v as u32) << 16))
+            .collect()
+    }
+
+    /// Shapes: the model's (2 KV heads of 256, 8 query heads each) and small ones with other
+    /// group sizes; contexts within one chunk and over several, ending mid-chunk.
+    const SHAPES: [(usize, usize, usize, usize); 6] = [
+        (1, 256, 2, 8),
+        (67, 256, 2, 8),
+        (CHUNK * 2 + 45, 256, 2, 8),
+        (130, 64, 2, 4),
+        (5, 32, 3, 2),
+        (9, 32, 1, 1),
+    ];
+
+    /// The dispatched chunk kernels (AVX-512 where present) against the portable one, on every
+    /// chunk, with rows stored as f32 and as bfloat16 (the portable kernel then reads the same
+    /// values as f32), bfloat16 rows both in f32 arithmetic and in bfloat16 dot products.
+    ///
+    /// f32 arithmetic: both sum in f32 in different orders; values are below 1 in magnitude and
+    /// weights at most 1, so 1e-5 of each part's sum of weights is ~100× the rounding
     /// differences expected and far below what a wrong row, head or position would cause.
+    ///
+    /// Dot products: the model rounds queries and weights as the kernel does, but the kernel
+    /// rounds each block's weights against the running maximum of the blocks so far and
+    /// rescales later, so single weights may differ by a rounding, 2⁻⁹ of themselves, either
+    /// side: 2⁻⁸ of the sum of weights bounds that for values below 1. Outputs are sums of a
+    /// chunk's weights times random values of either sign, ~0.05 of the sum of weights at one
+    /// position and more than that apart between positions or heads, so a wrong row, head or
+    /// pairing of positions still stands out ~10× above it.
     #[test]
-    fn dispatched_kernel_matches_portable() {
+    fn dispatched_chunks_match_portable() {
         let mut seed = 0x2545_F491u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
-        for (ctx, hd, group) in [
-            (1, 256, 8),
-            (67, 256, 8),
-            (130, 64, 4),
-            (5, 32, 2),
-            (9, 32, 1),
-        ] {
-            let kvw = 2 * hd;
-            let kc: Vec<f32> = (0..ctx * kvw).map(|_| rnd()).collect();
-            let vc: Vec<f32> = (0..ctx * kvw).map(|_| rnd()).collect();
-            let q: Vec<f32> = (0..group * hd).map(|_| rnd()).collect();
-            // The same rows stored as bfloat16, and those values widened back to f32: each
-            // stored form must give what f32 rows of the same values give.
-            let bits = |x: &[f32]| -> Vec<u16> {
-                x.iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect()
-            };
+        for (ctx, hd, nkv, group) in SHAPES {
+            let w = nkv * hd;
+            let kc = rnd_vec(&mut seed, ctx * w);
+            let vc = rnd_vec(&mut seed, ctx * w);
+            let q = rnd_vec(&mut seed, nkv * group * hd);
             let (kb, vb) = (bits(&kc), bits(&vc));
-            let wide = |b: &[u16]| -> Vec<f32> {
-                b.iter()
-                    .map(|&v| f32::from_bits((v as u32) << 16))
-                    .collect()
-            };
             let (kw, vw) = (wide(&kb), wide(&vb));
-            let head = |k, v| super::KvHead {
+            let kv = |k, v| Kv {
                 k,
                 v,
+                heads: nkv,
+                hd,
                 len: ctx,
-                stride: kvw,
-                off: hd,
             };
-            use super::Rows;
-            for (stored, as_f32) in [
-                (
-                    head(Rows::F32(&kc), Rows::F32(&vc)),
-                    head(Rows::F32(&kc), Rows::F32(&vc)),
-                ),
-                (
-                    head(Rows::Bf16(&kb), Rows::Bf16(&vb)),
-                    head(Rows::F32(&kw), Rows::F32(&vw)),
-                ),
+            let f32_rows = kv(Rows::F32(&kc), Rows::F32(&vc));
+            let bf16_rows = kv(Rows::Bf16(&kb), Rows::Bf16(&vb));
+            let widened = kv(Rows::F32(&kw), Rows::F32(&vw));
+            for (stored, as_f32, dots) in [
+                (f32_rows, f32_rows, false),
+                (bf16_rows, widened, false),
+                (bf16_rows, widened, true),
             ] {
-                let mut got = vec![0.0f32; group * hd];
-                let mut want = vec![0.0f32; group * hd];
-                super::attend_group(&q, stored, hd, &mut got);
-                super::attend_portable(&q, as_f32, hd, &mut want);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let tol = if dots { 1e-5 + 2f32.powi(-8) } else { 1e-5 };
+                for range in chunks(ctx) {
+                    let heads = nkv * group;
+                    let mut got = Part::new(heads, hd);
+                    let mut want = Part::new(heads, hd);
+                    chunk_with(&q, stored, range.clone(), &mut got, dots);
+                    chunk_portable(&q, as_f32, range.clone(), &mut want, dots);
+                    let what =
+                        format!("ctx {ctx} hd {hd} heads {nkv}x{group} {range:?} dots {dots}");
+                    for h in 0..heads {
+                        assert!((got.m[h] - want.m[h]).abs() <= 1e-5, "{what}: m[{h}]");
+                        let l = want.l[h];
+                        assert!((got.l[h] - l).abs() <= tol * l, "{what}: l[{h}]");
+                        for c in 0..hd {
+                            let (a, b) = (got.o[h * hd + c], want.o[h * hd + c]);
+                            assert!((a - b).abs() <= tol * l, "{what}: o[{h}][{c}] {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Folded chunks against softmax attention written out in f64 (one softmax over the whole
+    /// context): the outputs are convex combinations of values below 1, so 1e-5 absolute is
+    /// far above f32 rounding over a few hundred terms and far below any wrong weight.
+    #[test]
+    fn folded_chunks_match_softmax_attention() {
+        let mut seed = 0x9E37_79B9u64;
+        for (ctx, hd, nkv, group) in SHAPES {
+            let w = nkv * hd;
+            let kc = rnd_vec(&mut seed, ctx * w);
+            let vc = rnd_vec(&mut seed, ctx * w);
+            let q = rnd_vec(&mut seed, nkv * group * hd);
+            let kv = Kv {
+                k: Rows::F32(&kc),
+                v: Rows::F32(&vc),
+                heads: nkv,
+                hd,
+                len: ctx,
+            };
+            let mut got = vec![0.0f32; q.len()];
+            attend(&q, kv, &mut got);
+            for h in 0..nkv * group {
+                let off = h / group * hd;
+                let s: Vec<f64> = (0..ctx)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|c| q[h * hd + c] as f64 * kc[j * w + off + c] as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..hd {
+                    let want: f64 = (0..ctx)
+                        .map(|j| e[j] * vc[j * w + off + c] as f64)
+                        .sum::<f64>()
+                        / sum;
+                    let g = got[h * hd + c] as f64;
                     assert!(
-                        (a - b).abs() <= 1e-5,
-                        "ctx {ctx} hd {hd} group {group}: [{i}] {a} vs {b}"
+                        (g - want).abs() <= 1e-5,
+                        "ctx {ctx} hd {hd} head {h} col {c}: {g} vs {want}"
                     );
                 }
             }
         }
+    }
+
+    /// What the model relies on to split a token's chunks over the pool: each chunk's part
+    /// computed on its own, into a part holding stale values from other work, then folded in
+    /// chunk order, gives the same bits as [`attend`].
+    #[test]
+    fn parts_computed_apart_fold_to_the_same_bits() {
+        let mut seed = 0x1234_5678u64;
+        let (ctx, hd, nkv, group) = (CHUNK * 3 + 17, 256, 2, 8);
+        let w = nkv * hd;
+        let (kc, vc) = (rnd_vec(&mut seed, ctx * w), rnd_vec(&mut seed, ctx * w));
+        let q = rnd_vec(&mut seed, nkv * group * hd);
+        let (kb, vb) = (bits(&kc), bits(&vc));
+        let kv = Kv {
+            k: Rows::Bf16(&kb),
+            v: Rows::Bf16(&vb),
+            heads: nkv,
+            hd,
+            len: ctx,
+        };
+        let heads = nkv * group;
+        let mut want = vec![0.0f32; heads * hd];
+        attend(&q, kv, &mut want);
+        // Later chunks first, each into a part left dirty by the one before.
+        let ranges: Vec<_> = chunks(ctx).collect();
+        let mut parts = vec![Part::new(heads, hd); ranges.len()];
+        let mut dirty = Part::new(heads, hd);
+        dirty.o.fill(7.0);
+        dirty.m.fill(3.0);
+        dirty.l.fill(-1.0);
+        for (i, range) in ranges.iter().enumerate().rev() {
+            attend_chunk(&q, kv, range.clone(), &mut dirty);
+            parts[i] = dirty.clone();
+        }
+        let mut acc = parts[0].clone();
+        for p in &parts[1..] {
+            acc.fold(p);
+        }
+        let mut got = vec![0.0f32; heads * hd];
+        acc.finish(&mut got);
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -10,7 +10,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
-use crate::kernels::attention::{attend_group, KvHead, Rows};
+use crate::kernels::attention::{attend, attend_chunk, chunks, Kv, Part};
 use crate::kernels::matmul::products;
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
@@ -94,7 +94,6 @@ impl Attention {
         let qg = qkv.pop().unwrap_or_default();
         let core = Span::new(Kind::AttnCore);
         let kvw = nkv * hd;
-        let group = nh / nkv;
         let half = rope.rotary_dim / 2;
         let (mut cos, mut sin) = (vec![0.0f32; half], vec![0.0f32; half]);
 
@@ -125,51 +124,72 @@ impl Attention {
             }
         }
 
-        // One task per (token, KV head): the group of query heads sharing that KV head reads
-        // each cached key and value once.
+        // Each token attends over its sequence's cache, in chunks folded in order. A decode
+        // step has too few tokens to keep the pool busy, so its tokens' chunks become separate
+        // tasks; prompt tokens run their chunks one after the other. Both give the same bits
+        // (`kernels::attention`), so a token's result does not depend on its batch.
         let mut o = vec![0.0f32; t * nh * hd];
         {
-            let mut owner = vec![0usize; t];
-            for (s, (rows, _)) in seqs.iter().enumerate() {
-                for ti in rows.clone() {
-                    owner[ti] = s;
+            let mut token_kv = Vec::with_capacity(t);
+            for ((rows, st), &start) in seqs.iter().zip(starts) {
+                let LayerState::Full { k, v } = &**st else {
+                    unreachable!("attention layer given a DeltaNet cache")
+                };
+                for i in 0..rows.len() {
+                    token_kv.push(Kv {
+                        k: k.view(),
+                        v: v.view(),
+                        heads: nkv,
+                        hd,
+                        len: start + i + 1,
+                    });
                 }
             }
-            let caches: Vec<(Rows, Rows)> = seqs
-                .iter()
-                .map(|(_, st)| match &**st {
-                    LayerState::Full { k, v } => (k.view(), v.view()),
-                    LayerState::Linear { .. } => {
-                        unreachable!("attention layer given a DeltaNet cache")
-                    }
-                })
-                .collect();
-            let outs: Vec<Mutex<&mut [f32]>> = o.chunks_mut(group * hd).map(Mutex::new).collect();
-            let task = |idx: usize| {
-                let (ti, g) = (idx / nkv, idx % nkv);
-                let s = owner[ti];
-                let ctx = starts[s] + (ti - seqs[s].0.start) + 1;
-                let (kc, vc) = caches[s];
-                let qh = &q[(ti * nh + g * group) * hd..(ti * nh + (g + 1) * group) * hd];
-                let mut out = outs[idx].lock().unwrap_or_else(|e| e.into_inner());
-                let kv = KvHead {
-                    k: kc,
-                    v: vc,
-                    len: ctx,
-                    stride: kvw,
-                    off: g * hd,
-                };
-                attend_group(qh, kv, hd, &mut out);
+            let q_of = |ti: usize| &q[ti * nh * hd..(ti + 1) * nh * hd];
+            let gate = |ti: usize, out: &mut [f32]| {
                 let gates = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
-                for (hh, oh) in out.chunks_mut(hd).enumerate() {
-                    let h = g * group + hh;
+                for (h, oh) in out.chunks_mut(hd).enumerate() {
                     let gate = &gates[h * 2 * hd + hd..(h + 1) * 2 * hd];
                     for (ov, &gv) in oh.iter_mut().zip(gate) {
                         *ov *= sigmoid(gv);
                     }
                 }
             };
-            pool::global().run(t * nkv, &task);
+            let outs: Vec<Mutex<&mut [f32]>> = o.chunks_mut(nh * hd).map(Mutex::new).collect();
+            let lock = |ti: usize| outs[ti].lock().unwrap_or_else(|e| e.into_inner());
+            let pool = pool::global();
+            if t < 2 * pool.threads() {
+                let tasks: Vec<(usize, Range<usize>)> = (0..t)
+                    .flat_map(|ti| chunks(token_kv[ti].len).map(move |r| (ti, r)))
+                    .collect();
+                let parts: Vec<Mutex<Part>> = tasks
+                    .iter()
+                    .map(|_| Mutex::new(Part::new(nh, hd)))
+                    .collect();
+                pool.run(tasks.len(), &|i| {
+                    let (ti, range) = tasks[i].clone();
+                    let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+                    attend_chunk(q_of(ti), token_kv[ti], range, &mut part);
+                });
+                let mut parts = parts
+                    .into_iter()
+                    .map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner()));
+                for (ti, kv) in token_kv.iter().enumerate() {
+                    let mut acc = parts.next().expect("one part per chunk");
+                    for _ in 1..chunks(kv.len).count() {
+                        acc.fold(&parts.next().expect("one part per chunk"));
+                    }
+                    let mut out = lock(ti);
+                    acc.finish(&mut out);
+                    gate(ti, &mut out);
+                }
+            } else {
+                pool.run(t, &|ti| {
+                    let mut out = lock(ti);
+                    attend(q_of(ti), token_kv[ti], &mut out);
+                    gate(ti, &mut out);
+                });
+            }
         }
         drop(core);
         time(Kind::AttnOut, || {
