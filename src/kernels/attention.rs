@@ -287,6 +287,20 @@ mod tests {
             .collect()
     }
 
+    /// Keys and values of `ctx` rows of width `w`, and `nq` query values, all in [−1, 1).
+    fn random_case(
+        seed: &mut u64,
+        ctx: usize,
+        w: usize,
+        nq: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            rnd_vec(seed, ctx * w),
+            rnd_vec(seed, ctx * w),
+            rnd_vec(seed, nq),
+        )
+    }
+
     fn bits(x: &[f32]) -> Vec<u16> {
         x.iter()
             .map(|&v| half::bf16::from_f32(v).to_bits())
@@ -330,9 +344,7 @@ mod tests {
         let mut seed = 0x2545_F491u64;
         for (ctx, hd, nkv, group) in SHAPES {
             let w = nkv * hd;
-            let kc = rnd_vec(&mut seed, ctx * w);
-            let vc = rnd_vec(&mut seed, ctx * w);
-            let q = rnd_vec(&mut seed, nkv * group * hd);
+            let (kc, vc, q) = random_case(&mut seed, ctx, w, nkv * group * hd);
             let (kb, vb) = (bits(&kc), bits(&vc));
             let (kw, vw) = (wide(&kb), wide(&vb));
             let kv = |k, v| Kv {
@@ -382,9 +394,7 @@ mod tests {
         let mut seed = 0x9E37_79B9u64;
         for (ctx, hd, nkv, group) in SHAPES {
             let w = nkv * hd;
-            let kc = rnd_vec(&mut seed, ctx * w);
-            let vc = rnd_vec(&mut seed, ctx * w);
-            let q = rnd_vec(&mut seed, nkv * group * hd);
+            let (kc, vc, q) = random_case(&mut seed, ctx, w, nkv * group * hd);
             let kv = Kv {
                 k: Rows::F32(&kc),
                 v: Rows::F32(&vc),
@@ -430,8 +440,7 @@ mod tests {
         let mut seed = 0x1234_5678u64;
         let (ctx, hd, nkv, group) = (CHUNK * 3 + 17, 256, 2, 8);
         let w = nkv * hd;
-        let (kc, vc) = (rnd_vec(&mut seed, ctx * w), rnd_vec(&mut seed, ctx * w));
-        let q = rnd_vec(&mut seed, nkv * group * hd);
+        let (kc, vc, q) = random_case(&mut seed, ctx, w, nkv * group * hd);
         let (kb, vb) = (bits(&kc), bits(&vc));
         let kv = Kv {
             k: Rows::Bf16(&kb),
