@@ -130,13 +130,14 @@ impl Attention {
         // (`kernels::attention`), so a token's result does not depend on its batch.
         let mut o = vec![0.0f32; t * nh * hd];
         {
-            let mut token_kv = Vec::with_capacity(t);
+            // Each token's view of its sequence's cache, by the token's row in the batch.
+            let mut token_kv: Vec<Option<Kv>> = vec![None; t];
             for ((rows, st), &start) in seqs.iter().zip(starts) {
                 let LayerState::Full { k, v } = &**st else {
                     unreachable!("attention layer given a DeltaNet cache")
                 };
-                for i in 0..rows.len() {
-                    token_kv.push(Kv {
+                for (i, ti) in rows.clone().enumerate() {
+                    token_kv[ti] = Some(Kv {
                         k: k.view(),
                         v: v.view(),
                         heads: nkv,
@@ -145,6 +146,10 @@ impl Attention {
                     });
                 }
             }
+            let token_kv: Vec<Kv> = token_kv
+                .into_iter()
+                .map(|kv| kv.expect("every row of the batch belongs to a sequence"))
+                .collect();
             let q_of = |ti: usize| &q[ti * nh * hd..(ti + 1) * nh * hd];
             let gate = |ti: usize, out: &mut [f32]| {
                 let gates = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];

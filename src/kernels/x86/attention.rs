@@ -300,7 +300,8 @@ impl Flavour for Bf16Dots {
                 }
                 for t in 0..n / 2 {
                     let r0 = v.add(2 * t * w + c);
-                    let r1 = v.add((2 * t + 1) * w + c).min(last.add(c));
+                    // Formed with wrapping arithmetic: past the last row it is never dereferenced.
+                    let r1 = v.wrapping_add((2 * t + 1) * w + c).min(last.add(c));
                     let x0 = _mm512_loadu_si512(r0 as *const __m512i);
                     let x1 = _mm512_loadu_si512(r1 as *const __m512i);
                     let (lo, hi) = (_mm512_unpacklo_epi16(x0, x1), _mm512_unpackhi_epi16(x0, x1));
