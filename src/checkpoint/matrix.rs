@@ -92,6 +92,19 @@ impl Matrix {
         }
     }
 
+    /// Address of row `r`'s first stored weight (one past the last row for `r == rows`): a
+    /// prefetch target, never dereferenced as such.
+    pub fn row_ptr(&self, r: usize) -> *const u8 {
+        let at = r.min(self.rows) * self.cols;
+        match &self.data {
+            MatrixData::F32(d) => d.as_slice().as_ptr().wrapping_add(at) as *const u8,
+            MatrixData::Bf16(d) | MatrixData::F16(d) => {
+                d.as_slice().as_ptr().wrapping_add(at) as *const u8
+            }
+            MatrixData::Fp8 { w, .. } => w.as_slice().as_ptr().wrapping_add(at),
+        }
+    }
+
     /// Row `r` widened to f32 (FP8 rows with their block scales applied), for embeddings and
     /// for kernels that work row by row.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {

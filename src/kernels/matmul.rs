@@ -31,6 +31,15 @@ pub enum Precision {
 
 /// Multiply-adds below which a product runs on the calling thread alone.
 const PARALLEL_WORK: usize = 1 << 17;
+/// Tasks per thread in one dispatch of products. Each task starts with rows nobody
+/// prefetched, and tasks are claimed as threads come free, so fewer tasks mean fewer cold
+/// starts but a longer wait when one thread falls behind. A decode step's products over the
+/// 32-expert FP8 checkpoint's own matrices, in one process, memory fast: one task per
+/// matrix (before) 69.4 ms, 4 per thread 67.8, **2 per thread 67.2**, 1 per thread 66.6;
+/// memory slow: 93.5, 92.3, 91.3, 90.9. Two keep some slack against a thread that is held up
+/// (in `serve`, other threads share the cores); prefill was not slower (pp512 91–93 against
+/// 86–92 with 4).
+const TASKS_PER_THREAD: usize = 2;
 
 pub fn matmul(x: &[f32], t: usize, w: &Matrix, p: Precision) -> Vec<f32> {
     matmul_many(&[(x, t, w)], p).pop().unwrap_or_default()
@@ -186,8 +195,9 @@ pub fn products(jobs: &[Job], p: Precision) -> Vec<Vec<f32>> {
     drop(rounded);
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0f32; j.w.rows * j.t]).collect();
     let targets = Outputs(outs.iter_mut().map(|o| (o.as_mut_ptr(), o.len())).collect());
-    // Rows r0..r1 of job j, written straight into the `[t, rows]` result by the kernel.
-    let task = |j: usize, r0: usize, r1: usize| {
+    // Rows r0..r1 of job j, written straight into the `[t, rows]` result by the kernel;
+    // `then` is where the task reads next.
+    let task = |j: usize, r0: usize, r1: usize, then: *const u8| {
         let Job { t, w, .. } = jobs[j];
         let (ptr, len) = targets.get(j);
         assert!(t * w.rows <= len && r1 <= w.rows);
@@ -196,45 +206,69 @@ pub fn products(jobs: &[Job], p: Precision) -> Vec<Vec<f32>> {
         // a job. The buffers outlive the dispatch, which returns only once every task has
         // finished.
         let out = unsafe { OutRows::new(ptr.add(r0), w.rows) };
-        rows_kernel(&prepared[j], t, w, r0, r1, out);
+        rows_kernel(&prepared[j], t, w, r0, r1, out, then);
     };
     let pool = pool::global();
     let work: Vec<usize> = jobs.iter().map(|j| j.t * j.w.rows * j.w.cols).collect();
     let total: usize = work.iter().sum();
-    if total < PARALLEL_WORK || pool.threads() == 1 {
-        for (j, job) in jobs.iter().enumerate() {
-            task(j, 0, job.w.rows);
-        }
+    let plan = if total < PARALLEL_WORK || pool.threads() == 1 {
+        vec![(0..jobs.len()).map(|j| (j, 0, jobs[j].w.rows)).collect()]
     } else {
-        // About four tasks per thread over all jobs, in proportion to their work; tasks are
-        // claimed dynamically, so uneven sizes even out. The blocked product works on panels
-        // of 64 rows, so its tasks are whole panels; the dot products' one-token tiles are 8
-        // rows. Splitting the last tasks of a dispatch finer, so that both threads finish
-        // together, was measured slower (64.5 → 65.3 ms for a decode step's products): each
-        // task starts with a tile that was not prefetched.
-        let target = pool.threads() * 4;
-        let mut parts: Vec<(usize, usize, usize)> = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
-            let n = job.w.rows;
-            let unit = if prepared[j].runs.iter().any(|r| r.1) {
-                64
-            } else {
-                8
-            };
-            let tasks = (target * work[j])
-                .div_ceil(total)
-                .clamp(1, n.div_ceil(unit).max(1));
-            let rows_per = n.div_ceil(tasks).next_multiple_of(unit).max(unit);
-            for r0 in (0..n).step_by(rows_per) {
-                parts.push((j, r0, (r0 + rows_per).min(n)));
-            }
+        // The blocked product works on panels of 64 rows, so its pieces are whole panels; the
+        // dot products' one-token tiles are 8 rows.
+        let units: Vec<usize> = prepared
+            .iter()
+            .map(|a| if a.runs.iter().any(|r| r.1) { 64 } else { 8 })
+            .collect();
+        let rows: Vec<usize> = jobs.iter().map(|j| j.w.rows).collect();
+        plan_tasks(&work, &rows, &units, pool.threads() * TASKS_PER_THREAD)
+    };
+    let start = |&(j, r0, _): &(usize, usize, usize)| jobs[j].w.row_ptr(r0);
+    let run_task = |pieces: &[(usize, usize, usize)]| {
+        for (i, &(j, r0, r1)) in pieces.iter().enumerate() {
+            let then = pieces.get(i + 1).map_or(jobs[j].w.row_ptr(r1), start);
+            task(j, r0, r1, then);
         }
-        pool.run(parts.len(), &|i| {
-            let (j, r0, r1) = parts[i];
-            task(j, r0, r1);
-        });
+    };
+    if plan.len() == 1 {
+        run_task(&plan[0]);
+    } else {
+        pool.run(plan.len(), &|i| run_task(&plan[i]));
     }
     outs
+}
+
+/// Cuts the jobs' rows, in job order, into about `target` tasks of equal work, each a run of
+/// `(job, first row, end row)` pieces in whole `units[job]` rows. A task that spans several
+/// matrices (a decode step's experts) streams from one into the next: the kernel prefetches
+/// the next piece's first rows while it finishes a piece, so only a task's first rows arrive
+/// unannounced.
+fn plan_tasks(
+    work: &[usize],
+    rows: &[usize],
+    units: &[usize],
+    target: usize,
+) -> Vec<Vec<(usize, usize, usize)>> {
+    let total: usize = work.iter().sum();
+    let quota = total.div_ceil(target.max(1)).max(1);
+    let mut plan: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
+    let mut filled = 0;
+    for (j, (&wj, &n)) in work.iter().zip(rows).enumerate() {
+        let per_row = (wj / n.max(1)).max(1);
+        let mut r = 0;
+        while r < n {
+            if filled >= quota {
+                plan.push(Vec::new());
+                filled = 0;
+            }
+            let want = (quota - filled).div_ceil(per_row);
+            let take = want.next_multiple_of(units[j]).max(units[j]).min(n - r);
+            plan.last_mut().expect("a task").push((j, r, r + take));
+            filled += take * per_row;
+            r += take;
+        }
+    }
+    plan
 }
 
 /// A block of rows of a `[t, rows]` result that one task owns: element (row `r` of the
@@ -296,7 +330,17 @@ impl Outputs {
 }
 
 /// Rows `r0..r1` into `out`, which must cover them for `t` tokens (see `products`).
-fn rows_kernel(a: &Prepared, t: usize, w: &Matrix, r0: usize, r1: usize, out: OutRows) {
+/// Rows `r0..r1` of `w` times the prepared activations; `then` is where the caller reads next
+/// (the streaming kernels prefetch it, in place of the rows after `r1`).
+fn rows_kernel(
+    a: &Prepared,
+    t: usize,
+    w: &Matrix,
+    r0: usize,
+    r1: usize,
+    out: OutRows,
+    then: *const u8,
+) {
     let x = match &a.acts {
         Acts::F32(x) => *x,
         #[cfg(target_arch = "x86_64")]
@@ -315,9 +359,9 @@ fn rows_kernel(a: &Prepared, t: usize, w: &Matrix, r0: usize, r1: usize, out: Ou
                         let xb = a.bf16.as_ref().expect("prepared for blocked runs");
                         bf16gemm::rows(xb, j0, n, w, r0..r1, o)
                     },
-                    Acts::Bf16(xb) => unsafe { bf16dot::rows(xb, j0, n, w, r0..r1, o) },
+                    Acts::Bf16(xb) => unsafe { bf16dot::rows(xb, j0, n, w, r0..r1, o, then) },
                     Acts::Fp8Scaled(x) => unsafe {
-                        fp8dot::rows(&x[j0 * k..(j0 + n) * k], n, w, r0..r1, o)
+                        fp8dot::rows(&x[j0 * k..(j0 + n) * k], n, w, r0..r1, o, then)
                     },
                     Acts::F32(_) => unreachable!(),
                 }
@@ -325,6 +369,7 @@ fn rows_kernel(a: &Prepared, t: usize, w: &Matrix, r0: usize, r1: usize, out: Ou
             return;
         }
     };
+    let _ = then;
     // The f32 kernels compute `[rows, t]` blocks, placed afterwards.
     let mut local = vec![0.0f32; (r1 - r0) * t];
     #[cfg(target_arch = "x86_64")]
@@ -387,5 +432,75 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_tasks;
+
+    /// Every row of every job lands in exactly one piece, in job and row order; pieces are
+    /// whole units except where a job ends; tasks carry about equal work.
+    #[test]
+    fn task_plans_cover_every_row_once_in_equal_shares() {
+        // (rows, units, work per job; tasks wanted)
+        type Case<'a> = (&'a [usize], &'a [usize], &'a [usize], usize);
+        let cases: [Case; 4] = [
+            // A decode step's experts: 22 gate/up matrices of 512 rows, one token.
+            (&[512; 22], &[8; 22], &[512 * 2048; 22], 4),
+            // One large projection and a small one.
+            (&[12288, 64], &[8, 8], &[12288 * 2048, 64 * 2048], 4),
+            // Prompt chunks in panels of 64, uneven row counts.
+            (
+                &[1000, 130, 7],
+                &[64, 64, 64],
+                &[1000 * 512, 130 * 512, 7 * 512],
+                8,
+            ),
+            // More tasks wanted than units exist.
+            (&[16], &[8], &[16 * 100], 8),
+        ];
+        for (rows, units, work, target) in cases {
+            let plan = plan_tasks(work, rows, units, target);
+            let flat: Vec<_> = plan.iter().flatten().copied().collect();
+            let mut next = (0, 0);
+            for &(j, r0, r1) in &flat {
+                if next.1 == rows[next.0] {
+                    next = (next.0 + 1, 0);
+                }
+                assert_eq!(
+                    (j, r0),
+                    next,
+                    "pieces out of order or overlapping: {flat:?}"
+                );
+                assert!(r1 > r0 && r1 <= rows[j]);
+                assert!(
+                    (r1 - r0) % units[j] == 0 || r1 == rows[j],
+                    "partial unit {r0}..{r1}"
+                );
+                next = (j, r1);
+            }
+            assert_eq!(
+                next,
+                (rows.len() - 1, rows[rows.len() - 1]),
+                "rows left out"
+            );
+            assert!(plan.len() <= target && plan.iter().all(|t| !t.is_empty()));
+            let total: usize = work.iter().sum();
+            let per_row: Vec<usize> = work.iter().zip(rows).map(|(w, r)| w / r).collect();
+            let biggest_unit = units
+                .iter()
+                .zip(&per_row)
+                .map(|(u, p)| u * p)
+                .max()
+                .unwrap_or(0);
+            for task in &plan {
+                let w: usize = task.iter().map(|&(j, r0, r1)| (r1 - r0) * per_row[j]).sum();
+                assert!(
+                    w <= total.div_ceil(target) + biggest_unit,
+                    "task of {w} of {total}"
+                );
+            }
+        }
     }
 }

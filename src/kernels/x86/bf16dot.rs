@@ -120,7 +120,8 @@ pub unsafe fn fill_bf16(x: &[f32], t: usize, k: usize, stride: usize, data: &mut
     }
 }
 
-/// `out[r - rows.start, j] = Σ_k x[j0 + j, k] · W[r, k]` for `r` in `rows`, `j < t`, BF16 `w`.
+/// `out[r - rows.start, j] = Σ_k x[j0 + j, k] · W[r, k]` for `r` in `rows`, `j < t`, BF16 `w`;
+/// `then` as for [`run`].
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch),
@@ -133,6 +134,7 @@ pub unsafe fn rows(
     w: &Matrix,
     rows: Range<usize>,
     out: OutRows,
+    then: *const u8,
 ) {
     let MatrixData::Bf16(d) = &w.data else {
         unreachable!("bf16dot::rows called for a {} matrix", w.dtype_name());
@@ -143,11 +145,26 @@ pub unsafe fn rows(
     let xp = x.tokens(j0, t, k);
     // SAFETY: same target features; rows and activations checked above, outputs by the
     // caller.
-    unsafe { run(&Raw, d.as_ptr() as *const u8, k, xp, x.stride, t, rows, out) }
+    unsafe {
+        run(
+            &Raw,
+            d.as_ptr() as *const u8,
+            k,
+            xp,
+            x.stride,
+            t,
+            rows,
+            out,
+            then,
+        )
+    }
 }
 
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
-/// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[r - rows.start, j]`.
+/// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[r - rows.start, j]`. `then` is
+/// the weight byte the caller reads next: while the last tile streams, the next one's
+/// addresses are prefetched from there rather than from the rows after `rows`, so that a task
+/// running from one matrix into the next keeps its loads in flight.
 /// Inlined into each entry point so the source's instructions get that entry's features.
 ///
 /// # Safety
@@ -164,26 +181,37 @@ pub(super) unsafe fn run<S: Source>(
     t: usize,
     rows: Range<usize>,
     out: OutRows,
+    then: *const u8,
 ) {
     let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
         let mut r = rows.start;
+        // Where the tile after rows r..r+n starts.
+        let after = |r: usize, n: usize| {
+            if r + n < rows.end {
+                w.wrapping_add((r + n) * k * S::ELEM)
+            } else {
+                then
+            }
+        };
         while r < rows.end {
             if t == 1 && S::ELEM == 1 && rows.end - r >= ONE_TOKEN_ROWS {
                 let o = out.at(r - rows.start, 0);
                 let p = w.wrapping_add(r * k * S::ELEM);
+                let next = after(r, ONE_TOKEN_ROWS);
                 // SAFETY: rows r..r+8 exist, x has one padded row, o has 8 rows.
-                unsafe { one_token_tile(s, p, k, x, o, out.ts) };
+                unsafe { one_token_tile(s, p, k, x, o, out.ts, next) };
                 r += ONE_TOKEN_ROWS;
                 continue;
             }
             let nr = RB.min(rows.end - r);
             let o = out.at(r - rows.start, 0);
             let p = w.wrapping_add(r * k * S::ELEM);
+            let next = after(r, nr);
             macro_rules! go {
                 ($n:literal, $t:literal) => {
                     // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr rows of t.
-                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o, out.ts) }
+                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o, out.ts, next) }
                 };
             }
             macro_rules! rows_of {
@@ -297,11 +325,12 @@ pub(super) unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh
 }
 
 /// `N` rows × `T` tokens, the rows (at `w`, each `k` weights) widened on the fly while the
-/// next tile's rows are prefetched; token `j`'s activations start at `x + j·xs`, results go
-/// to `out + i + j·ts`.
+/// next tile's bytes (`N` rows' worth from `next`) are prefetched; token `j`'s activations
+/// start at `x + j·xs`, results go to `out + i + j·ts`.
 ///
 /// # Safety
 /// As for [`run`], for rows `0..N` at `w`; `out` is writable where results go.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices name the register tile's rows and tokens
 unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
@@ -312,11 +341,12 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
     xs: usize,
     out: *mut f32,
     ts: usize,
+    next: *const u8,
 ) {
     let ch = 32 * S::VECS;
-    let row_bytes = k * S::ELEM;
     let chunk_bytes = ch * S::ELEM;
     let full = k / ch * ch;
+    let row_bytes = k * S::ELEM;
     let mut acc = [[_mm512_setzero_ps(); T]; N];
     // SAFETY (all loads): c < k ≤ the padded row of each of the T tokens.
     let xv = |j: usize, c: usize| -> __m512bh {
@@ -345,8 +375,7 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
                 // row by row: one sequential stream is what the memory system serves best
                 // (measured: 10–30% more GB/s than prefetching each row's next chunk). A hint
                 // only; past the end is harmless.
-                let ahead =
-                    w.wrapping_add(N * row_bytes + N * c * S::ELEM + i * chunk_bytes) as *const i8;
+                let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
                 if chunk_bytes > 64 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
@@ -383,7 +412,7 @@ const ONE_TOKEN_ROWS: usize = 8;
 ///
 /// # Safety
 /// As for [`run`], for rows `0..8` at `w` and one token at `x`; `out + i·1`, `i < 8`
-/// writable (`ts` as for [`store_tile`]).
+/// writable (`ts` as for [`store_tile`]). `next` is only prefetched.
 #[inline(always)]
 unsafe fn one_token_tile<S: Source>(
     s: &S,
@@ -392,13 +421,14 @@ unsafe fn one_token_tile<S: Source>(
     x: *const u16,
     out: *mut f32,
     ts: usize,
+    next: *const u8,
 ) {
     let ch = 32 * S::VECS;
     let row_bytes = k * S::ELEM;
     let chunk_bytes = ch * S::ELEM;
     let full = k / ch * ch;
     let (w0, w4) = (w, w.wrapping_add(4 * row_bytes));
-    let next = w.wrapping_add(ONE_TOKEN_ROWS * row_bytes) as *const i8;
+    let next = next as *const i8;
     let mut acc = [_mm512_setzero_ps(); ONE_TOKEN_ROWS];
     // SAFETY (all loads): c < k ≤ the padded activation row.
     let xv = |c: usize| -> __m512bh {

@@ -143,34 +143,55 @@ impl Source for Arith {
 }
 
 /// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, FP8 `w`, `x` in f32
-/// (`[t, cols]`).
+/// (`[t, cols]`); `then` is the weight byte the caller reads next (prefetched at the end).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16 (checked by the caller's dispatch),
 /// `supports(w)` must hold, and `out` must be writable for `rows.len()` rows of `t` tokens.
-pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
+pub unsafe fn rows(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+    then: *const u8,
+) {
     // SAFETY: the caller verified F, BW and BF16; VBMI is checked here.
     unsafe {
         if super::super::isa::vbmi() {
-            rows_lookup(x, t, w, rows, out)
+            rows_lookup(x, t, w, rows, out, then)
         } else {
-            rows_arith(x, t, w, rows, out)
+            rows_arith(x, t, w, rows, out, then)
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
-unsafe fn rows_lookup(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
+unsafe fn rows_lookup(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+    then: *const u8,
+) {
     // SAFETY: AVX-512 F is enabled here.
     let s = unsafe { Lookup::new() };
     // SAFETY: same target features (VBMI included, which `Lookup` needs).
-    unsafe { by_row_block(&s, x, t, w, rows, out) }
+    unsafe { by_row_block(&s, x, t, w, rows, out, then) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn rows_arith(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
+unsafe fn rows_arith(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+    then: *const u8,
+) {
     // SAFETY: same target features.
-    unsafe { by_row_block(&Arith, x, t, w, rows, out) }
+    unsafe { by_row_block(&Arith, x, t, w, rows, out, then) }
 }
 
 /// Each 128-row block with its scales applied to the activations, then [`run`].
@@ -185,6 +206,7 @@ unsafe fn by_row_block<S: Source>(
     w: &Matrix,
     rows: Range<usize>,
     out: OutRows,
+    then: *const u8,
 ) {
     let MatrixData::Fp8 {
         w: q,
@@ -227,6 +249,12 @@ unsafe fn by_row_block<S: Source>(
                     &mut xs,
                 )
             };
+            // The rows after this block's, or the caller's next read after the last block.
+            let next = if end < rows.end {
+                q.as_ptr().wrapping_add(end * k)
+            } else {
+                then
+            };
             // SAFETY: rows r..end exist, xs holds n rows of ks, and the caller's `out` covers
             // these rows and tokens.
             unsafe {
@@ -239,6 +267,7 @@ unsafe fn by_row_block<S: Source>(
                     n,
                     r..end,
                     out.skip(r - rows.start, j),
+                    next,
                 )
             };
         }
