@@ -226,6 +226,16 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
                 100.0 * g.kernel / g.read
             );
         }
+        let step = qnext::kernels::microbench::decode_step_products(&ck, &cfg, p, 7)?;
+        println!(
+            "model decode step, products only: {} dispatches, {:.1} MB, {:.2} ms ({:.1} GB/s), plain read of the same bytes {:.1} GB/s ({:.0}%)",
+            step.dispatches,
+            step.bytes as f64 / 1e6,
+            step.ms,
+            step.bytes as f64 / step.ms / 1e6,
+            step.read,
+            100.0 * step.bytes as f64 / step.ms / 1e6 / step.read
+        );
         return Ok(());
     }
     let t0 = Instant::now();

@@ -150,6 +150,108 @@ pub fn model_matvec(
     Ok(out)
 }
 
+/// [`decode_step_products`]'s result.
+pub struct StepRate {
+    pub dispatches: usize,
+    pub bytes: usize,
+    /// Milliseconds for all of a decode step's products (best of the rounds).
+    pub ms: f64,
+    /// GB/s of a plain read of the same bytes, alternating with the products.
+    pub read: f64,
+}
+
+/// The products of one decode step over the checkpoint's own matrices, in the model's
+/// dispatches (each layer's mixer input and output projections, the first `top-k` experts'
+/// gate and up with the shared expert's, their down projections, then `lm_head`), one token
+/// each: the part of decode that streams weights, apart from everything between the
+/// products. Best of `rounds`, alternating with a plain read of the same bytes.
+pub fn decode_step_products(
+    ck: &Checkpoint,
+    cfg: &crate::config::Config,
+    p: Precision,
+    rounds: usize,
+) -> Result<StepRate> {
+    let fp8 = cfg.quantization.as_ref();
+    let load = |name: String| -> Result<Matrix> {
+        let t = ck.get(&name)?;
+        let [rows, cols] = *t.shape else {
+            anyhow::bail!("{name} is not a matrix");
+        };
+        Matrix::load(ck, &name, rows, cols, fp8)
+    };
+    let mut groups: Vec<Vec<Matrix>> = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        let at = |n: &str| format!("model.layers.{l}.{n}.weight");
+        let mixer: [&[&str]; 2] = if ck.contains(&at("linear_attn.in_proj_qkvz")) {
+            [
+                &["linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"],
+                &["linear_attn.out_proj"],
+            ]
+        } else {
+            [
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                &["self_attn.o_proj"],
+            ]
+        };
+        for names in mixer {
+            groups.push(names.iter().map(|n| load(at(n))).collect::<Result<_>>()?);
+        }
+        if !cfg.is_moe_layer(l) {
+            continue;
+        }
+        let mut experts: Vec<String> = (0..cfg.num_experts_per_tok.min(cfg.num_experts))
+            .map(|e| format!("mlp.experts.{e}"))
+            .collect();
+        if ck.contains(&at("mlp.shared_expert.gate_proj")) {
+            experts.push("mlp.shared_expert".into());
+        }
+        let mut gate_up = Vec::new();
+        for e in &experts {
+            gate_up.push(load(at(&format!("{e}.gate_proj")))?);
+            gate_up.push(load(at(&format!("{e}.up_proj")))?);
+        }
+        groups.push(gate_up);
+        groups.push(
+            experts
+                .iter()
+                .map(|e| load(at(&format!("{e}.down_proj"))))
+                .collect::<Result<_>>()?,
+        );
+    }
+    groups.push(vec![load("lm_head.weight".into())?]);
+    let xs: Vec<Vec<Vec<f32>>> = groups
+        .iter()
+        .map(|g| {
+            g.iter()
+                .map(|m| (0..m.cols).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect())
+                .collect()
+        })
+        .collect();
+    let all: Vec<&Matrix> = groups.iter().flatten().collect();
+    let bytes: usize = all.iter().map(|m| m.bytes()).sum();
+    let (mut best, mut best_read) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        for (g, x) in groups.iter().zip(&xs) {
+            let jobs: Vec<(&[f32], usize, &Matrix)> =
+                g.iter().zip(x).map(|(m, x)| (x.as_slice(), 1, m)).collect();
+            std::hint::black_box(matmul_many(&jobs, p));
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for g in &groups {
+            std::hint::black_box(read_all(g));
+        }
+        best_read = best_read.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(StepRate {
+        dispatches: groups.len(),
+        bytes,
+        ms: best * 1e3,
+        read: bytes as f64 / best_read / 1e9,
+    })
+}
+
 /// Reads every byte of the matrices' weights on all pool threads (each a share of each one).
 fn read_all(mats: &[Matrix]) -> u64 {
     let pool = super::pool::global();
@@ -309,4 +411,27 @@ pub fn attention_decode(depth: usize, layers: usize, rounds: usize) -> (f64, f64
     let s = secs[secs.len() / 2];
     let bytes = (layers * 2 * depth * kvw * 2) as f64;
     (s * 1e3, bytes / s / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::LoadMode;
+
+    /// The step's dispatches are the model's: per layer the mixer's two and the experts' two,
+    /// then `lm_head`; every matrix's bytes are counted.
+    #[test]
+    fn a_decode_step_has_the_models_dispatches() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fp8-bf16scale");
+        let cfg = crate::config::Config::from_file(&dir.join("config.json")).unwrap();
+        let ck = Checkpoint::open_with(&dir, LoadMode::Mmap).unwrap();
+        let step = decode_step_products(&ck, &cfg, Precision::Fast, 1).unwrap();
+        let moe = (0..cfg.num_hidden_layers)
+            .filter(|&l| cfg.is_moe_layer(l))
+            .count();
+        assert_eq!(step.dispatches, 2 * cfg.num_hidden_layers + 2 * moe + 1);
+        let lm_head = cfg.vocab_size * cfg.hidden_size * 2;
+        assert!(step.bytes > lm_head && step.ms > 0.0 && step.read > 0.0);
+    }
 }
