@@ -345,7 +345,6 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
 ) {
     let ch = 32 * S::VECS;
     let chunk_bytes = ch * S::ELEM;
-    let full = k / ch * ch;
     let row_bytes = k * S::ELEM;
     let mut acc = [[_mm512_setzero_ps(); T]; N];
     // SAFETY (all loads): c < k ≤ the padded row of each of the T tokens.
@@ -370,22 +369,9 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
         });
         for i in 0..N {
             let p = w.wrapping_add(i * row_bytes + c * S::ELEM);
-            let v = if c < full {
-                // The next tile, prefetched in address order (this step's share of it), not
-                // row by row: one sequential stream is what the memory system serves best
-                // (measured: 10–30% more GB/s than prefetching each row's next chunk). A hint
-                // only; past the end is harmless.
-                let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if chunk_bytes > 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                // SAFETY: c + ch ≤ k, within row i.
-                unsafe { s.chunk(p) }
-            } else {
-                // SAFETY: row i has k - c < ch weights left.
-                unsafe { tail(s, p, k - c) }
-            };
+            let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes);
+            // SAFETY: row i has its chunk (or its last, partial one) at p.
+            let v = unsafe { streamed_chunk(s, p, k - c, ahead) };
             for h in 0..S::VECS {
                 for j in 0..T {
                     let a = if hold { held[j][h] } else { xv(j, c + 32 * h) };
@@ -397,6 +383,35 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
     }
     // SAFETY: the tile's results are writable (the caller's guarantee).
     unsafe { store_tile::<N, T>(acc, out, ts) };
+}
+
+/// One chunk of a streamed row at `p` (`left` weights of the row remain), with this row's share
+/// of the next tile prefetched from `ahead` when the chunk is whole. The next tile is fetched in
+/// address order, a chunk's bytes per row and step, not row by row: one sequential stream is
+/// what the memory system serves best (measured: 10–30% more GB/s than prefetching each row's
+/// next chunk). A hint only; past the end is harmless.
+///
+/// # Safety
+/// As for [`Source::chunk`] when `left` ≥ a chunk's columns, else `left` readable weights.
+#[inline(always)]
+unsafe fn streamed_chunk<S: Source>(
+    s: &S,
+    p: *const u8,
+    left: usize,
+    ahead: *const u8,
+) -> [__m512bh; 2] {
+    let chunk_bytes = 32 * S::VECS * S::ELEM;
+    if left >= 32 * S::VECS {
+        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        if chunk_bytes > 64 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+        }
+        // SAFETY: a whole chunk at p (the caller's guarantee).
+        unsafe { s.chunk(p) }
+    } else {
+        // SAFETY: `left` weights at p (the caller's guarantee).
+        unsafe { tail(s, p, left) }
+    }
 }
 
 /// Rows per register tile of [`one_token_tile`].
@@ -426,9 +441,7 @@ unsafe fn one_token_tile<S: Source>(
     let ch = 32 * S::VECS;
     let row_bytes = k * S::ELEM;
     let chunk_bytes = ch * S::ELEM;
-    let full = k / ch * ch;
     let (w0, w4) = (w, w.wrapping_add(4 * row_bytes));
-    let next = next as *const i8;
     let mut acc = [_mm512_setzero_ps(); ONE_TOKEN_ROWS];
     // SAFETY (all loads): c < k ≤ the padded activation row.
     let xv = |c: usize| -> __m512bh {
@@ -440,19 +453,9 @@ unsafe fn one_token_tile<S: Source>(
         let off = c * S::ELEM;
         for (i, acc) in acc.iter_mut().enumerate() {
             let p = if i < 4 { w0 } else { w4 }.wrapping_add((i % 4) * row_bytes + off);
-            let v = if c < full {
-                // The next tile in address order, as in `stream_tile`.
-                let ahead = next.wrapping_add(ONE_TOKEN_ROWS * off + i * chunk_bytes);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if chunk_bytes > 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                // SAFETY: c + ch ≤ k, within row i.
-                unsafe { s.chunk(p) }
-            } else {
-                // SAFETY: row i has k - c < ch weights left.
-                unsafe { tail(s, p, k - c) }
-            };
+            let ahead = next.wrapping_add(ONE_TOKEN_ROWS * off + i * chunk_bytes);
+            // SAFETY: row i has its chunk (or its last, partial one) at p.
+            let v = unsafe { streamed_chunk(s, p, k - c, ahead) };
             for h in 0..S::VECS {
                 *acc = _mm512_dpbf16_ps(*acc, v[h], a[h]);
             }
