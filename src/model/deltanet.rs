@@ -157,16 +157,14 @@ impl DeltaNet {
         let vd = hv * dv;
 
         let conv_span = Span::new(Kind::DeltaNetConv);
-        // De-interleave per key-head group (spec §7.1) into [q | k | v], z, b, a. The conv
-        // input is prefixed with the carried last Kc−1 raw inputs.
+        // De-interleave per key-head group (spec §7.1) into [q | k | v], z, b, a.
         let hist = kc - 1;
-        let mut mixed = vec![0.0f32; (hist + n) * conv_dim];
-        mixed[..hist * conv_dim].copy_from_slice(conv);
+        let mut mixed = vec![0.0f32; n * conv_dim];
         let mut z = vec![0.0f32; n * vd];
         let (mut b, mut a) = (vec![0.0f32; n * hv], vec![0.0f32; n * hv]);
         for t in 0..n {
             let pt = &p[t * hk * group..(t + 1) * hk * group];
-            let m = &mut mixed[(hist + t) * conv_dim..(hist + t + 1) * conv_dim];
+            let m = &mut mixed[t * conv_dim..(t + 1) * conv_dim];
             for j in 0..hk {
                 let g = &pt[j * group..(j + 1) * group];
                 m[j * dk..(j + 1) * dk].copy_from_slice(&g[..dk]);
@@ -180,9 +178,17 @@ impl DeltaNet {
                 a[t * hv + j * r..t * hv + (j + 1) * r].copy_from_slice(&bat[r..]);
             }
         }
-        conv.copy_from_slice(&mixed[n * conv_dim..(n + hist) * conv_dim]);
 
-        // Causal depthwise conv + SiLU; tap Kc−1 multiplies the current token.
+        // Causal depthwise conv + SiLU over the carried last Kc−1 raw inputs followed by the
+        // new ones (row `j` of that sequence); tap Kc−1 multiplies the current token.
+        let input = |j: usize| -> &[f32] {
+            let (src, at) = if j < hist {
+                (&conv[..], j)
+            } else {
+                (&mixed[..], j - hist)
+            };
+            &src[at * conv_dim..(at + 1) * conv_dim]
+        };
         let mut c = vec![0.0f32; n * conv_dim];
         // Tokens are independent here: split them over the pool (prefill), one task for a
         // single token (decode).
@@ -191,74 +197,90 @@ impl DeltaNet {
             for (dt, ct) in rows.chunks_exact_mut(conv_dim).enumerate() {
                 let t = task * per_task + dt;
                 for i in 0..kc {
-                    let w = &self.conv_w[i * conv_dim..(i + 1) * conv_dim];
-                    let m = &mixed[(t + i) * conv_dim..(t + i + 1) * conv_dim];
-                    causal_tap(ct, w, m);
+                    causal_tap(
+                        ct,
+                        &self.conv_w[i * conv_dim..(i + 1) * conv_dim],
+                        input(t + i),
+                    );
                 }
                 silu_in_place(ct);
             }
         });
-
-        // Per key head: l2-normed q (scaled by dk^−½) and k, gathered token-major.
-        let scale = 1.0 / (dk as f32).sqrt();
-        let mut qks = vec![0.0f32; 2 * hk * n * dk];
-        // Task `i < hk`: q of key head i; task `hk + i`: its k.
-        pool::for_each_chunk(&mut qks, n * dk, &|task, out| {
-            let (j, is_k) = (task % hk, task >= hk);
-            let from = if is_k { key_dim + j * dk } else { j * dk };
-            for (t, row) in out.chunks_exact_mut(dk).enumerate() {
-                row.copy_from_slice(&c[t * conv_dim + from..t * conv_dim + from + dk]);
-                l2_norm(row, 1e-6);
-                if !is_k {
-                    row.iter_mut().for_each(|v| *v *= scale);
-                }
-            }
-        });
-        let (qs, ks) = qks.split_at(hk * n * dk);
-
+        // The carried inputs move on by n: the last Kc−1 of history followed by the new rows.
+        if n >= hist {
+            conv.copy_from_slice(&mixed[(n - hist) * conv_dim..]);
+        } else {
+            conv.copy_within(n * conv_dim.., 0);
+            conv[(hist - n) * conv_dim..].copy_from_slice(&mixed);
+        }
         drop(conv_span);
+
         let _rule = Span::new(Kind::DeltaNetRule);
-        // Value heads are independent: one task each, writing its own state and output rows.
+        // Value heads are independent. Tasks take runs of adjacent heads, two per thread, so
+        // that each streams through its heads' states in memory order (decode is bound by
+        // that traffic); each head gathers and l2-norms its key head's q and k itself (a key
+        // head serves r value heads: cheaper than a dispatch of its own).
+        let scale = 1.0 / (dk as f32).sqrt();
+        let tasks = (2 * pool::global().threads()).min(hv);
+        let per = hv.div_ceil(tasks);
         let mut o_all = vec![0.0f32; hv * n * dv];
         {
-            let states: Vec<Mutex<&mut [f32]>> = ssm.chunks_mut(dk * dv).map(Mutex::new).collect();
-            let outs: Vec<Mutex<&mut [f32]>> = o_all.chunks_mut(n * dv).map(Mutex::new).collect();
-            let head = |h: usize| {
-                let j = h / r; // value head h reads key head h div r (spec §14.2)
+            let work: Vec<Mutex<(&mut [f32], &mut [f32])>> = ssm
+                .chunks_mut(per * dk * dv)
+                .zip(o_all.chunks_mut(per * n * dv))
+                .map(Mutex::new)
+                .collect();
+            let heads = |task: usize| {
+                let mut w = work[task].lock().unwrap_or_else(|e| e.into_inner());
+                let (states, outs) = &mut *w;
+                let (mut q, mut k) = (vec![0.0f32; n * dk], vec![0.0f32; n * dk]);
                 let mut v = vec![0.0f32; n * dv];
                 let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
-                for t in 0..n {
-                    let vs = t * conv_dim + 2 * key_dim + h * dv;
-                    v[t * dv..(t + 1) * dv].copy_from_slice(&c[vs..vs + dv]);
-                    beta[t] = sigmoid(b[t * hv + h]);
-                    g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
-                }
-                let inputs = HeadInputs {
-                    q: &qs[j * n * dk..(j + 1) * n * dk],
-                    k: &ks[j * n * dk..(j + 1) * n * dk],
-                    v: &v,
-                    g: &g,
-                    beta: &beta,
-                    dk,
-                    dv,
-                };
-                let mut s = states[h].lock().unwrap_or_else(|e| e.into_inner());
-                let mut o = outs[h].lock().unwrap_or_else(|e| e.into_inner());
-                if n == 1 {
-                    delta_rule::recurrent(&inputs, &mut s, &mut o);
-                } else {
-                    delta_rule::chunked(&inputs, &mut s, &mut o);
-                }
-                // Gated RMSNorm, in place: normalise, weight (plain w), then gate by silu(z).
-                for (t, ot) in o.chunks_exact_mut(dv).enumerate() {
-                    let rs = rms_scale(ot, self.eps);
-                    let zt = &z[t * vd + h * dv..t * vd + (h + 1) * dv];
-                    for ((v, &w), &zi) in ot.iter_mut().zip(&self.norm_w).zip(zt) {
-                        *v = w * (*v * rs) * silu(zi);
+                for (i, (s, o)) in states
+                    .chunks_exact_mut(dk * dv)
+                    .zip(outs.chunks_exact_mut(n * dv))
+                    .enumerate()
+                {
+                    let h = task * per + i;
+                    let j = h / r; // value head h reads key head h div r (spec §14.2)
+                    for t in 0..n {
+                        let ct = &c[t * conv_dim..(t + 1) * conv_dim];
+                        let (qt, kt) = (&mut q[t * dk..(t + 1) * dk], &mut k[t * dk..(t + 1) * dk]);
+                        qt.copy_from_slice(&ct[j * dk..(j + 1) * dk]);
+                        l2_norm(qt, 1e-6);
+                        qt.iter_mut().for_each(|x| *x *= scale);
+                        kt.copy_from_slice(&ct[key_dim + j * dk..key_dim + (j + 1) * dk]);
+                        l2_norm(kt, 1e-6);
+                        let vs = 2 * key_dim + h * dv;
+                        v[t * dv..(t + 1) * dv].copy_from_slice(&ct[vs..vs + dv]);
+                        beta[t] = sigmoid(b[t * hv + h]);
+                        g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
+                    }
+                    let inputs = HeadInputs {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        g: &g,
+                        beta: &beta,
+                        dk,
+                        dv,
+                    };
+                    if n == 1 {
+                        delta_rule::recurrent(&inputs, s, o);
+                    } else {
+                        delta_rule::chunked(&inputs, s, o);
+                    }
+                    // Gated RMSNorm, in place: normalise, weight (plain w), then gate by silu(z).
+                    for (t, ot) in o.chunks_exact_mut(dv).enumerate() {
+                        let rs = rms_scale(ot, self.eps);
+                        let zt = &z[t * vd + h * dv..t * vd + (h + 1) * dv];
+                        for ((v, &w), &zi) in ot.iter_mut().zip(&self.norm_w).zip(zt) {
+                            *v = w * (*v * rs) * silu(zi);
+                        }
                     }
                 }
             };
-            pool::global().run(hv, &head);
+            pool::global().run(work.len(), &heads);
         }
         for h in 0..hv {
             for t in 0..n {
