@@ -131,11 +131,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `kB` field of a `/proc/self` file, in bytes (0 where there is none).
+fn proc_bytes(file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/{file}"))
         .ok()
         .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            let line = s.lines().find(|l| l.starts_with(field))?.to_owned();
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kb| kb * 1024)
@@ -177,6 +178,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive"
         );
     }
+    let mode = a.load.mode().resolve(&a.model);
     if a.kernels {
         let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
         println!("read bandwidth {bw:.1} GB/s");
@@ -213,7 +215,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         }
         // The same products over this checkpoint's own matrices, mapped as for inference.
         let cfg = qnext::config::Config::from_file(&a.model.join("config.json"))?;
-        let ck = qnext::checkpoint::Checkpoint::open_with(&a.model, a.load.mode())?;
+        let ck = qnext::checkpoint::Checkpoint::open_with(&a.model, mode)?;
         let p = a.precision.precision();
         for g in qnext::kernels::microbench::model_matvec(&ck, cfg.quantization.as_ref(), p, 5)? {
             println!(
@@ -239,7 +241,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let mut model = Model::load_with(&a.model, a.load.mode())?;
+    let mut model = Model::load_with(&a.model, mode)?;
     model.precision = a.precision.precision();
     let load_s = t0.elapsed().as_secs_f64();
     let (all_bytes, token_bytes) = model.weight_bytes();
@@ -320,7 +322,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         median(tgs.clone())
     };
     let gbps = token_bytes as f64 * tg_tps / 1e9;
-    let rss = peak_rss_bytes();
+    let rss = proc_bytes("status", "VmHWM:");
+    // What `--load hugepages` obtained.
+    let huge = proc_bytes("smaps_rollup", "AnonHugePages:");
     let bw = if a.read_bandwidth {
         qnext::kernels::bandwidth::read_bandwidth(4 << 30, 10) / 1e9
     } else {
@@ -345,8 +349,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "weight_bytes": all_bytes,
             "gb_per_s": gbps,
             "peak_rss_bytes": rss,
+            "huge_page_bytes": huge,
             "load_s": load_s,
-            "load_mode": format!("{:?}", a.load.load).to_lowercase(),
+            "load_mode": format!("{mode:?}").to_lowercase(),
             "precision": format!("{:?}", model.precision).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
@@ -372,6 +377,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             token_bytes as f64 / 1e6
         );
         println!("peak RSS   {:.2} GB", rss as f64 / 1e9);
+        if huge > 0 {
+            println!("huge pages {:.2} GB", huge as f64 / 1e9);
+        }
         if bw > 0.0 {
             println!(
                 "read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it",

@@ -17,11 +17,12 @@ use std::time::Instant;
 /// Loads a model, reporting time and resident memory when `verbose`.
 pub fn load_model(dir: &Path, verbose: bool, mode: LoadMode) -> Result<Model> {
     let t0 = Instant::now();
+    let mode = mode.resolve(dir);
     let model = Model::load_with(dir, mode)?;
     if verbose {
         let (all, active) = model.weight_bytes();
         eprintln!(
-            "loaded {} in {:.2}s: {:.2} GB of weights, {:.1} MB read per token, RSS {:.1} MB",
+            "loaded {} ({mode:?}) in {:.2}s: {:.2} GB of weights, {:.1} MB read per token, RSS {:.1} MB",
             dir.display(),
             t0.elapsed().as_secs_f64(),
             all as f64 / 1e9,
@@ -43,10 +44,11 @@ pub fn rss_bytes() -> Option<u64> {
 /// `--load`: where the weights live once loaded.
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct LoadArg {
-    /// mmap: map the files (fast start, pages fault in on use); populate: map and read every
-    /// page now (the default: decode measured fastest, see BENCHMARKS.md); hugepages: copy
-    /// into anonymous memory advised to use 2 MiB pages.
-    #[arg(long = "load", value_enum, default_value_t = LoadChoice::Populate)]
+    /// auto (the default): hugepages where the machine has the memory for the copy with room
+    /// to spare, else populate. mmap: map the files (fast start, pages fault in on use);
+    /// populate: map and read every page now; hugepages: copy into anonymous memory on 2 MiB
+    /// pages (decode measured fastest, see BENCHMARKS.md).
+    #[arg(long = "load", value_enum, default_value_t = LoadChoice::Auto)]
     pub load: LoadChoice,
 }
 
@@ -72,6 +74,7 @@ impl PrecisionArg {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadChoice {
+    Auto,
     Mmap,
     Populate,
     Hugepages,
@@ -80,6 +83,7 @@ pub enum LoadChoice {
 impl LoadArg {
     pub fn mode(self) -> LoadMode {
         match self.load {
+            LoadChoice::Auto => LoadMode::Auto,
             LoadChoice::Mmap => LoadMode::Mmap,
             LoadChoice::Populate => LoadMode::Populate,
             LoadChoice::Hugepages => LoadMode::HugePages,
