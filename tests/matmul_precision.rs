@@ -17,7 +17,7 @@
 //! 1e-5 of Σ|terms| allows that, while a wrong scale block, a dropped tail or an unrounded
 //! input moves results by 1e-3 of Σ|terms| or more.
 
-use qnext::checkpoint::{Elems, Matrix, MatrixData};
+use qnext::checkpoint::{ByteCode, Elems, Matrix, MatrixData};
 use qnext::kernels::fp8::e4m3_to_f32;
 use qnext::kernels::matmul::{matmul, matmul_many, products, Job, Precision};
 
@@ -63,6 +63,7 @@ fn fp8_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
             scales,
             block_n: 128,
             block_k: 128,
+            code: ByteCode::E4m3,
         },
     }
 }
@@ -86,10 +87,15 @@ fn weight(w: &Matrix, r: usize, c: usize) -> (f32, f32) {
             scales,
             block_n,
             block_k,
+            code,
         } => {
             let sc = w.cols.div_ceil(*block_k);
+            let b = q.as_slice()[r * w.cols + c];
             (
-                e4m3_to_f32(q.as_slice()[r * w.cols + c]),
+                match code {
+                    ByteCode::E4m3 => e4m3_to_f32(b),
+                    ByteCode::SignMagnitude => code.value(b),
+                },
                 scales[(r / block_n) * sc + c / block_k],
             )
         }
@@ -135,7 +141,20 @@ fn multiply(x: &[f32], t: usize, w: &Matrix, way: Way) -> Vec<f32> {
 fn check(w: &Matrix, t: usize, rng: &mut Rng) {
     let k = w.cols;
     let x: Vec<f32> = (0..t * k).map(|_| rng.f32()).collect();
-    let fast_rounds = fast_available();
+    // Integer bytes take the rounding dot products only with VBMI (table widening), and no
+    // blocked kernel: prompt-chunk tokens multiply like single ones.
+    let integer = matches!(
+        w.data,
+        MatrixData::Fp8 {
+            code: ByteCode::SignMagnitude,
+            ..
+        }
+    );
+    #[cfg(target_arch = "x86_64")]
+    let vbmi = is_x86_feature_detected!("avx512vbmi");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vbmi = false;
+    let fast_rounds = fast_available() && (vbmi || !integer);
     for way in [Way::Exact, Way::Fast, Way::FastBulk] {
         let y = multiply(&x, t, w, way);
         for j in 0..t {
@@ -145,6 +164,9 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
                     let (xv, (wv, s)) = (x[j * k + c], weight(w, r, c));
                     let term = match way {
                         Way::Fast if fast_rounds => bf16_round(s * xv) as f64 * wv as f64,
+                        Way::FastBulk if fast_rounds && integer => {
+                            bf16_round(s * xv) as f64 * wv as f64
+                        }
                         Way::FastBulk if fast_rounds => {
                             bf16_round(xv) as f64 * wv as f64 * s as f64
                         }
@@ -194,6 +216,38 @@ fn fp8_products_match_the_model_of_each_precision() {
         let w = fp8_matrix(&mut rng, rows, cols);
         for t in [1, 2, 7, 13] {
             check(&w, t, &mut rng);
+        }
+    }
+}
+
+/// `--lm-head q8`: every weight of the 8-bit copy within half a step of the original (the
+/// step being its block's largest magnitude / 127), and its products as exact as FP8's.
+#[test]
+fn q8_copies_are_within_half_a_step_and_multiply_like_their_model() {
+    let mut rng = Rng(0x5851_F42D_4C95_7F2D);
+    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (130, 384)] {
+        let w = bf16_matrix(&mut rng, rows, cols);
+        let q = w.to_q8(128);
+        assert_eq!(q.dtype_name(), "Q8");
+        for r in 0..rows {
+            for c in 0..cols {
+                let (orig, _) = weight(&w, r, c);
+                let (v, s) = weight(&q, r, c);
+                let (br, bc) = (r / 128 * 128, c / 128 * 128);
+                let amax = (br..(br + 128).min(rows))
+                    .flat_map(|i| (bc..(bc + 128).min(cols)).map(move |j| (i, j)))
+                    .map(|(i, j)| weight(&w, i, j).0.abs())
+                    .fold(0.0f32, f32::max);
+                assert!((s - amax / 127.0).abs() <= 1e-6 * s, "scale of ({r}, {c})");
+                assert!(
+                    (v * s - orig).abs() <= 0.5 * s * (1.0 + 1e-5),
+                    "({r}, {c}): {orig} became {}",
+                    v * s
+                );
+            }
+        }
+        for t in [1, 2, 7] {
+            check(&q, t, &mut rng);
         }
     }
 }

@@ -1,12 +1,40 @@
 //! A Linear weight `[rows, cols]` (PyTorch `[out, in]`) as stored: F32, BF16, F16, or FP8 e4m3
 //! with one f32 dequantisation scale per `block_n × block_k` block. FP8 weights stay one byte
-//! per weight; the matrix kernels apply the scales.
+//! per weight; the matrix kernels apply the scales. The same 8-bit layout also holds qnext's
+//! own sign-magnitude integer copies of 16-bit matrices ([`Matrix::to_q8`]).
 
 use anyhow::{bail, Result};
 
 use super::files::Checkpoint;
 use super::view::{DType, Elems};
 use crate::config::Fp8Config;
+
+/// What a byte of an 8-bit matrix means, before its block's scale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteCode {
+    /// FP8 e4m3fn, as the checkpoints store it.
+    E4m3,
+    /// A sign bit and a 7-bit integer magnitude, −127…127 ([`Matrix::to_q8`]). The same
+    /// sign-and-magnitude split as e4m3, so the kernels widen it by the same table lookup
+    /// with another table; an integer grid is finer than e4m3's near a block's largest values.
+    SignMagnitude,
+}
+
+impl ByteCode {
+    pub fn value(self, b: u8) -> f32 {
+        match self {
+            ByteCode::E4m3 => crate::kernels::fp8::e4m3_to_f32(b),
+            ByteCode::SignMagnitude => {
+                let m = (b & 0x7F) as f32;
+                if b & 0x80 != 0 {
+                    -m
+                } else {
+                    m
+                }
+            }
+        }
+    }
+}
 
 pub enum MatrixData {
     F32(Elems<f32>),
@@ -20,6 +48,7 @@ pub enum MatrixData {
         scales: Vec<f32>,
         block_n: usize,
         block_k: usize,
+        code: ByteCode,
     },
 }
 
@@ -62,6 +91,7 @@ impl Matrix {
                     scales: s.to_f32()?,
                     block_n: q.block_n,
                     block_k: q.block_k,
+                    code: ByteCode::E4m3,
                 }
             }
             other => bail!(
@@ -78,7 +108,14 @@ impl Matrix {
             MatrixData::F32(_) => "F32",
             MatrixData::Bf16(_) => "BF16",
             MatrixData::F16(_) => "F16",
-            MatrixData::Fp8 { .. } => "F8_E4M3",
+            MatrixData::Fp8 {
+                code: ByteCode::E4m3,
+                ..
+            } => "F8_E4M3",
+            MatrixData::Fp8 {
+                code: ByteCode::SignMagnitude,
+                ..
+            } => "Q8",
         }
     }
 
@@ -128,6 +165,7 @@ impl Matrix {
                 scales,
                 block_n,
                 block_k,
+                code,
             } => {
                 let row = &w.as_slice()[span];
                 let srow = &scales[(r / block_n) * k.div_ceil(*block_k)..];
@@ -138,10 +176,66 @@ impl Matrix {
                 {
                     let s = srow[kb];
                     for (o, &q) in o.iter_mut().zip(q) {
-                        *o = crate::kernels::fp8::e4m3_to_f32(q) * s;
+                        *o = code.value(q) * s;
                     }
                 }
             }
+        }
+    }
+}
+
+impl Matrix {
+    /// An 8-bit copy in [`ByteCode::SignMagnitude`] with one scale per `block × block` block:
+    /// the block's largest magnitude maps to 127, every weight to the nearest step, so a
+    /// weight moves by at most half a step (1/254 of its block's largest magnitude). For
+    /// `lm_head`, which the FP8 checkpoints keep in BF16 (16 % of a decode step's bytes):
+    /// half the bytes, with a grid much finer than e4m3's at a block's large values.
+    pub fn to_q8(&self, block: usize) -> Matrix {
+        let (rows, cols) = (self.rows, self.cols);
+        let sc = cols.div_ceil(block);
+        let mut w = vec![0u8; rows * cols];
+        let mut scales = vec![0.0f32; rows.div_ceil(block) * sc];
+        {
+            let parts: Vec<std::sync::Mutex<(&mut [u8], &mut [f32])>> = w
+                .chunks_mut(block * cols)
+                .zip(scales.chunks_mut(sc))
+                .map(std::sync::Mutex::new)
+                .collect();
+            crate::kernels::pool::global().run(parts.len(), &|g| {
+                let mut part = parts[g].lock().unwrap_or_else(|e| e.into_inner());
+                let (q, s) = &mut *part;
+                let n = q.len() / cols;
+                let mut f = vec![0.0f32; n * cols];
+                for (i, row) in f.chunks_exact_mut(cols).enumerate() {
+                    self.row_f32(g * block + i, row);
+                }
+                for (b, scale) in s.iter_mut().enumerate() {
+                    let cs = b * block..((b + 1) * block).min(cols);
+                    let amax = f
+                        .chunks_exact(cols)
+                        .flat_map(|row| &row[cs.clone()])
+                        .fold(0.0f32, |m, v| m.max(v.abs()));
+                    *scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                    let inv = 1.0 / *scale;
+                    for (qr, fr) in q.chunks_exact_mut(cols).zip(f.chunks_exact(cols)) {
+                        for (b, &v) in qr[cs.clone()].iter_mut().zip(&fr[cs.clone()]) {
+                            let m = (v.abs() * inv).round().min(127.0) as u8;
+                            *b = m | if v < 0.0 { 0x80 } else { 0 };
+                        }
+                    }
+                }
+            });
+        }
+        Matrix {
+            rows,
+            cols,
+            data: MatrixData::Fp8 {
+                w: Elems::Owned(w),
+                scales,
+                block_n: block,
+                block_k: block,
+                code: ByteCode::SignMagnitude,
+            },
         }
     }
 }

@@ -242,7 +242,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut model = Model::load_with(&a.model, mode)?;
-    model.precision = a.precision.precision();
+    a.precision.apply(&mut model);
     let load_s = t0.elapsed().as_secs_f64();
     let (all_bytes, token_bytes) = model.weight_bytes();
     let threads = qnext::kernels::parallel::threads();
@@ -353,6 +353,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "load_s": load_s,
             "load_mode": format!("{mode:?}").to_lowercase(),
             "precision": format!("{:?}", model.precision).to_lowercase(),
+            "lm_head": format!("{:?}", a.precision.lm_head).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
         });

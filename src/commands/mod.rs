@@ -52,7 +52,7 @@ pub struct LoadArg {
     pub load: LoadChoice,
 }
 
-/// `--exact`: how the matrix products round.
+/// `--exact`, `--lm-head`: how the matrix products round.
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct PrecisionArg {
     /// f32 activations and accumulation in every matrix product, weights as stored (the
@@ -60,6 +60,18 @@ pub struct PrecisionArg {
     /// the CPU has AVX-512 BF16 (about twice as fast in prefill; tolerance in BENCHMARKS.md).
     #[arg(long)]
     pub exact: bool,
+    /// stored: lm_head as the checkpoint has it (BF16 in the FP8 releases). q8: an 8-bit
+    /// copy made at load (sign + 7-bit integer, one scale per 128×128 block): half the bytes
+    /// of a BF16 lm_head, 16 % of a decode step's, at a small cost in logit accuracy
+    /// (BENCHMARKS.md).
+    #[arg(long = "lm-head", value_enum, default_value_t = LmHeadChoice::Stored)]
+    pub lm_head: LmHeadChoice,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LmHeadChoice {
+    Stored,
+    Q8,
 }
 
 impl PrecisionArg {
@@ -68,6 +80,14 @@ impl PrecisionArg {
             Precision::Exact
         } else {
             Precision::Fast
+        }
+    }
+
+    /// Sets the model's precision and, with `--lm-head q8`, requantizes its `lm_head`.
+    pub fn apply(self, model: &mut Model) {
+        model.precision = self.precision();
+        if self.lm_head == LmHeadChoice::Q8 {
+            model.quantize_lm_head();
         }
     }
 }

@@ -77,7 +77,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
         bail!("the prompt is empty");
     }
     let mut model = super::load_model(&args.model, verbose, args.load.mode())?;
-    model.precision = args.precision.precision();
+    args.precision.apply(&mut model);
     let ctx = model.cfg.max_position_embeddings;
     if ids.len() >= ctx {
         bail!(

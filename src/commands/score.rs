@@ -65,7 +65,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
     let mut model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
-    model.precision = args.precision.precision();
+    args.precision.apply(&mut model);
     if ids.len() > model.cfg.max_position_embeddings {
         bail!(
             "{} tokens exceed the model's context length {}",

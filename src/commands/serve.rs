@@ -83,6 +83,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         hub: None,
         load_mode: a.load.mode(),
         precision: a.precision.precision(),
+        lm_head_q8: a.precision.lm_head == super::LmHeadChoice::Q8,
     };
     let handle = server::start(cfg)?;
     if verbose {

@@ -62,6 +62,7 @@ pub fn synthetic(rows: usize, cols: usize, fp8: bool, seed: usize) -> Matrix {
             scales: vec![0.01; rows.div_ceil(128) * cols.div_ceil(128)],
             block_n: 128,
             block_k: 128,
+            code: crate::checkpoint::ByteCode::E4m3,
         }
     } else {
         MatrixData::Bf16(Elems::Owned(

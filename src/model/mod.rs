@@ -259,6 +259,19 @@ impl Model {
         SeqCache::with_kv(&self.cfg, max_len.min(self.cfg.max_position_embeddings), kv)
     }
 
+    /// Replaces a 16- or 32-bit `lm_head` by an 8-bit copy ([`Matrix::to_q8`], 128×128
+    /// blocks): `--lm-head q8`. The FP8 checkpoints keep `lm_head` in BF16, 16 % of a decode
+    /// step's bytes; the copy halves them and moves the logits (BENCHMARKS.md measures by how
+    /// much), so it is a choice, not the default. An 8-bit `lm_head` stays as it is. Returns
+    /// whether it changed.
+    pub fn quantize_lm_head(&mut self) -> bool {
+        if matches!(self.lm_head.data, crate::checkpoint::MatrixData::Fp8 { .. }) {
+            return false;
+        }
+        self.lm_head = self.lm_head.to_q8(128);
+        true
+    }
+
     /// (bytes of all weights, bytes of weights read per generated token).
     pub fn weight_bytes(&self) -> (usize, usize) {
         let (mut all, mut active) = (self.lm_head.bytes(), self.lm_head.bytes());

@@ -89,6 +89,8 @@ pub struct ServerConfig {
     pub load_mode: LoadMode,
     /// How the matrix products round (`--exact`).
     pub precision: Precision,
+    /// An 8-bit copy of `lm_head` (`--lm-head q8`).
+    pub lm_head_q8: bool,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +110,7 @@ impl Default for ServerConfig {
             hub: None,
             load_mode: LoadMode::Mmap,
             precision: Precision::default(),
+            lm_head_q8: false,
         }
     }
 }
@@ -169,6 +172,9 @@ impl AppState {
         let gen = GenerationConfig::from_dir(&dir)?;
         let mut model = Model::load_with(&dir, cfg.load_mode)?;
         model.precision = cfg.precision;
+        if cfg.lm_head_q8 {
+            model.quantize_lm_head();
+        }
         let ctx = model.cfg.max_position_embeddings;
         let max_model_len = cfg.max_model_len.unwrap_or(ctx);
         if max_model_len < 2 || max_model_len > ctx {

@@ -238,7 +238,10 @@ struct Widened<'a> {
 /// Whether this module can handle `w` (FP8 block widths must be multiples of 32).
 pub fn supports(w: &Matrix) -> bool {
     match &w.data {
-        MatrixData::Fp8 { block_k, .. } => block_k % 32 == 0,
+        // Its FP8 widening is bit arithmetic for e4m3; integer bytes take the portable path.
+        MatrixData::Fp8 { block_k, code, .. } => {
+            *code == crate::checkpoint::ByteCode::E4m3 && block_k % 32 == 0
+        }
         _ => true,
     }
 }
@@ -260,6 +263,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
                 scales,
                 block_n,
                 block_k,
+                ..
             } => {
                 let q = q.as_slice();
                 assert!(q.len() >= w.rows * cols);

@@ -47,9 +47,18 @@ const BF16_BLOCK: usize = 256;
 pub fn supports(w: &Matrix) -> bool {
     match w.data {
         MatrixData::Bf16(_) => true,
+        // Its packing widens e4m3; integer bytes keep to the dot products.
         MatrixData::Fp8 {
-            block_k, block_n, ..
-        } => block_k.is_multiple_of(64) && block_k <= 512 && block_n > 0,
+            block_k,
+            block_n,
+            code,
+            ..
+        } => {
+            code == crate::checkpoint::ByteCode::E4m3
+                && block_k.is_multiple_of(64)
+                && block_k <= 512
+                && block_n > 0
+        }
         _ => false,
     }
 }
@@ -100,6 +109,7 @@ pub unsafe fn rows(
             scales,
             block_n,
             block_k,
+            ..
         } => {
             let q = q.as_slice();
             let sc = k.div_ceil(*block_k);
@@ -134,7 +144,7 @@ unsafe fn fp8_lookup(
     out: OutRows,
 ) {
     // SAFETY: AVX-512 F is enabled here.
-    let s = unsafe { Lookup::new() };
+    let s = unsafe { Lookup::new(crate::checkpoint::ByteCode::E4m3) };
     // SAFETY: forwarded (VBMI enabled, which `Lookup` needs).
     unsafe { run(&s, q, g, x, xs, t, rows, out) }
 }

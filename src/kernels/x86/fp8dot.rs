@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::bf16dot::{run, Source};
-use crate::checkpoint::{Matrix, MatrixData};
+use crate::checkpoint::{ByteCode, Matrix, MatrixData};
 use crate::kernels::matmul::OutRows;
 
 /// Columns per widened chunk.
@@ -32,16 +32,23 @@ const CHUNK: usize = 64;
 /// Scaled activations per pass over a row block (see `by_row_block`).
 const TOKEN_BLOCK_BYTES: usize = 512 << 10;
 
-/// Whether [`rows`] handles `w`: FP8 whose scale blocks are whole chunks.
+/// Whether [`rows`] handles `w`: 8-bit weights whose scale blocks are whole chunks; integer
+/// bytes only with VBMI (the arithmetic widening knows e4m3 alone).
 pub fn supports(w: &Matrix) -> bool {
-    matches!(w.data, MatrixData::Fp8 { block_k, block_n, .. } if block_k % CHUNK == 0 && block_n > 0)
+    matches!(w.data, MatrixData::Fp8 { block_k, block_n, code, .. }
+        if block_k % CHUNK == 0 && block_n > 0
+            && (code == ByteCode::E4m3 || super::super::isa::vbmi()))
 }
 
-/// The e4m3 magnitude (7 bits) → bfloat16 bits, exact. The NaN code (0x7F) widens like the
+/// A byte's magnitude (7 bits) → bfloat16 bits, exact for both codes (an integer below 128
+/// has 7 significant bits; e4m3 values have 4). The e4m3 NaN code (0x7F) widens like the
 /// f32 kernels do (to 480), so every path agrees on every byte.
-fn table() -> [u16; 128] {
+fn table(code: ByteCode) -> [u16; 128] {
     std::array::from_fn(|m| {
-        let v = f32::from_bits((m as u32) << 20) * f32::from_bits((127 + 120) << 23);
+        let v = match code {
+            ByteCode::E4m3 => f32::from_bits((m as u32) << 20) * f32::from_bits((127 + 120) << 23),
+            ByteCode::SignMagnitude => m as f32,
+        };
         (v.to_bits() >> 16) as u16
     })
 }
@@ -59,8 +66,8 @@ impl Lookup {
     /// # Safety
     /// AVX-512 F.
     #[inline(always)]
-    pub(super) unsafe fn new() -> Lookup {
-        let tab = table();
+    pub(super) unsafe fn new(code: ByteCode) -> Lookup {
+        let tab = table(code);
         let bytes = |shift: u32, half: usize| {
             let b: [u8; 64] = std::array::from_fn(|i| (tab[64 * half + i] >> shift) as u8);
             // SAFETY: 64 bytes read as one vector.
@@ -156,7 +163,8 @@ pub unsafe fn rows(
     out: OutRows,
     then: *const u8,
 ) {
-    // SAFETY: the caller verified F, BW and BF16; VBMI is checked here.
+    // SAFETY: the caller verified F, BW and BF16; VBMI is checked here (`supports` admits
+    // integer bytes only with it).
     unsafe {
         if super::super::isa::vbmi() {
             rows_lookup(x, t, w, rows, out, then)
@@ -175,8 +183,11 @@ unsafe fn rows_lookup(
     out: OutRows,
     then: *const u8,
 ) {
+    let MatrixData::Fp8 { code, .. } = w.data else {
+        unreachable!("fp8dot::rows called for a {} matrix", w.dtype_name());
+    };
     // SAFETY: AVX-512 F is enabled here.
-    let s = unsafe { Lookup::new() };
+    let s = unsafe { Lookup::new(code) };
     // SAFETY: same target features (VBMI included, which `Lookup` needs).
     unsafe { by_row_block(&s, x, t, w, rows, out, then) }
 }
@@ -190,6 +201,16 @@ unsafe fn rows_arith(
     out: OutRows,
     then: *const u8,
 ) {
+    assert!(
+        matches!(
+            w.data,
+            MatrixData::Fp8 {
+                code: ByteCode::E4m3,
+                ..
+            }
+        ),
+        "arithmetic widening is for e4m3 bytes"
+    );
     // SAFETY: same target features.
     unsafe { by_row_block(&Arith, x, t, w, rows, out, then) }
 }
@@ -213,6 +234,7 @@ unsafe fn by_row_block<S: Source>(
         scales,
         block_n,
         block_k,
+        ..
     } = &w.data
     else {
         unreachable!("fp8dot::rows called for a {} matrix", w.dtype_name());
@@ -363,7 +385,7 @@ mod tests {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
     unsafe fn widen_lookup(c: &[u8; 64]) -> [u16; 64] {
         // SAFETY: AVX-512 F is enabled here.
-        let s = unsafe { Lookup::new() };
+        let s = unsafe { Lookup::new(ByteCode::E4m3) };
         // SAFETY: 64 bytes; features as enabled.
         store(unsafe { s.chunk(c.as_ptr()) })
     }
