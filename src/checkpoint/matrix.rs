@@ -142,6 +142,21 @@ impl Matrix {
         }
     }
 
+    /// Releases the memory of a mapped matrix that has been replaced (see [`Elems::release`]).
+    ///
+    /// # Safety
+    /// As for [`Elems::release`]: no other matrix may map the same tensor.
+    pub unsafe fn release(self) {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            match self.data {
+                MatrixData::F32(e) => e.release(),
+                MatrixData::Bf16(e) | MatrixData::F16(e) => e.release(),
+                MatrixData::Fp8 { w, .. } => w.release(),
+            }
+        }
+    }
+
     /// Row `r` widened to f32 (FP8 rows with their block scales applied), for embeddings and
     /// for kernels that work row by row.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {

@@ -80,6 +80,33 @@ impl<T: bytemuck::Pod> Elems<T> {
             Elems::Owned(v) => v,
         }
     }
+
+    /// Gives the whole pages inside a mapped tensor back to the kernel (`MADV_DONTNEED`):
+    /// resident memory drops by the tensor's size once it has been replaced (an 8-bit copy of
+    /// `lm_head`). Pages shared with neighbouring tensors stay.
+    ///
+    /// # Safety
+    /// No other `Elems` or reference may read these bytes afterwards: in a file mapping they
+    /// would only fault back in, but in an anonymous copy (`LoadMode::HugePages`) they read
+    /// back as zeros.
+    pub unsafe fn release(self) {
+        const PAGE: usize = 4096;
+        if let Elems::Mapped { map, range } = self {
+            let start = range.start.next_multiple_of(PAGE);
+            let end = range.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the range lies inside the mapping; the caller guarantees nothing
+                // reads it again (see above). Failure only leaves the pages resident.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
 }
 
 /// One tensor of a checkpoint: name, file, dtype, shape and its bytes.

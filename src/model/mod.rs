@@ -268,7 +268,16 @@ impl Model {
         if matches!(self.lm_head.data, crate::checkpoint::MatrixData::Fp8 { .. }) {
             return false;
         }
-        self.lm_head = self.lm_head.to_q8(128);
+        // Tied embeddings (not Qwen3-Next's checkpoints, but allowed) keep reading the stored
+        // matrix, so only a separate lm_head gives its memory back.
+        let tied = self.embed.row_ptr(0) == self.lm_head.row_ptr(0);
+        let q8 = self.lm_head.to_q8(128);
+        let stored = std::mem::replace(&mut self.lm_head, q8);
+        if !tied {
+            // SAFETY: the stored lm_head was the only user of its tensor's bytes (not tied to
+            // the embeddings, checked above; each tensor is loaded once), and it is gone.
+            unsafe { stored.release() };
+        }
         true
     }
 
