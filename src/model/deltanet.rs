@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use super::Step;
 use crate::cache::LayerState;
@@ -25,6 +25,19 @@ fn causal_tap(c: &mut [f32], w: &[f32], m: &[f32]) {
     for ((cv, &wv), &mv) in c.iter_mut().zip(w).zip(m) {
         *cv += wv * mv;
     }
+}
+
+/// Each `width`-long row of `rows` cut into `seg`-long segments, row by row, each behind its
+/// own (never contended) lock so that a task can borrow its segments mutably.
+fn row_segments(rows: &mut [f32], width: usize, seg: usize) -> Vec<Mutex<&mut [f32]>> {
+    rows.chunks_mut(width)
+        .flat_map(|row| row.chunks_mut(seg))
+        .map(Mutex::new)
+        .collect()
+}
+
+fn lock<'a, 'b>(m: &'a Mutex<&'b mut [f32]>) -> MutexGuard<'a, &'b mut [f32]> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct DeltaNet {
@@ -180,38 +193,52 @@ impl DeltaNet {
         }
 
         // Causal depthwise conv + SiLU over the carried last Kc−1 raw inputs followed by the
-        // new ones (row `j` of that sequence); tap Kc−1 multiplies the current token.
-        let input = |j: usize| -> &[f32] {
-            let (src, at) = if j < hist {
-                (&conv[..], j)
-            } else {
-                (&mixed[..], j - hist)
-            };
-            &src[at * conv_dim..(at + 1) * conv_dim]
-        };
+        // new ones; tap Kc−1 multiplies the current token. Channels are independent, so tasks
+        // take ranges of them (for all tokens), and each moves its channels of the carried
+        // inputs on by n: a decode step's conv reads 224 KiB per layer (history and taps),
+        // which one thread would read while the other waits.
+        let seg = conv_dim
+            .div_ceil(2 * pool::global().threads())
+            .next_multiple_of(16);
+        let parts = conv_dim.div_ceil(seg);
         let mut c = vec![0.0f32; n * conv_dim];
-        // Tokens are independent here: split them over the pool (prefill), one task for a
-        // single token (decode).
-        let per_task = n.div_ceil(4 * pool::global().threads()).max(1);
-        pool::for_each_chunk(&mut c, per_task * conv_dim, &|task, rows| {
-            for (dt, ct) in rows.chunks_exact_mut(conv_dim).enumerate() {
-                let t = task * per_task + dt;
-                for i in 0..kc {
-                    causal_tap(
-                        ct,
-                        &self.conv_w[i * conv_dim..(i + 1) * conv_dim],
-                        input(t + i),
-                    );
+        {
+            // Row segments of the output and of the carried inputs; part p owns segment p of
+            // every row.
+            let (outs, hists) = (
+                row_segments(&mut c, conv_dim, seg),
+                row_segments(conv, conv_dim, seg),
+            );
+            pool::global().run(parts, &|p| {
+                let ch = p * seg..((p + 1) * seg).min(conv_dim);
+                let new = |t: usize| &mixed[t * conv_dim + ch.start..t * conv_dim + ch.end];
+                let mut h: Vec<_> = (0..hist).map(|r| lock(&hists[r * parts + p])).collect();
+                for t in 0..n {
+                    let mut o = lock(&outs[t * parts + p]);
+                    for i in 0..kc {
+                        let taps = &self.conv_w[i * conv_dim + ch.start..i * conv_dim + ch.end];
+                        // Row t + i of [carried; new].
+                        let x: &[f32] = if t + i < hist {
+                            &h[t + i]
+                        } else {
+                            new(t + i - hist)
+                        };
+                        causal_tap(&mut o, taps, x);
+                    }
+                    silu_in_place(&mut o);
                 }
-                silu_in_place(ct);
-            }
-        });
-        // The carried inputs move on by n: the last Kc−1 of history followed by the new rows.
-        if n >= hist {
-            conv.copy_from_slice(&mixed[(n - hist) * conv_dim..]);
-        } else {
-            conv.copy_within(n * conv_dim.., 0);
-            conv[(hist - n) * conv_dim..].copy_from_slice(&mixed);
+                // Carried row r becomes row n + r of [carried; new]; rows are taken from
+                // later ones only, so none is overwritten before it is read.
+                for r in 0..hist {
+                    let j = n + r;
+                    if j < hist {
+                        let (to, from) = h.split_at_mut(j);
+                        to[r].copy_from_slice(&from[0]);
+                    } else {
+                        h[r].copy_from_slice(new(j - hist));
+                    }
+                }
+            });
         }
         drop(conv_span);
 
