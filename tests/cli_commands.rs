@@ -136,3 +136,52 @@ fn inspect_reports_counts_and_dtypes() {
         assert!(s.contains(needle), "inspect output lacks {needle}: {s}");
     }
 }
+
+/// `bench --json` on a bundled checkpoint: the fields the issue asks for, the load mode that
+/// `auto` chose, and `--lm-head q8` reading fewer bytes per token than the stored BF16 head.
+#[test]
+fn bench_reports_its_load_mode_and_the_q8_lm_head() {
+    let m = fixture("fp8-bf16scale");
+    let m = m.to_str().unwrap();
+    let bench = |head: &str| -> serde_json::Value {
+        let out = qnext(&[
+            "bench",
+            "--model",
+            m,
+            "--prompt-tokens",
+            "20",
+            "--gen-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--lm-head",
+            head,
+            "--json",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (stored, q8) = (bench("stored"), bench("q8"));
+    for v in [&stored, &q8] {
+        for field in [
+            "pp_tokens_per_s",
+            "tg_tokens_per_s",
+            "bytes_per_token",
+            "gb_per_s",
+            "peak_rss_bytes",
+            "huge_page_bytes",
+        ] {
+            assert!(v[field].is_number(), "{field} missing in {v}");
+        }
+        let mode = v["load_mode"].as_str().unwrap();
+        assert!(
+            mode == "hugepages" || mode == "populate",
+            "load_mode {mode}"
+        );
+    }
+    assert_eq!(stored["lm_head"], "stored");
+    assert_eq!(q8["lm_head"], "q8");
+    assert!(
+        q8["bytes_per_token"].as_u64().unwrap() < stored["bytes_per_token"].as_u64().unwrap(),
+        "q8 lm_head reads no fewer bytes: {q8} vs {stored}"
+    );
+}
