@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod kernels;
 pub mod model;
+pub mod procfs;
 pub mod progress;
 pub mod sampling;
 pub mod server;

@@ -44,16 +44,7 @@ impl LoadMode {
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
             .sum();
-        let available = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                let line = s
-                    .lines()
-                    .find(|l| l.starts_with("MemAvailable:"))?
-                    .to_owned();
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .map_or(0, |kb| kb * 1024);
+        let available = crate::procfs::kb_field("/proc/meminfo", "MemAvailable:").unwrap_or(0);
         if available >= weights + weights / 8 + (2 << 30) {
             LoadMode::HugePages
         } else {

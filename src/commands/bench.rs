@@ -131,17 +131,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// A `kB` field of a `/proc/self` file, in bytes (0 where there is none).
-fn proc_bytes(file: &str, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/self/{file}"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?.to_owned();
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 type Totals = Vec<(qnext::kernels::profile::Kind, u64)>;
 
 /// Runs `f` with the profiler on; its seconds and the time per kind of work.
@@ -322,9 +311,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         median(tgs.clone())
     };
     let gbps = token_bytes as f64 * tg_tps / 1e9;
-    let rss = proc_bytes("status", "VmHWM:");
+    let rss = qnext::procfs::kb_field("/proc/self/status", "VmHWM:").unwrap_or(0);
     // What `--load hugepages` obtained.
-    let huge = proc_bytes("smaps_rollup", "AnonHugePages:");
+    let huge = qnext::procfs::kb_field("/proc/self/smaps_rollup", "AnonHugePages:").unwrap_or(0);
     let bw = if a.read_bandwidth {
         qnext::kernels::bandwidth::read_bandwidth(4 << 30, 10) / 1e9
     } else {

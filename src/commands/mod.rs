@@ -35,10 +35,7 @@ pub fn load_model(dir: &Path, verbose: bool, mode: LoadMode) -> Result<Model> {
 
 /// Resident set size from /proc (Linux only).
 pub fn rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    qnext::procfs::kb_field("/proc/self/status", "VmRSS:")
 }
 
 /// `--load`: where the weights live once loaded.
