@@ -18,7 +18,6 @@
 //! input moves results by 1e-3 of Σ|terms| or more.
 
 use qnext::checkpoint::{ByteCode, Elems, Matrix, MatrixData};
-use qnext::kernels::fp8::e4m3_to_f32;
 use qnext::kernels::matmul::{matmul, matmul_many, products, Job, Precision};
 
 const REL: f64 = 1e-5;
@@ -91,13 +90,7 @@ fn weight(w: &Matrix, r: usize, c: usize) -> (f32, f32) {
         } => {
             let sc = w.cols.div_ceil(*block_k);
             let b = q.as_slice()[r * w.cols + c];
-            (
-                match code {
-                    ByteCode::E4m3 => e4m3_to_f32(b),
-                    ByteCode::SignMagnitude => code.value(b),
-                },
-                scales[(r / block_n) * sc + c / block_k],
-            )
+            (code.value(b), scales[(r / block_n) * sc + c / block_k])
         }
         MatrixData::Bf16(d) => (
             f32::from_bits((d.as_slice()[r * w.cols + c] as u32) << 16),
