@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use super::isa::{isa, Isa};
 use super::pool;
+use super::split::{Piece, Split};
 use crate::checkpoint::{Matrix, MatrixData};
 
 /// How matrix products round their inputs (the CLI's `--exact`).
@@ -31,15 +32,10 @@ pub enum Precision {
 
 /// Multiply-adds below which a product runs on the calling thread alone.
 const PARALLEL_WORK: usize = 1 << 17;
-/// Tasks per thread in one dispatch of products. Each task starts with rows nobody
-/// prefetched, and tasks are claimed as threads come free, so fewer tasks mean fewer cold
-/// starts but a longer wait when one thread falls behind. A decode step's products over the
-/// 32-expert FP8 checkpoint's own matrices, in one process, memory fast: one task per
-/// matrix (before) 69.4 ms, 4 per thread 67.8, **2 per thread 67.2**, 1 per thread 66.6;
-/// memory slow: 93.5, 92.3, 91.3, 90.9. Two keep some slack against a thread that is held up
-/// (in `serve`, other threads share the cores); prefill was not slower (pp512 91–93 against
-/// 86–92 with 4).
-const TASKS_PER_THREAD: usize = 2;
+/// The least work one claim of rows holds (`split.rs`): 64 KiB of FP8 weights for one
+/// token. Claims halve what is left down to this, so threads end within about 2 µs of each
+/// other at decode's ~30 GB/s per thread.
+const MIN_CLAIM_WORK: usize = 1 << 16;
 
 pub fn matmul(x: &[f32], t: usize, w: &Matrix, p: Precision) -> Vec<f32> {
     matmul_many(&[(x, t, w)], p).pop().unwrap_or_default()
@@ -211,64 +207,41 @@ pub fn products(jobs: &[Job], p: Precision) -> Vec<Vec<f32>> {
     let pool = pool::global();
     let work: Vec<usize> = jobs.iter().map(|j| j.t * j.w.rows * j.w.cols).collect();
     let total: usize = work.iter().sum();
-    let plan = if total < PARALLEL_WORK || pool.threads() == 1 {
-        vec![(0..jobs.len()).map(|j| (j, 0, jobs[j].w.rows)).collect()]
-    } else {
-        // The blocked product works on panels of 64 rows, so its pieces are whole panels; the
-        // dot products' one-token tiles are 8 rows.
-        let units: Vec<usize> = prepared
-            .iter()
-            .map(|a| if a.runs.iter().any(|r| r.1) { 64 } else { 8 })
-            .collect();
-        let rows: Vec<usize> = jobs.iter().map(|j| j.w.rows).collect();
-        plan_tasks(&work, &rows, &units, pool.threads() * TASKS_PER_THREAD)
-    };
-    let start = |&(j, r0, _): &(usize, usize, usize)| jobs[j].w.row_ptr(r0);
-    let run_task = |pieces: &[(usize, usize, usize)]| {
+    // A run of pieces; `then` is where the caller reads after the last.
+    let run_pieces = |pieces: &[Piece], then: *const u8| {
         for (i, &(j, r0, r1)) in pieces.iter().enumerate() {
-            let then = pieces.get(i + 1).map_or(jobs[j].w.row_ptr(r1), start);
-            task(j, r0, r1, then);
+            let next = pieces
+                .get(i + 1)
+                .map_or(then, |&(jn, rn, _)| jobs[jn].w.row_ptr(rn));
+            task(j, r0, r1, next);
         }
     };
-    if plan.len() == 1 {
-        run_task(&plan[0]);
-    } else {
-        pool.run(plan.len(), &|i| run_task(&plan[i]));
+    let end = |jobs: &[Job]| {
+        jobs.last()
+            .map_or(std::ptr::null(), |j| j.w.row_ptr(j.w.rows))
+    };
+    if total < PARALLEL_WORK || pool.threads() == 1 {
+        let all: Vec<Piece> = (0..jobs.len()).map(|j| (j, 0, jobs[j].w.rows)).collect();
+        run_pieces(&all, end(jobs));
+        return outs;
     }
+    // The blocked product works on panels of 64 rows, so its units are whole panels; the
+    // dot products' one-token tiles are 8 rows.
+    let units: Vec<usize> = prepared
+        .iter()
+        .map(|a| if a.runs.iter().any(|r| r.1) { 64 } else { 8 })
+        .collect();
+    let rows: Vec<usize> = jobs.iter().map(|j| j.w.rows).collect();
+    let split = Split::new(&work, &rows, &units, pool.threads(), MIN_CLAIM_WORK);
+    pool.run(split.segments(), &|s| {
+        split.drive(s, &mut |pieces, after| {
+            let then = split
+                .row_after(after)
+                .map_or_else(|| end(jobs), |(j, r)| jobs[j].w.row_ptr(r));
+            run_pieces(pieces, then)
+        })
+    });
     outs
-}
-
-/// Cuts the jobs' rows, in job order, into about `target` tasks of equal work, each a run of
-/// `(job, first row, end row)` pieces in whole `units[job]` rows. A task that spans several
-/// matrices (a decode step's experts) streams from one into the next: the kernel prefetches
-/// the next piece's first rows while it finishes a piece, so only a task's first rows arrive
-/// unannounced.
-fn plan_tasks(
-    work: &[usize],
-    rows: &[usize],
-    units: &[usize],
-    target: usize,
-) -> Vec<Vec<(usize, usize, usize)>> {
-    let total: usize = work.iter().sum();
-    let quota = total.div_ceil(target.max(1)).max(1);
-    let mut plan: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
-    let mut filled = 0;
-    for (j, (&wj, &n)) in work.iter().zip(rows).enumerate() {
-        let per_row = (wj / n.max(1)).max(1);
-        let mut r = 0;
-        while r < n {
-            if filled >= quota {
-                plan.push(Vec::new());
-                filled = 0;
-            }
-            let want = (quota - filled).div_ceil(per_row);
-            let take = want.next_multiple_of(units[j]).max(units[j]).min(n - r);
-            plan.last_mut().expect("a task").push((j, r, r + take));
-            filled += take * per_row;
-            r += take;
-        }
-    }
-    plan
 }
 
 /// A block of rows of a `[t, rows]` result that one task owns: element (row `r` of the
@@ -432,75 +405,5 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plan_tasks;
-
-    /// Every row of every job lands in exactly one piece, in job and row order; pieces are
-    /// whole units except where a job ends; tasks carry about equal work.
-    #[test]
-    fn task_plans_cover_every_row_once_in_equal_shares() {
-        // (rows, units, work per job; tasks wanted)
-        type Case<'a> = (&'a [usize], &'a [usize], &'a [usize], usize);
-        let cases: [Case; 4] = [
-            // A decode step's experts: 22 gate/up matrices of 512 rows, one token.
-            (&[512; 22], &[8; 22], &[512 * 2048; 22], 4),
-            // One large projection and a small one.
-            (&[12288, 64], &[8, 8], &[12288 * 2048, 64 * 2048], 4),
-            // Prompt chunks in panels of 64, uneven row counts.
-            (
-                &[1000, 130, 7],
-                &[64, 64, 64],
-                &[1000 * 512, 130 * 512, 7 * 512],
-                8,
-            ),
-            // More tasks wanted than units exist.
-            (&[16], &[8], &[16 * 100], 8),
-        ];
-        for (rows, units, work, target) in cases {
-            let plan = plan_tasks(work, rows, units, target);
-            let flat: Vec<_> = plan.iter().flatten().copied().collect();
-            let mut next = (0, 0);
-            for &(j, r0, r1) in &flat {
-                if next.1 == rows[next.0] {
-                    next = (next.0 + 1, 0);
-                }
-                assert_eq!(
-                    (j, r0),
-                    next,
-                    "pieces out of order or overlapping: {flat:?}"
-                );
-                assert!(r1 > r0 && r1 <= rows[j]);
-                assert!(
-                    (r1 - r0) % units[j] == 0 || r1 == rows[j],
-                    "partial unit {r0}..{r1}"
-                );
-                next = (j, r1);
-            }
-            assert_eq!(
-                next,
-                (rows.len() - 1, rows[rows.len() - 1]),
-                "rows left out"
-            );
-            assert!(plan.len() <= target && plan.iter().all(|t| !t.is_empty()));
-            let total: usize = work.iter().sum();
-            let per_row: Vec<usize> = work.iter().zip(rows).map(|(w, r)| w / r).collect();
-            let biggest_unit = units
-                .iter()
-                .zip(&per_row)
-                .map(|(u, p)| u * p)
-                .max()
-                .unwrap_or(0);
-            for task in &plan {
-                let w: usize = task.iter().map(|&(j, r0, r1)| (r1 - r0) * per_row[j]).sum();
-                assert!(
-                    w <= total.div_ceil(target) + biggest_unit,
-                    "task of {w} of {total}"
-                );
-            }
-        }
     }
 }

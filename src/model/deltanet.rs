@@ -13,8 +13,8 @@ use crate::kernels::activation::{sigmoid, silu, silu_in_place, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
 use crate::kernels::matmul::products;
 use crate::kernels::norm::{l2_norm, rms_scale};
-use crate::kernels::pool;
 use crate::kernels::profile::{time, Kind, Span};
+use crate::kernels::{pool, split};
 
 /// `c += w ⊙ m` (one tap of the depthwise conv), compiled for the wider vector units too.
 #[multiversion::multiversion(targets(
@@ -243,32 +243,26 @@ impl DeltaNet {
         drop(conv_span);
 
         let _rule = Span::new(Kind::DeltaNetRule);
-        // Value heads are independent. Tasks take runs of adjacent heads, two per thread, so
-        // that each streams through its heads' states in memory order (decode is bound by
-        // that traffic); each head gathers and l2-norms its key head's q and k itself (a key
-        // head serves r value heads: cheaper than a dispatch of its own).
+        // Value heads are independent. Threads take runs of adjacent heads (claimed so that
+        // they end together, `split.rs`), so that each streams through its heads' states in
+        // memory order (decode is bound by that traffic); each head gathers and l2-norms its
+        // key head's q and k itself (a key head serves r value heads: cheaper than a dispatch
+        // of its own).
         let scale = 1.0 / (dk as f32).sqrt();
-        let tasks = (2 * pool::global().threads()).min(hv);
-        let per = hv.div_ceil(tasks);
         let mut o_all = vec![0.0f32; hv * n * dv];
         {
             let work: Vec<Mutex<(&mut [f32], &mut [f32])>> = ssm
-                .chunks_mut(per * dk * dv)
-                .zip(o_all.chunks_mut(per * n * dv))
+                .chunks_mut(dk * dv)
+                .zip(o_all.chunks_mut(n * dv))
                 .map(Mutex::new)
                 .collect();
-            let heads = |task: usize| {
-                let mut w = work[task].lock().unwrap_or_else(|e| e.into_inner());
-                let (states, outs) = &mut *w;
+            let heads = |run: Range<usize>| {
                 let (mut q, mut k) = (vec![0.0f32; n * dk], vec![0.0f32; n * dk]);
                 let mut v = vec![0.0f32; n * dv];
                 let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
-                for (i, (s, o)) in states
-                    .chunks_exact_mut(dk * dv)
-                    .zip(outs.chunks_exact_mut(n * dv))
-                    .enumerate()
-                {
-                    let h = task * per + i;
+                for h in run {
+                    let mut w = work[h].lock().unwrap_or_else(|e| e.into_inner());
+                    let (s, o) = &mut *w;
                     let j = h / r; // value head h reads key head h div r (spec §14.2)
                     for t in 0..n {
                         let ct = &c[t * conv_dim..(t + 1) * conv_dim];
@@ -307,7 +301,7 @@ impl DeltaNet {
                     }
                 }
             };
-            pool::global().run(work.len(), &heads);
+            split::for_each_run(hv, &heads);
         }
         for h in 0..hv {
             for t in 0..n {
