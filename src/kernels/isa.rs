@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// AVX-512 F + BW (x86-64).
     Avx512,
+    /// AVX2 + FMA + F16C (x86-64 without AVX-512): the f32 matrix kernels in 8 lanes.
+    Avx2,
     /// Portable Rust; the compiler vectorises what it can for the baseline target.
     Portable,
 }
@@ -16,14 +18,26 @@ pub fn isa() -> Isa {
     *ISA.get_or_init(detect)
 }
 
+/// The best the CPU has, or less where `QNEXT_ISA` asks for it (`portable`, or `avx2` to run
+/// the kernels of CPUs without AVX-512 on one that has it).
 fn detect() -> Isa {
-    if std::env::var("QNEXT_ISA").as_deref() == Ok("portable") {
+    let asked = std::env::var("QNEXT_ISA").unwrap_or_default();
+    if asked == "portable" {
         return Isa::Portable;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+        if asked != "avx2"
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+        {
             return Isa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
         }
     }
     Isa::Portable

@@ -346,9 +346,15 @@ fn rows_kernel(
     // The f32 kernels compute `[rows, t]` blocks, placed afterwards.
     let mut local = vec![0.0f32; (r1 - r0) * t];
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 && super::x86::avx512::supports(w) {
-        // SAFETY: `isa()` verified AVX-512 F and BW on this CPU.
-        unsafe { super::x86::avx512::rows(x, t, w, r0..r1, &mut local) };
+    if isa() != Isa::Portable && super::x86::exact::supports(w) {
+        use super::x86::exact;
+        // SAFETY: `isa()` verified AVX-512 F and BW, or AVX2, FMA and F16C, on this CPU.
+        unsafe {
+            match isa() {
+                Isa::Avx512 => exact::rows_avx512(x, t, w, r0..r1, &mut local),
+                _ => exact::rows_avx2(x, t, w, r0..r1, &mut local),
+            }
+        };
         // SAFETY: `out` covers rows r0..r1 of t tokens.
         unsafe { out.put_transposed(&local, t) };
         return;

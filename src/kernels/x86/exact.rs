@@ -1,11 +1,13 @@
-//! AVX-512 (F + BW) matrix kernels for every stored weight dtype, with f32 activations and
-//! f32 accumulation.
+//! Matrix kernels for every stored weight dtype with f32 activations and f32 accumulation,
+//! in two vector widths: AVX-512 (F + BW; 16 lanes) and AVX2 + FMA (8 lanes, for the many
+//! x86-64 CPUs without AVX-512). The same code serves both through [`Vector`]; each width has
+//! its own entry point with its target features ([`rows_avx512`], [`rows_avx2`]), into which
+//! everything here is inlined.
 //!
-//! One arithmetic for every batch size: for row `n` and token `j`, 32-weight chunks are
-//! multiplied into one 16-lane accumulator per scale block (two FMAs per chunk, low half
-//! first), the block's accumulator is folded into a running total with the block scale, a
-//! scalar tail handles the columns past the last full chunk of a block, and the lanes are
-//! summed at the end. Decode (one token) converts weights on the fly; batches convert a few
+//! One arithmetic for every batch size: for row `n` and token `j`, chunks of two vectors of
+//! weights are multiplied into one accumulator (two FMAs per chunk, low half first), each
+//! weight scaled by its block's scale, a scalar tail handles the columns past the last full
+//! chunk of a block, and the lanes are summed at the end. Decode (one token) converts weights on the fly; batches convert a few
 //! rows to f32 once and reuse them for every token. Values and order of operations are the
 //! same in both, so a sequence's logits do not depend on what else is in its batch.
 //!
@@ -26,8 +28,154 @@ use crate::checkpoint::{Matrix, MatrixData};
 
 /// Rows per register tile.
 const RB: usize = 4;
-/// Tokens per register tile in batched products.
-const TB: usize = 3;
+
+/// A vector of f32 lanes and the widenings of stored weights into it.
+pub(super) trait Vector: Copy {
+    const LANES: usize;
+    /// Tokens per register tile in batched products: `RB·TB` accumulators, `TB` activations
+    /// and a weight vector must fit in the registers.
+    const TB: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn mul(self, o: Self) -> Self;
+    /// `self · b + c`.
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self;
+    unsafe fn sum(self) -> f32;
+    /// `LANES` e4m3 bytes as `value · 2⁻¹²⁰` (module comment).
+    unsafe fn fp8(p: *const u8) -> Self;
+    unsafe fn bf16(p: *const u16) -> Self;
+    unsafe fn f16(p: *const u16) -> Self;
+}
+
+/// AVX-512 F + BW.
+#[derive(Clone, Copy)]
+pub(super) struct Zmm(__m512);
+
+impl Vector for Zmm {
+    const LANES: usize = 16;
+    const TB: usize = 3;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Zmm(_mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Zmm(_mm512_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY (all loads and stores here): the caller guarantees a vector's elements at p.
+        Zmm(unsafe { _mm512_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm512_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Zmm(_mm512_mul_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+        Zmm(_mm512_fmadd_ps(self.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        _mm512_reduce_add_ps(self.0)
+    }
+    #[inline(always)]
+    unsafe fn fp8(p: *const u8) -> Self {
+        let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        Zmm(_mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)),
+            _mm512_set1_epi32(FP8_BITS),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn bf16(p: *const u16) -> Self {
+        let a = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        Zmm(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+            _mm512_cvtepu16_epi32(a),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn f16(p: *const u16) -> Self {
+        Zmm(_mm512_cvtph_ps(unsafe {
+            _mm256_loadu_si256(p as *const __m256i)
+        }))
+    }
+}
+
+/// AVX2 + FMA + F16C.
+#[derive(Clone, Copy)]
+pub(super) struct Ymm(__m256);
+
+impl Vector for Ymm {
+    const LANES: usize = 8;
+    // 16 registers: 4·2 accumulators, 2 activations, a weight and its scale.
+    const TB: usize = 2;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Ymm(_mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Ymm(_mm256_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY (all loads and stores here): the caller guarantees a vector's elements at p.
+        Ymm(unsafe { _mm256_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm256_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Ymm(_mm256_mul_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+        Ymm(_mm256_fmadd_ps(self.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // Halves, then pairs, then neighbours: a fixed order.
+        let h = _mm_add_ps(
+            _mm256_castps256_ps128(self.0),
+            _mm256_extractf128_ps::<1>(self.0),
+        );
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+    #[inline(always)]
+    unsafe fn fp8(p: *const u8) -> Self {
+        let b = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+        Ymm(_mm256_castsi256_ps(_mm256_and_si256(
+            _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
+            _mm256_set1_epi32(FP8_BITS),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn bf16(p: *const u16) -> Self {
+        let a = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        Ymm(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+            _mm256_cvtepu16_epi32(a),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn f16(p: *const u16) -> Self {
+        Ymm(_mm256_cvtph_ps(unsafe {
+            _mm_loadu_si128(p as *const __m128i)
+        }))
+    }
+}
+
+/// Sign and the 7 exponent/mantissa bits of an e4m3 byte, shifted into an f32's top bits.
+const FP8_BITS: i32 = 0x87F0_0000u32 as i32;
 
 /// A weight dtype as the kernels see it.
 trait Weights: Sync {
@@ -41,21 +189,10 @@ trait Weights: Sync {
     fn block(&self) -> usize;
     fn scale(&self, row: usize, block: usize) -> f32;
     fn row(&self, r: usize) -> *const Self::E;
-    /// Weights `p[0..32]` as two f32 vectors (unscaled).
-    unsafe fn load32(p: *const Self::E) -> (__m512, __m512);
+    /// Weights `p[0..V::LANES]` as f32 (unscaled).
+    unsafe fn load<V: Vector>(p: *const Self::E) -> V;
     /// Weight `p[0]` (unscaled), for tails.
     unsafe fn one(p: *const Self::E) -> f32;
-    /// Weights `p[16h..16h+16]`: one half of [`Weights::load32`].
-    #[inline(always)]
-    unsafe fn load16(p: *const Self::E, h: usize) -> __m512 {
-        // SAFETY: forwarded from the caller.
-        let (lo, hi) = unsafe { Self::load32(p) };
-        if h == 0 {
-            lo
-        } else {
-            hi
-        }
-    }
 }
 
 struct Fp8<'a> {
@@ -86,25 +223,9 @@ impl Weights for Fp8<'_> {
         self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load32(p: *const u8) -> (__m512, __m512) {
-        // SAFETY: the caller guarantees 32 readable bytes at `p`.
-        let (a, b) = unsafe {
-            (
-                _mm_loadu_si128(p as *const __m128i),
-                _mm_loadu_si128(p.add(16) as *const __m128i),
-            )
-        };
-        let mask = _mm512_set1_epi32(0x87F0_0000u32 as i32);
-        (
-            _mm512_castsi512_ps(_mm512_and_si512(
-                _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(a)),
-                mask,
-            )),
-            _mm512_castsi512_ps(_mm512_and_si512(
-                _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)),
-                mask,
-            )),
-        )
+    unsafe fn load<V: Vector>(p: *const u8) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable bytes at `p`.
+        unsafe { V::fp8(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const u8) -> f32 {
@@ -138,18 +259,9 @@ impl Weights for Bf16<'_> {
         self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load32(p: *const u16) -> (__m512, __m512) {
-        // SAFETY: the caller guarantees 32 readable u16 at `p`.
-        let (a, b) = unsafe {
-            (
-                _mm256_loadu_si256(p as *const __m256i),
-                _mm256_loadu_si256(p.add(16) as *const __m256i),
-            )
-        };
-        (
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(a))),
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b))),
-        )
+    unsafe fn load<V: Vector>(p: *const u16) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::bf16(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const u16) -> f32 {
@@ -180,14 +292,9 @@ impl Weights for F16<'_> {
         self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load32(p: *const u16) -> (__m512, __m512) {
-        // SAFETY: the caller guarantees 32 readable u16 at `p`.
-        unsafe {
-            (
-                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i)),
-            )
-        }
+    unsafe fn load<V: Vector>(p: *const u16) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::f16(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const u16) -> f32 {
@@ -218,9 +325,9 @@ impl Weights for F32<'_> {
         self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load32(p: *const f32) -> (__m512, __m512) {
-        // SAFETY: the caller guarantees 32 readable f32 at `p`.
-        unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) }
+    unsafe fn load<V: Vector>(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::load(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const f32) -> f32 {
@@ -229,13 +336,13 @@ impl Weights for F32<'_> {
     }
 }
 
-/// Widened (unscaled) rows in a buffer, read like any other weights.
+/// Widened rows, their block scales applied, in a buffer: read like any other weights.
 struct Widened<'a> {
     buf: &'a [f32],
     cols: usize,
 }
 
-/// Whether this module can handle `w` (FP8 block widths must be multiples of 32).
+/// Whether this module can handle `w` (FP8 block widths must be whole chunks of either width).
 pub fn supports(w: &Matrix) -> bool {
     match &w.data {
         // Its FP8 widening is bit arithmetic for e4m3; integer bytes take the portable path.
@@ -246,16 +353,40 @@ pub fn supports(w: &Matrix) -> bool {
     }
 }
 
-/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`.
+/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, 16 lanes.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW (checked by the caller's dispatch).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+pub unsafe fn rows_avx512(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: the features `Zmm` needs are enabled here.
+    unsafe { rows_with::<Zmm>(x, t, w, rows, out) }
+}
+
+/// As [`rows_avx512`], 8 lanes.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (checked by the caller's dispatch).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows_avx2(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: the features `Ymm` needs are enabled here.
+    unsafe { rows_with::<Ymm>(x, t, w, rows, out) }
+}
+
+/// # Safety
+/// The CPU features `V` needs; inlined into an entry point that enables them.
+#[inline(always)]
+unsafe fn rows_with<V: Vector>(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
     let cols = w.cols;
     assert!(rows.end <= w.rows && x.len() >= t * cols && out.len() >= rows.len() * t);
-    // SAFETY (all calls below): same target features as this function; bounds checked above
-    // and by the slices each `Weights` holds.
+    // SAFETY (all calls below): the caller's features; bounds checked above and by the slices
+    // each `Weights` holds.
     unsafe {
         match &w.data {
             MatrixData::Fp8 {
@@ -267,7 +398,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
             } => {
                 let q = q.as_slice();
                 assert!(q.len() >= w.rows * cols);
-                run(
+                run::<V, _>(
                     &Fp8 {
                         w: q,
                         scales,
@@ -284,7 +415,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
             }
             MatrixData::Bf16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(
+                run::<V, _>(
                     &Bf16 {
                         w: d.as_slice(),
                         cols,
@@ -297,7 +428,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
             }
             MatrixData::F16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(
+                run::<V, _>(
                     &F16 {
                         w: d.as_slice(),
                         cols,
@@ -310,7 +441,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
             }
             MatrixData::F32(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run(
+                run::<V, _>(
                     &F32 {
                         w: d.as_slice(),
                         cols,
@@ -325,9 +456,16 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: &mu
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &mut [f32]) {
+#[inline(always)]
+unsafe fn run<V: Vector, W: Weights>(
+    w: &W,
+    x: &[f32],
+    t: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
     let k = w.cols();
+    let chunk = 2 * V::LANES;
     let mut buf: Vec<f32> = Vec::new();
     let mut r = rows.start;
     while r < rows.end {
@@ -335,19 +473,18 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
         let o = &mut out[(r - rows.start) * t..(r - rows.start + nr) * t];
         let ptrs: [*const W::E; RB] = std::array::from_fn(|i| w.row(r + i.min(nr - 1)));
         let scale = |i: usize, b: usize| w.scale(r + i, b);
-        let t_direct = t == 1;
         // SAFETY: rows r..r+nr exist (each pointer has `k` elements), x has t·k, o has nr·t.
         unsafe {
-            if t_direct {
+            if t == 1 {
                 match nr {
-                    4 => tile::<W::E, W, 4, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
-                    3 => tile::<W::E, W, 3, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
-                    2 => tile::<W::E, W, 2, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
-                    _ => tile::<W::E, W, 1, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    4 => tile::<V, W::E, W, 4, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    3 => tile::<V, W::E, W, 3, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    2 => tile::<V, W::E, W, 2, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    _ => tile::<V, W::E, W, 1, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
                 }
             } else {
-                // Widen the rows once (unscaled, exactly as `load32` gives them), then reuse
-                // them for every pair of tokens.
+                // Widen the rows once (scaled, exactly as the one-token tile uses them), then
+                // reuse them for every group of tokens.
                 buf.resize(nr * k, 0.0);
                 for (i, &p) in ptrs.iter().enumerate().take(nr) {
                     let dst = buf[i * k..(i + 1) * k].as_mut_ptr();
@@ -357,24 +494,25 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
                     while b0 < k {
                         let b1 = (b0 + bk).min(k);
                         let s = if W::SCALED { w.scale(r + i, bi) } else { 1.0 };
-                        let sv = _mm512_set1_ps(s);
+                        let sv = V::splat(s);
                         let mut c = b0;
-                        while c + 32 <= b1 {
+                        while c + chunk <= b1 {
                             // Prefetch the next tile's rows, as the one-token path does.
                             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(RB * k + c) as *const i8);
-                            if std::mem::size_of::<W::E>() * 32 > 64 {
+                            if std::mem::size_of::<W::E>() * chunk > 64 {
                                 _mm_prefetch::<_MM_HINT_T0>(
-                                    p.wrapping_add(RB * k + c + 16) as *const i8
+                                    p.wrapping_add(RB * k + c + 64 / std::mem::size_of::<W::E>())
+                                        as *const i8,
                                 );
                             }
-                            let (mut lo, mut hi) = W::load32(p.add(c));
-                            if W::SCALED {
-                                lo = _mm512_mul_ps(lo, sv);
-                                hi = _mm512_mul_ps(hi, sv);
+                            for h in 0..2 {
+                                let mut v: V = W::load(p.add(c + h * V::LANES));
+                                if W::SCALED {
+                                    v = v.mul(sv);
+                                }
+                                v.store(dst.add(c + h * V::LANES));
                             }
-                            _mm512_storeu_ps(dst.add(c), lo);
-                            _mm512_storeu_ps(dst.add(c + 16), hi);
-                            c += 32;
+                            c += chunk;
                         }
                         while c < b1 {
                             *dst.add(c) = W::one(p.add(c)) * s;
@@ -388,8 +526,8 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
                     std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
                 let mut j = 0;
                 while j < t {
-                    let nt = TB.min(t - j);
-                    buffered_tile(wp, &scale, k, k, &x[j * k..], &mut o[j..], t, nr, nt);
+                    let nt = V::TB.min(t - j);
+                    buffered_tile::<V>(wp, k, &x[j * k..], &mut o[j..], t, nr, nt);
                     j += nt;
                 }
             }
@@ -398,24 +536,22 @@ unsafe fn run<W: Weights>(w: &W, x: &[f32], t: usize, rows: Range<usize>, out: &
     }
 }
 
-/// Dispatches a tile of widened rows to the kernel instance for its shape.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn buffered_tile(
+/// Dispatches a tile of widened (already scaled) rows to the kernel instance for its shape.
+#[inline(always)]
+unsafe fn buffered_tile<V: Vector>(
     wp: [*const f32; RB],
-    scale: &impl Fn(usize, usize) -> f32,
     k: usize,
-    bk: usize,
     x: &[f32],
     o: &mut [f32],
     t: usize,
     nr: usize,
     nt: usize,
 ) {
+    let one = |_: usize, _: usize| 1.0;
     macro_rules! go {
         ($n:literal, $t:literal) => {
             // SAFETY: forwarded from the caller (rows `nr`, tokens `nt` in bounds).
-            unsafe { tile::<f32, Widened, $n, $t>(wp, scale, k, bk, x, k, o, t) }
+            unsafe { tile::<V, f32, Widened, $n, $t>(wp, &one, k, k, x, k, o, t) }
         };
     }
     match (nr, nt) {
@@ -441,11 +577,6 @@ unsafe fn buffered_tile(
 impl Weights for Widened<'_> {
     type E = f32;
     const STREAM: bool = false;
-    #[inline(always)]
-    unsafe fn load16(p: *const f32, h: usize) -> __m512 {
-        // SAFETY: the caller guarantees 32 readable f32 at `p`.
-        unsafe { _mm512_loadu_ps(p.add(16 * h)) }
-    }
     fn cols(&self) -> usize {
         self.cols
     }
@@ -459,9 +590,9 @@ impl Weights for Widened<'_> {
         self.buf[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load32(p: *const f32) -> (__m512, __m512) {
-        // SAFETY: the caller guarantees 32 readable f32 at `p`.
-        unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) }
+    unsafe fn load<V: Vector>(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::load(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const f32) -> f32 {
@@ -477,11 +608,10 @@ impl Weights for Widened<'_> {
 /// widened buffer of batched products see the same values.
 ///
 /// # Safety
-/// AVX-512 F/BW; the pointers and slices must cover what is described above.
+/// The features `V` needs; the pointers and slices must cover what is described above.
 #[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
+#[inline(always)]
+unsafe fn tile<V: Vector, E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
     w: [*const E; RB],
     scale: &impl Fn(usize, usize) -> f32,
     k: usize,
@@ -492,59 +622,64 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
     ostride: usize,
 ) {
     debug_assert!(x.len() >= (T - 1) * xstride + k);
+    let (lanes, chunk) = (V::LANES, 2 * V::LANES);
     let xp = x.as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; N];
+    let mut acc = [[V::zero(); T]; N];
     let mut tail = [[0.0f32; T]; N];
     let mut b0 = 0;
     let mut bi = 0;
     while b0 < k {
         let b1 = (b0 + bk).min(k);
         let s: [f32; N] = std::array::from_fn(|i| if L::SCALED { scale(i, bi) } else { 1.0 });
-        let sv: [__m512; N] = std::array::from_fn(|i| _mm512_set1_ps(s[i]));
+        let sv: [V; N] = std::array::from_fn(|i| V::splat(s[i]));
         let mut c = b0;
-        while c + 32 <= b1 && T > 1 {
+        while c + chunk <= b1 && T > 1 {
             // Several tokens: one half-chunk at a time keeps the live registers at
             // N·T accumulators + T activations + 1 weight vector (no spills). Each
             // accumulator still adds its low half before its high half.
             for h in 0..2 {
-                let xv: [__m512; T] = std::array::from_fn(|j| {
-                    // SAFETY: c + 32 <= k, within token j's activations.
-                    unsafe { _mm512_loadu_ps(xp.add(j * xstride + c + 16 * h)) }
+                let xv: [V; T] = std::array::from_fn(|j| {
+                    // SAFETY: c + chunk <= k, within token j's activations.
+                    unsafe { V::load(xp.add(j * xstride + c + lanes * h)) }
                 });
                 for i in 0..N {
-                    // SAFETY: c + 32 <= k, within row i.
-                    let mut wv = unsafe { L::load16(w[i].add(c), h) };
+                    // SAFETY: c + chunk <= k, within row i.
+                    let mut wv: V = unsafe { L::load(w[i].add(c + lanes * h)) };
                     if L::SCALED {
-                        wv = _mm512_mul_ps(wv, sv[i]);
+                        wv = wv.mul(sv[i]);
                     }
                     for j in 0..T {
-                        acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+                        acc[i][j] = wv.fmadd(xv[j], acc[i][j]);
                     }
                 }
             }
-            c += 32;
+            c += chunk;
         }
-        while c + 32 <= b1 && T == 1 {
-            // SAFETY: c + 32 <= k, within the token's activations.
-            let (xl, xh) = unsafe { (_mm512_loadu_ps(xp.add(c)), _mm512_loadu_ps(xp.add(c + 16))) };
+        while c + chunk <= b1 && T == 1 {
+            // SAFETY: c + chunk <= k, within the token's activations.
+            let (xl, xh) = unsafe { (V::load(xp.add(c)), V::load(xp.add(c + lanes))) };
             for i in 0..N {
                 if L::STREAM {
                     // The same columns of the tile after this one (rows are contiguous, so
                     // that is `RB` rows further on). A hint only: past the end is harmless.
                     _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(RB * k + c) as *const i8);
-                    if std::mem::size_of::<E>() * 32 > 64 {
-                        _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(RB * k + c + 16) as *const i8);
+                    if std::mem::size_of::<E>() * chunk > 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w[i].wrapping_add(RB * k + c + 64 / std::mem::size_of::<E>())
+                                as *const i8,
+                        );
                     }
                 }
-                // SAFETY: c + 32 <= k, within row i.
-                let (mut lo, mut hi) = unsafe { L::load32(w[i].add(c)) };
+                // SAFETY: c + chunk <= k, within row i.
+                let (mut lo, mut hi): (V, V) =
+                    unsafe { (L::load(w[i].add(c)), L::load(w[i].add(c + lanes))) };
                 if L::SCALED {
-                    lo = _mm512_mul_ps(lo, sv[i]);
-                    hi = _mm512_mul_ps(hi, sv[i]);
+                    lo = lo.mul(sv[i]);
+                    hi = hi.mul(sv[i]);
                 }
-                acc[i][0] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, acc[i][0]));
+                acc[i][0] = hi.fmadd(xh, lo.fmadd(xl, acc[i][0]));
             }
-            c += 32;
+            c += chunk;
         }
         for cc in c..b1 {
             for i in 0..N {
@@ -561,7 +696,7 @@ unsafe fn tile<E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
     }
     for i in 0..N {
         for j in 0..T {
-            out[i * ostride + j] = _mm512_reduce_add_ps(acc[i][j]) + tail[i][j];
+            out[i * ostride + j] = acc[i][j].sum() + tail[i][j];
         }
     }
 }
