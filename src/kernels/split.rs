@@ -26,10 +26,14 @@ pub type Piece = (usize, usize, usize);
 
 pub struct Split {
     jobs: Vec<JobUnits>,
-    /// Per segment: `front << 32 | back`, in units.
-    segments: Vec<AtomicU64>,
+    /// Per segment: `front << 32 | back`, in units; one cache line each, so that owners
+    /// claiming from different segments do not contend.
+    segments: Vec<Line>,
     min_units: usize,
 }
+
+#[repr(align(64))]
+struct Line(AtomicU64);
 
 struct JobUnits {
     /// The job's first unit on the line.
@@ -100,7 +104,7 @@ impl Split {
         bounds.push(total_units);
         let segs = bounds
             .windows(2)
-            .map(|b| AtomicU64::new(((b[0] as u64) << 32) | b[1] as u64))
+            .map(|b| Line(AtomicU64::new(((b[0] as u64) << 32) | b[1] as u64)))
             .collect();
         let largest_unit = unit_work.iter().copied().max().unwrap_or(1);
         Split {
@@ -117,13 +121,13 @@ impl Split {
     /// Segment `s`'s unclaimed units (before any claims: as first cut).
     #[cfg(test)]
     fn segment_units(&self, s: usize) -> Range<usize> {
-        let v = self.segments[s].load(Ordering::Relaxed);
+        let v = self.segments[s].0.load(Ordering::Relaxed);
         (v >> 32) as usize..(v & 0xffff_ffff) as usize
     }
 
     /// Claims about half of segment `s`'s unclaimed units, from its front or its back.
     fn claim(&self, s: usize, from_back: bool) -> Option<Range<usize>> {
-        let seg = &self.segments[s];
+        let seg = &self.segments[s].0;
         let mut cur = seg.load(Ordering::Relaxed);
         loop {
             let (front, back) = ((cur >> 32) as usize, (cur & 0xffff_ffff) as usize);
@@ -147,8 +151,8 @@ impl Split {
 
     /// The segment with the most unclaimed units, if any has some.
     fn fullest(&self) -> Option<usize> {
-        let left = |s: &AtomicU64| {
-            let v = s.load(Ordering::Relaxed);
+        let left = |s: &Line| {
+            let v = s.0.load(Ordering::Relaxed);
             ((v & 0xffff_ffff) as usize).saturating_sub((v >> 32) as usize)
         };
         let (s, n) = self
