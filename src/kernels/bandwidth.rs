@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+#[cfg(target_arch = "x86_64")]
 use super::isa::{isa, Isa};
 use super::pool;
 
@@ -11,7 +12,7 @@ pub(crate) fn sum(buf: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 {
         // SAFETY: `isa()` verified AVX-512 F.
-        return unsafe { super::x86::exact::read_sum(buf) };
+        return unsafe { super::x86::read_sum(buf) };
     }
     buf.chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))

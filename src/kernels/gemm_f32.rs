@@ -3,6 +3,7 @@
 //! CPU has them and `n` is whole vectors; plain loops otherwise. Accumulation is f32 in
 //! column order `p = 0, 1, …` for every element, fused multiply-adds on AVX-512.
 
+#[cfg(target_arch = "x86_64")]
 use super::isa::{isa, Isa};
 use super::matmul::axpy;
 

@@ -8,6 +8,8 @@ pub enum Isa {
     Avx512,
     /// AVX2 + FMA + F16C (x86-64 without AVX-512): the f32 matrix kernels in 8 lanes.
     Avx2,
+    /// NEON (every aarch64 CPU): the f32 matrix kernels in 8 lanes.
+    Neon,
     /// Portable Rust; the compiler vectorises what it can for the baseline target.
     Portable,
 }
@@ -40,6 +42,11 @@ fn detect() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return Isa::Neon;
+    }
+    #[allow(unreachable_code)]
     Isa::Portable
 }
 

@@ -88,15 +88,17 @@ enum Acts<'a> {
 /// jobs often share theirs (gate and up, q/k/v).
 #[cfg(target_arch = "x86_64")]
 type Rounded = Vec<((usize, usize, usize), Arc<super::x86::bf16dot::Bf16Acts>)>;
+/// Nothing is rounded without the x86 kernels (always empty).
 #[cfg(not(target_arch = "x86_64"))]
-type Rounded = ();
+type Rounded = Vec<()>;
 
 fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'a> {
-    let (x, t, w) = (job.x, job.t, job.w);
+    let (x, t) = (job.x, job.t);
     let whole = || vec![(0..t, false)];
     #[cfg(target_arch = "x86_64")]
     if p == Precision::Fast && super::isa::bf16_dot() {
         use super::x86::{bf16dot, bf16gemm, fp8dot};
+        let w = job.w;
         let runs = if bf16gemm::supports(w) && job.bulk.len() == t {
             runs(job.bulk)
         } else {
@@ -161,6 +163,7 @@ fn bf16_acts(x: &[f32], t: usize, k: usize) -> super::x86::bf16dot::Bf16Acts {
 }
 
 /// Maximal runs of equal flags.
+#[cfg(target_arch = "x86_64")]
 fn runs(flags: &[bool]) -> Vec<(Range<usize>, bool)> {
     let mut out: Vec<(Range<usize>, bool)> = Vec::new();
     for (i, &f) in flags.iter().enumerate() {
@@ -346,7 +349,7 @@ fn rows_kernel(
     // The f32 kernels compute `[rows, t]` blocks, placed afterwards.
     let mut local = vec![0.0f32; (r1 - r0) * t];
     #[cfg(target_arch = "x86_64")]
-    if isa() != Isa::Portable && super::x86::exact::supports(w) {
+    if isa() != Isa::Portable && super::exact::supports(w) {
         use super::x86::exact;
         // SAFETY: `isa()` verified AVX-512 F and BW, or AVX2, FMA and F16C, on this CPU.
         unsafe {
@@ -355,6 +358,13 @@ fn rows_kernel(
                 _ => exact::rows_avx2(x, t, w, r0..r1, &mut local),
             }
         };
+        // SAFETY: `out` covers rows r0..r1 of t tokens.
+        unsafe { out.put_transposed(&local, t) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa() == Isa::Neon && super::exact::supports(w) {
+        super::arm::exact::rows_neon(x, t, w, r0..r1, &mut local);
         // SAFETY: `out` covers rows r0..r1 of t tokens.
         unsafe { out.put_transposed(&local, t) };
         return;

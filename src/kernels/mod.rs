@@ -3,9 +3,12 @@
 //! typed weight views.
 
 pub mod activation;
+#[cfg(target_arch = "aarch64")]
+pub mod arm;
 pub mod attention;
 pub mod bandwidth;
 pub mod delta_rule;
+pub mod exact;
 pub mod fp8;
 pub mod gemm_f32;
 pub mod isa;

@@ -6,3 +6,26 @@ pub mod bf16gemm;
 pub mod exact;
 pub mod fp8dot;
 pub mod gemm_f32;
+
+use std::arch::x86_64::*;
+
+/// Reads `buf` with 512-bit loads into four accumulators (a memory-bandwidth probe).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn read_sum(buf: &[u8]) -> u64 {
+    let mut acc = [_mm512_setzero_si512(); 4];
+    for c in buf.chunks_exact(256) {
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c` has 256 bytes; each load reads 64 of them.
+            let v = unsafe { _mm512_loadu_si512(c[i * 64..].as_ptr() as *const __m512i) };
+            *a = _mm512_add_epi64(*a, v);
+        }
+    }
+    let s = _mm512_add_epi64(
+        _mm512_add_epi64(acc[0], acc[1]),
+        _mm512_add_epi64(acc[2], acc[3]),
+    );
+    _mm512_reduce_add_epi64(s) as u64
+}

@@ -1,0 +1,585 @@
+//! Matrix kernels for every stored weight dtype with f32 activations and f32 accumulation,
+//! written once over a vector of f32 lanes ([`Vector`]): AVX-512 and AVX2 + FMA on x86-64
+//! (`x86::exact`), NEON on aarch64 (`arm::exact`). Each width has its own entry point with
+//! its target features, into which everything here is inlined.
+//!
+//! One arithmetic for every batch size: for row `n` and token `j`, chunks of two vectors of
+//! weights are multiplied into one accumulator (two FMAs per chunk, low half first), each
+//! weight scaled by its block's scale, a scalar tail handles the columns past the last full
+//! chunk of a block, and the lanes are summed at the end. Decode (one token) converts weights on the fly; batches convert a few
+//! rows to f32 once and reuse them for every token. Values and order of operations are the
+//! same in both, so a sequence's logits do not depend on what else is in its batch.
+//!
+//! FP8 e4m3 → f32 with three integer operations: sign-extend the byte to 32 bits, shift left
+//! by 20 and keep the sign and the 7 exponent/mantissa bits. The result is an IEEE single of
+//! exactly `value · 2⁻¹²⁰` — e4m3 and f32 subnormals line up too, both being `0.m · 2^(1−bias)`
+//! — and the `2¹²⁰` goes into the block scale. (`vcvtph2ps`, the obvious alternative via
+//! halves, is several times slower on AMD cores.)
+//!
+//! Pointer arithmetic: every kernel checks up front that the rows, activations and outputs it
+//! touches are in bounds (`assert!`s in [`rows_with`] and [`run`]); the loops then stay below those
+//! bounds, which is what each `SAFETY` comment refers to.
+
+use std::ops::Range;
+
+use crate::checkpoint::{Matrix, MatrixData};
+
+/// Rows per register tile.
+const RB: usize = 4;
+
+/// A vector of f32 lanes and the widenings of stored weights into it.
+///
+/// Every `unsafe` method needs the CPU features of its width (its entry point enables them),
+/// and the loads and stores need `LANES` elements at their pointer.
+pub trait Vector: Copy {
+    const LANES: usize;
+    /// Tokens per register tile in batched products: `RB·TB` accumulators, `TB` activations
+    /// and a weight vector must fit in the registers.
+    const TB: usize;
+    /// # Safety
+    /// The width's CPU features (trait docs).
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// As for [`Vector::zero`].
+    unsafe fn splat(v: f32) -> Self;
+    /// # Safety
+    /// The width's CPU features; `LANES` readable values at `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// The width's CPU features; `LANES` writable values at `p`.
+    unsafe fn store(self, p: *mut f32);
+    /// # Safety
+    /// As for [`Vector::zero`].
+    unsafe fn mul(self, o: Self) -> Self;
+    /// `self · b + c`.
+    ///
+    /// # Safety
+    /// As for [`Vector::zero`].
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self;
+    /// # Safety
+    /// As for [`Vector::zero`].
+    unsafe fn sum(self) -> f32;
+    /// `LANES` e4m3 bytes as `value · 2⁻¹²⁰` (module comment).
+    ///
+    /// # Safety
+    /// As for [`Vector::load`].
+    unsafe fn fp8(p: *const u8) -> Self;
+    /// # Safety
+    /// As for [`Vector::load`].
+    unsafe fn bf16(p: *const u16) -> Self;
+    /// # Safety
+    /// As for [`Vector::load`].
+    unsafe fn f16(p: *const u16) -> Self;
+    /// A hint to fetch the cache line at `p` (any address: never dereferenced).
+    fn prefetch(p: *const u8);
+}
+
+/// Sign and the 7 exponent/mantissa bits of an e4m3 byte, shifted into an f32's top bits.
+pub const FP8_BITS: i32 = 0x87F0_0000u32 as i32;
+
+/// A weight dtype as the kernels see it.
+trait Weights: Sync {
+    type E: Copy;
+    /// Read from memory (prefetch ahead) rather than from a cache-resident buffer.
+    const STREAM: bool = true;
+    /// Has per-block scales to apply.
+    const SCALED: bool = false;
+    fn cols(&self) -> usize;
+    /// Columns per scale block (a multiple of 32, or `cols` when unscaled).
+    fn block(&self) -> usize;
+    fn scale(&self, row: usize, block: usize) -> f32;
+    fn row(&self, r: usize) -> *const Self::E;
+    /// Weights `p[0..V::LANES]` as f32 (unscaled).
+    unsafe fn load<V: Vector>(p: *const Self::E) -> V;
+    /// Weight `p[0]` (unscaled), for tails.
+    unsafe fn one(p: *const Self::E) -> f32;
+}
+
+struct Fp8<'a> {
+    w: &'a [u8],
+    scales: &'a [f32],
+    cols: usize,
+    block_n: usize,
+    block_k: usize,
+    scale_cols: usize,
+}
+
+impl Weights for Fp8<'_> {
+    type E = u8;
+    const SCALED: bool = true;
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn block(&self) -> usize {
+        self.block_k
+    }
+    #[inline(always)]
+    fn scale(&self, row: usize, block: usize) -> f32 {
+        // 2¹²⁰ undoes the exponent rebias of `load32`.
+        self.scales[(row / self.block_n) * self.scale_cols + block] * TWO_POW_120
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> *const u8 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable bytes at `p`.
+        unsafe { V::fp8(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        super::fp8::e4m3_to_f32(unsafe { *p }) * TWO_POW_MINUS_120
+    }
+}
+
+const TWO_POW_120: f32 = f32::from_bits((127 + 120) << 23);
+const TWO_POW_MINUS_120: f32 = f32::from_bits((127 - 120) << 23);
+
+struct Bf16<'a> {
+    w: &'a [u16],
+    cols: usize,
+}
+
+impl Weights for Bf16<'_> {
+    type E = u16;
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn block(&self) -> usize {
+        self.cols.max(1)
+    }
+    #[inline(always)]
+    fn scale(&self, _: usize, _: usize) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> *const u16 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u16) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::bf16(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        f32::from_bits((unsafe { *p } as u32) << 16)
+    }
+}
+
+struct F16<'a> {
+    w: &'a [u16],
+    cols: usize,
+}
+
+impl Weights for F16<'_> {
+    type E = u16;
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn block(&self) -> usize {
+        self.cols.max(1)
+    }
+    #[inline(always)]
+    fn scale(&self, _: usize, _: usize) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> *const u16 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u16) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::f16(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        half::f16::from_bits(unsafe { *p }).to_f32()
+    }
+}
+
+struct F32<'a> {
+    w: &'a [f32],
+    cols: usize,
+}
+
+impl Weights for F32<'_> {
+    type E = f32;
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn block(&self) -> usize {
+        self.cols.max(1)
+    }
+    #[inline(always)]
+    fn scale(&self, _: usize, _: usize) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> *const f32 {
+        self.w[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::load(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p }
+    }
+}
+
+/// Widened rows, their block scales applied, in a buffer: read like any other weights.
+struct Widened<'a> {
+    buf: &'a [f32],
+    cols: usize,
+}
+
+/// Whether this module can handle `w` (FP8 block widths must be whole chunks of either width).
+pub fn supports(w: &Matrix) -> bool {
+    match &w.data {
+        // Its FP8 widening is bit arithmetic for e4m3; integer bytes take the portable path.
+        MatrixData::Fp8 { block_k, code, .. } => {
+            *code == crate::checkpoint::ByteCode::E4m3 && block_k % 32 == 0
+        }
+        _ => true,
+    }
+}
+
+/// `out[(r - rows.start) * t + j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, in `V`'s
+/// width.
+///
+/// # Safety
+/// The CPU features `V` needs; inlined into an entry point that enables them.
+#[inline(always)]
+pub unsafe fn rows_with<V: Vector>(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let cols = w.cols;
+    assert!(rows.end <= w.rows && x.len() >= t * cols && out.len() >= rows.len() * t);
+    // SAFETY (all calls below): the caller's features; bounds checked above and by the slices
+    // each `Weights` holds.
+    unsafe {
+        match &w.data {
+            MatrixData::Fp8 {
+                w: q,
+                scales,
+                block_n,
+                block_k,
+                ..
+            } => {
+                let q = q.as_slice();
+                assert!(q.len() >= w.rows * cols);
+                run::<V, _>(
+                    &Fp8 {
+                        w: q,
+                        scales,
+                        cols,
+                        block_n: *block_n,
+                        block_k: *block_k,
+                        scale_cols: cols.div_ceil(*block_k),
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+            MatrixData::Bf16(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run::<V, _>(
+                    &Bf16 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+            MatrixData::F16(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run::<V, _>(
+                    &F16 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+            MatrixData::F32(d) => {
+                assert!(d.as_slice().len() >= w.rows * cols);
+                run::<V, _>(
+                    &F32 {
+                        w: d.as_slice(),
+                        cols,
+                    },
+                    x,
+                    t,
+                    rows,
+                    out,
+                )
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn run<V: Vector, W: Weights>(
+    w: &W,
+    x: &[f32],
+    t: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let k = w.cols();
+    let chunk = 2 * V::LANES;
+    let mut buf: Vec<f32> = Vec::new();
+    let mut r = rows.start;
+    while r < rows.end {
+        let nr = RB.min(rows.end - r);
+        let o = &mut out[(r - rows.start) * t..(r - rows.start + nr) * t];
+        let ptrs: [*const W::E; RB] = std::array::from_fn(|i| w.row(r + i.min(nr - 1)));
+        let scale = |i: usize, b: usize| w.scale(r + i, b);
+        // SAFETY: rows r..r+nr exist (each pointer has `k` elements), x has t·k, o has nr·t.
+        unsafe {
+            if t == 1 {
+                match nr {
+                    4 => tile::<V, W::E, W, 4, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    3 => tile::<V, W::E, W, 3, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    2 => tile::<V, W::E, W, 2, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                    _ => tile::<V, W::E, W, 1, 1>(ptrs, &scale, k, w.block(), x, k, o, 1),
+                }
+            } else {
+                // Widen the rows once (scaled, exactly as the one-token tile uses them), then
+                // reuse them for every group of tokens.
+                buf.resize(nr * k, 0.0);
+                for (i, &p) in ptrs.iter().enumerate().take(nr) {
+                    let dst = buf[i * k..(i + 1) * k].as_mut_ptr();
+                    let bk = w.block();
+                    let mut b0 = 0;
+                    let mut bi = 0;
+                    while b0 < k {
+                        let b1 = (b0 + bk).min(k);
+                        let s = if W::SCALED { w.scale(r + i, bi) } else { 1.0 };
+                        let sv = V::splat(s);
+                        let mut c = b0;
+                        while c + chunk <= b1 {
+                            // Prefetch the next tile's rows, as the one-token path does.
+                            V::prefetch(p.wrapping_add(RB * k + c) as *const u8);
+                            if std::mem::size_of::<W::E>() * chunk > 64 {
+                                V::prefetch(
+                                    p.wrapping_add(RB * k + c + 64 / std::mem::size_of::<W::E>())
+                                        as *const u8,
+                                );
+                            }
+                            for h in 0..2 {
+                                let mut v: V = W::load(p.add(c + h * V::LANES));
+                                if W::SCALED {
+                                    v = v.mul(sv);
+                                }
+                                v.store(dst.add(c + h * V::LANES));
+                            }
+                            c += chunk;
+                        }
+                        while c < b1 {
+                            *dst.add(c) = W::one(p.add(c)) * s;
+                            c += 1;
+                        }
+                        b0 = b1;
+                        bi += 1;
+                    }
+                }
+                let wp: [*const f32; RB] =
+                    std::array::from_fn(|i| buf[i.min(nr - 1) * k..].as_ptr());
+                let mut j = 0;
+                while j < t {
+                    let nt = V::TB.min(t - j);
+                    buffered_tile::<V>(wp, k, &x[j * k..], &mut o[j..], t, nr, nt);
+                    j += nt;
+                }
+            }
+        }
+        r += nr;
+    }
+}
+
+/// Dispatches a tile of widened (already scaled) rows to the kernel instance for its shape.
+#[inline(always)]
+unsafe fn buffered_tile<V: Vector>(
+    wp: [*const f32; RB],
+    k: usize,
+    x: &[f32],
+    o: &mut [f32],
+    t: usize,
+    nr: usize,
+    nt: usize,
+) {
+    let one = |_: usize, _: usize| 1.0;
+    macro_rules! go {
+        ($n:literal, $t:literal) => {
+            // SAFETY: forwarded from the caller (rows `nr`, tokens `nt` in bounds).
+            unsafe { tile::<V, f32, Widened, $n, $t>(wp, &one, k, k, x, k, o, t) }
+        };
+    }
+    match (nr, nt) {
+        (4, 4) => go!(4, 4),
+        (4, 3) => go!(4, 3),
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (3, 4) => go!(3, 4),
+        (3, 3) => go!(3, 3),
+        (3, 2) => go!(3, 2),
+        (3, _) => go!(3, 1),
+        (2, 4) => go!(2, 4),
+        (2, 3) => go!(2, 3),
+        (2, 2) => go!(2, 2),
+        (2, _) => go!(2, 1),
+        (_, 4) => go!(1, 4),
+        (_, 3) => go!(1, 3),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
+impl Weights for Widened<'_> {
+    type E = f32;
+    const STREAM: bool = false;
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn block(&self) -> usize {
+        self.cols.max(1)
+    }
+    fn scale(&self, _: usize, _: usize) -> f32 {
+        1.0
+    }
+    fn row(&self, r: usize) -> *const f32 {
+        self.buf[r * self.cols..].as_ptr()
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        unsafe { V::load(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p }
+    }
+}
+
+/// `N` rows × `T` tokens. Row `i`'s weights start at `w[i]` (`k` elements), token `j`'s
+/// activations at `x[j · xstride]`, and the result goes to `out[i · ostride + j]`. `L` says
+/// how to read the weights; when `L::SCALED`, every chunk is multiplied by its block's scale
+/// `scale(i, block)` before use (the dequantised weight), so the one-token path and the
+/// widened buffer of batched products see the same values.
+///
+/// # Safety
+/// The features `V` needs; the pointers and slices must cover what is described above.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile<V: Vector, E: Copy, L: Weights<E = E>, const N: usize, const T: usize>(
+    w: [*const E; RB],
+    scale: &impl Fn(usize, usize) -> f32,
+    k: usize,
+    bk: usize,
+    x: &[f32],
+    xstride: usize,
+    out: &mut [f32],
+    ostride: usize,
+) {
+    debug_assert!(x.len() >= (T - 1) * xstride + k);
+    let (lanes, chunk) = (V::LANES, 2 * V::LANES);
+    let xp = x.as_ptr();
+    let mut acc = [[V::zero(); T]; N];
+    let mut tail = [[0.0f32; T]; N];
+    let mut b0 = 0;
+    let mut bi = 0;
+    while b0 < k {
+        let b1 = (b0 + bk).min(k);
+        let s: [f32; N] = std::array::from_fn(|i| if L::SCALED { scale(i, bi) } else { 1.0 });
+        let sv: [V; N] = std::array::from_fn(|i| V::splat(s[i]));
+        let mut c = b0;
+        while c + chunk <= b1 && T > 1 {
+            // Several tokens: one half-chunk at a time keeps the live registers at
+            // N·T accumulators + T activations + 1 weight vector (no spills). Each
+            // accumulator still adds its low half before its high half.
+            for h in 0..2 {
+                let xv: [V; T] = std::array::from_fn(|j| {
+                    // SAFETY: c + chunk <= k, within token j's activations.
+                    unsafe { V::load(xp.add(j * xstride + c + lanes * h)) }
+                });
+                for i in 0..N {
+                    // SAFETY: c + chunk <= k, within row i.
+                    let mut wv: V = unsafe { L::load(w[i].add(c + lanes * h)) };
+                    if L::SCALED {
+                        wv = wv.mul(sv[i]);
+                    }
+                    for j in 0..T {
+                        acc[i][j] = wv.fmadd(xv[j], acc[i][j]);
+                    }
+                }
+            }
+            c += chunk;
+        }
+        while c + chunk <= b1 && T == 1 {
+            // SAFETY: c + chunk <= k, within the token's activations.
+            let (xl, xh) = unsafe { (V::load(xp.add(c)), V::load(xp.add(c + lanes))) };
+            for i in 0..N {
+                if L::STREAM {
+                    // The same columns of the tile after this one (rows are contiguous, so
+                    // that is `RB` rows further on). A hint only: past the end is harmless.
+                    V::prefetch(w[i].wrapping_add(RB * k + c) as *const u8);
+                    if std::mem::size_of::<E>() * chunk > 64 {
+                        V::prefetch(
+                            w[i].wrapping_add(RB * k + c + 64 / std::mem::size_of::<E>())
+                                as *const u8,
+                        );
+                    }
+                }
+                // SAFETY: c + chunk <= k, within row i.
+                let (mut lo, mut hi): (V, V) =
+                    unsafe { (L::load(w[i].add(c)), L::load(w[i].add(c + lanes))) };
+                if L::SCALED {
+                    lo = lo.mul(sv[i]);
+                    hi = hi.mul(sv[i]);
+                }
+                acc[i][0] = hi.fmadd(xh, lo.fmadd(xl, acc[i][0]));
+            }
+            c += chunk;
+        }
+        for cc in c..b1 {
+            for i in 0..N {
+                // SAFETY: cc < k, within row i.
+                let wv = unsafe { L::one(w[i].add(cc)) } * s[i];
+                for (j, tj) in tail[i].iter_mut().enumerate() {
+                    // SAFETY: cc < k, within token j.
+                    *tj += wv * unsafe { *xp.add(j * xstride + cc) };
+                }
+            }
+        }
+        b0 = b1;
+        bi += 1;
+    }
+    for i in 0..N {
+        for j in 0..T {
+            out[i * ostride + j] = acc[i][j].sum() + tail[i][j];
+        }
+    }
+}
