@@ -22,7 +22,7 @@
 
 use std::ops::Range;
 
-use crate::checkpoint::{Matrix, MatrixData};
+use crate::checkpoint::{ByteCode, Matrix, MatrixData};
 
 /// Rows per register tile.
 const RB: usize = 4;
@@ -64,6 +64,11 @@ pub trait Vector: Copy {
     /// # Safety
     /// As for [`Vector::load`].
     unsafe fn fp8(p: *const u8) -> Self;
+    /// `LANES` sign-magnitude bytes (`ByteCode::SignMagnitude`) as exact f32 integers.
+    ///
+    /// # Safety
+    /// As for [`Vector::load`].
+    unsafe fn q8(p: *const u8) -> Self;
     /// # Safety
     /// As for [`Vector::load`].
     unsafe fn bf16(p: *const u16) -> Self;
@@ -95,7 +100,9 @@ trait Weights: Sync {
     unsafe fn one(p: *const Self::E) -> f32;
 }
 
-struct Fp8<'a> {
+/// Bytes with 128×128 block scales: e4m3, or sign + 7-bit integer where `INT` (the `q8` copy
+/// of an lm_head).
+struct Bytes<'a, const INT: bool> {
     w: &'a [u8],
     scales: &'a [f32],
     cols: usize,
@@ -104,7 +111,7 @@ struct Fp8<'a> {
     scale_cols: usize,
 }
 
-impl Weights for Fp8<'_> {
+impl<const INT: bool> Weights for Bytes<'_, INT> {
     type E = u8;
     const SCALED: bool = true;
     fn cols(&self) -> usize {
@@ -115,8 +122,13 @@ impl Weights for Fp8<'_> {
     }
     #[inline(always)]
     fn scale(&self, row: usize, block: usize) -> f32 {
-        // 2¹²⁰ undoes the exponent rebias of `load32`.
-        self.scales[(row / self.block_n) * self.scale_cols + block] * TWO_POW_120
+        // For e4m3, 2¹²⁰ undoes the exponent rebias of `Vector::fp8`.
+        let s = self.scales[(row / self.block_n) * self.scale_cols + block];
+        if INT {
+            s
+        } else {
+            s * TWO_POW_120
+        }
     }
     #[inline(always)]
     fn row(&self, r: usize) -> *const u8 {
@@ -125,12 +137,23 @@ impl Weights for Fp8<'_> {
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const u8) -> V {
         // SAFETY: the caller guarantees `V::LANES` readable bytes at `p`.
-        unsafe { V::fp8(p) }
+        unsafe {
+            if INT {
+                V::q8(p)
+            } else {
+                V::fp8(p)
+            }
+        }
     }
     #[inline(always)]
     unsafe fn one(p: *const u8) -> f32 {
         // SAFETY: the caller guarantees `p` is readable.
-        super::fp8::e4m3_to_f32(unsafe { *p }) * TWO_POW_MINUS_120
+        let b = unsafe { *p };
+        if INT {
+            ByteCode::SignMagnitude.value(b)
+        } else {
+            super::fp8::e4m3_to_f32(b) * TWO_POW_MINUS_120
+        }
     }
 }
 
@@ -245,10 +268,7 @@ struct Widened<'a> {
 /// Whether this module can handle `w` (FP8 block widths must be whole chunks of either width).
 pub fn supports(w: &Matrix) -> bool {
     match &w.data {
-        // Its FP8 widening is bit arithmetic for e4m3; integer bytes take the portable path.
-        MatrixData::Fp8 { block_k, code, .. } => {
-            *code == crate::checkpoint::ByteCode::E4m3 && block_k % 32 == 0
-        }
+        MatrixData::Fp8 { block_k, .. } => block_k % 32 == 0,
         _ => true,
     }
 }
@@ -277,24 +297,32 @@ pub unsafe fn rows_with<V: Vector>(
                 scales,
                 block_n,
                 block_k,
-                ..
+                code,
             } => {
                 let q = q.as_slice();
                 assert!(q.len() >= w.rows * cols);
-                run::<V, _>(
-                    &Fp8 {
-                        w: q,
-                        scales,
-                        cols,
-                        block_n: *block_n,
-                        block_k: *block_k,
-                        scale_cols: cols.div_ceil(*block_k),
-                    },
-                    x,
-                    t,
-                    rows,
-                    out,
-                )
+                macro_rules! bytes {
+                    ($int:literal) => {
+                        run::<V, _>(
+                            &Bytes::<$int> {
+                                w: q,
+                                scales,
+                                cols,
+                                block_n: *block_n,
+                                block_k: *block_k,
+                                scale_cols: cols.div_ceil(*block_k),
+                            },
+                            x,
+                            t,
+                            rows,
+                            out,
+                        )
+                    };
+                }
+                match code {
+                    ByteCode::E4m3 => bytes!(false),
+                    ByteCode::SignMagnitude => bytes!(true),
+                }
             }
             MatrixData::Bf16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);

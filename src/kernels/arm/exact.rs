@@ -63,6 +63,19 @@ impl Vector for Neon {
         Neon(f(vmovl_s16(vget_low_s16(b))), f(vmovl_high_s16(b)))
     }
     #[inline(always)]
+    unsafe fn q8(p: *const u8) -> Self {
+        // Sign-extended, the byte's sign is already bit 31; the magnitude converts exactly.
+        let b = vmovl_s8(unsafe { vld1_s8(p as *const i8) });
+        let f = |t: int32x4_t| {
+            let m = vcvtq_f32_s32(vandq_s32(t, vdupq_n_s32(0x7F)));
+            vreinterpretq_f32_s32(vorrq_s32(
+                vreinterpretq_s32_f32(m),
+                vandq_s32(t, vdupq_n_s32(i32::MIN)),
+            ))
+        };
+        Neon(f(vmovl_s16(vget_low_s16(b))), f(vmovl_high_s16(b)))
+    }
+    #[inline(always)]
     unsafe fn bf16(p: *const u16) -> Self {
         let h = unsafe { vld1q_u16(p) };
         Neon(

@@ -72,6 +72,16 @@ impl Vector for Zmm {
         )))
     }
     #[inline(always)]
+    unsafe fn q8(p: *const u8) -> Self {
+        // Sign-extended, the byte's sign is already bit 31; the magnitude converts exactly.
+        let t = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        let m = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(0x7F)));
+        Zmm(_mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(m),
+            _mm512_and_si512(t, _mm512_set1_epi32(i32::MIN)),
+        )))
+    }
+    #[inline(always)]
     unsafe fn bf16(p: *const u16) -> Self {
         let a = unsafe { _mm256_loadu_si256(p as *const __m256i) };
         Zmm(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
@@ -140,6 +150,16 @@ impl Vector for Ymm {
         Ymm(_mm256_castsi256_ps(_mm256_and_si256(
             _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
             _mm256_set1_epi32(FP8_BITS),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn q8(p: *const u8) -> Self {
+        // As for `Zmm::q8`.
+        let t = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+        let m = _mm256_cvtepi32_ps(_mm256_and_si256(t, _mm256_set1_epi32(0x7F)));
+        Ymm(_mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_castps_si256(m),
+            _mm256_and_si256(t, _mm256_set1_epi32(i32::MIN)),
         )))
     }
     #[inline(always)]
