@@ -22,6 +22,7 @@
 
 use std::arch::x86_64::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::bf16dot::{run, Source};
 use crate::checkpoint::{ByteCode, Matrix, MatrixData};
@@ -62,20 +63,36 @@ struct Tables {
 /// Widening by table lookup (AVX-512 VBMI).
 pub(super) struct Lookup(Tables);
 
+/// Per code: the high bytes' two halves, then the low bytes' two halves of its [`table`].
+/// Built once: every call of [`rows`] (a decode step makes thousands) loads its tables.
+fn byte_tables(code: ByteCode) -> &'static [[u8; 64]; 4] {
+    static TABLES: OnceLock<[[[u8; 64]; 4]; 2]> = OnceLock::new();
+    let all = TABLES.get_or_init(|| {
+        [ByteCode::E4m3, ByteCode::SignMagnitude].map(|c| {
+            let tab = table(c);
+            let bytes = |shift: u32, half: usize| -> [u8; 64] {
+                std::array::from_fn(|i| (tab[64 * half + i] >> shift) as u8)
+            };
+            [bytes(8, 0), bytes(8, 1), bytes(0, 0), bytes(0, 1)]
+        })
+    });
+    &all[match code {
+        ByteCode::E4m3 => 0,
+        ByteCode::SignMagnitude => 1,
+    }]
+}
+
 impl Lookup {
     /// # Safety
     /// AVX-512 F.
     #[inline(always)]
     pub(super) unsafe fn new(code: ByteCode) -> Lookup {
-        let tab = table(code);
-        let bytes = |shift: u32, half: usize| {
-            let b: [u8; 64] = std::array::from_fn(|i| (tab[64 * half + i] >> shift) as u8);
-            // SAFETY: 64 bytes read as one vector.
-            unsafe { _mm512_loadu_si512(b.as_ptr() as *const _) }
-        };
+        let t = byte_tables(code);
+        // SAFETY: each table is 64 bytes, read as one vector.
+        let v = |i: usize| unsafe { _mm512_loadu_si512(t[i].as_ptr() as *const _) };
         Lookup(Tables {
-            hi: [bytes(8, 0), bytes(8, 1)],
-            lo: [bytes(0, 0), bytes(0, 1)],
+            hi: [v(0), v(1)],
+            lo: [v(2), v(3)],
         })
     }
 }
