@@ -20,6 +20,7 @@
 //! touches are in bounds (`assert!`s in [`rows_with`] and [`run`]); the loops then stay below those
 //! bounds, which is what each `SAFETY` comment refers to.
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use crate::checkpoint::{ByteCode, Matrix, MatrixData};
@@ -160,79 +161,88 @@ impl<const INT: bool> Weights for Bytes<'_, INT> {
 const TWO_POW_120: f32 = f32::from_bits((127 + 120) << 23);
 const TWO_POW_MINUS_120: f32 = f32::from_bits((127 - 120) << 23);
 
-struct Bf16<'a> {
-    w: &'a [u16],
-    cols: usize,
+/// How one unscaled stored type widens: a vector of them, and a single one (for tails).
+trait Widen: Sync {
+    type E: Copy + Sync;
+    /// Read from memory (prefetch ahead) rather than from a cache-resident buffer.
+    const STREAM: bool = true;
+    /// # Safety
+    /// As for [`Vector::load`].
+    unsafe fn load<V: Vector>(p: *const Self::E) -> V;
+    /// # Safety
+    /// `p` is readable.
+    unsafe fn one(p: *const Self::E) -> f32;
 }
 
-impl Weights for Bf16<'_> {
+struct AsBf16;
+struct AsF16;
+/// f32 weights; `STREAM` false for rows already widened (their block scales applied) into a
+/// cache-resident buffer.
+struct AsF32<const STREAM: bool>;
+
+impl Widen for AsBf16 {
     type E = u16;
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn block(&self) -> usize {
-        self.cols.max(1)
-    }
-    #[inline(always)]
-    fn scale(&self, _: usize, _: usize) -> f32 {
-        1.0
-    }
-    #[inline(always)]
-    fn row(&self, r: usize) -> *const u16 {
-        self.w[r * self.cols..].as_ptr()
-    }
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const u16) -> V {
-        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        // SAFETY: forwarded from the caller.
         unsafe { V::bf16(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const u16) -> f32 {
-        // SAFETY: the caller guarantees `p` is readable.
+        // SAFETY: forwarded from the caller.
         f32::from_bits((unsafe { *p } as u32) << 16)
     }
 }
 
-struct F16<'a> {
-    w: &'a [u16],
-    cols: usize,
-}
-
-impl Weights for F16<'_> {
+impl Widen for AsF16 {
     type E = u16;
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn block(&self) -> usize {
-        self.cols.max(1)
-    }
-    #[inline(always)]
-    fn scale(&self, _: usize, _: usize) -> f32 {
-        1.0
-    }
-    #[inline(always)]
-    fn row(&self, r: usize) -> *const u16 {
-        self.w[r * self.cols..].as_ptr()
-    }
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const u16) -> V {
-        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
+        // SAFETY: forwarded from the caller.
         unsafe { V::f16(p) }
     }
     #[inline(always)]
     unsafe fn one(p: *const u16) -> f32 {
-        // SAFETY: the caller guarantees `p` is readable.
+        // SAFETY: forwarded from the caller.
         half::f16::from_bits(unsafe { *p }).to_f32()
     }
 }
 
-struct F32<'a> {
-    w: &'a [f32],
-    cols: usize,
+impl<const STREAM: bool> Widen for AsF32<STREAM> {
+    type E = f32;
+    const STREAM: bool = STREAM;
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const f32) -> V {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::load(p) }
+    }
+    #[inline(always)]
+    unsafe fn one(p: *const f32) -> f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { *p }
+    }
 }
 
-impl Weights for F32<'_> {
-    type E = f32;
+/// Weights without scales, stored as `K` says.
+struct Plain<'a, K: Widen> {
+    w: &'a [K::E],
+    cols: usize,
+    kind: PhantomData<K>,
+}
+
+impl<'a, K: Widen> Plain<'a, K> {
+    fn new(w: &'a [K::E], cols: usize) -> Self {
+        Plain {
+            w,
+            cols,
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K: Widen> Weights for Plain<'_, K> {
+    type E = K::E;
+    const STREAM: bool = K::STREAM;
     fn cols(&self) -> usize {
         self.cols
     }
@@ -244,25 +254,19 @@ impl Weights for F32<'_> {
         1.0
     }
     #[inline(always)]
-    fn row(&self, r: usize) -> *const f32 {
+    fn row(&self, r: usize) -> *const K::E {
         self.w[r * self.cols..].as_ptr()
     }
     #[inline(always)]
-    unsafe fn load<V: Vector>(p: *const f32) -> V {
+    unsafe fn load<V: Vector>(p: *const K::E) -> V {
         // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
-        unsafe { V::load(p) }
+        unsafe { K::load(p) }
     }
     #[inline(always)]
-    unsafe fn one(p: *const f32) -> f32 {
+    unsafe fn one(p: *const K::E) -> f32 {
         // SAFETY: the caller guarantees `p` is readable.
-        unsafe { *p }
+        unsafe { K::one(p) }
     }
-}
-
-/// Widened rows, their block scales applied, in a buffer: read like any other weights.
-struct Widened<'a> {
-    buf: &'a [f32],
-    cols: usize,
 }
 
 /// Whether this module can handle `w` (FP8 block widths must be whole chunks of either width).
@@ -326,37 +330,16 @@ pub unsafe fn rows_with<V: Vector>(
             }
             MatrixData::Bf16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run::<V, _>(
-                    &Bf16 {
-                        w: d.as_slice(),
-                        cols,
-                    },
-                    x,
-                    t,
-                    rows,
-                    out,
-                )
+                run::<V, _>(&Plain::<AsBf16>::new(d.as_slice(), cols), x, t, rows, out)
             }
             MatrixData::F16(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
-                run::<V, _>(
-                    &F16 {
-                        w: d.as_slice(),
-                        cols,
-                    },
-                    x,
-                    t,
-                    rows,
-                    out,
-                )
+                run::<V, _>(&Plain::<AsF16>::new(d.as_slice(), cols), x, t, rows, out)
             }
             MatrixData::F32(d) => {
                 assert!(d.as_slice().len() >= w.rows * cols);
                 run::<V, _>(
-                    &F32 {
-                        w: d.as_slice(),
-                        cols,
-                    },
+                    &Plain::<AsF32<true>>::new(d.as_slice(), cols),
                     x,
                     t,
                     rows,
@@ -462,7 +445,7 @@ unsafe fn buffered_tile<V: Vector>(
     macro_rules! go {
         ($n:literal, $t:literal) => {
             // SAFETY: forwarded from the caller (rows `nr`, tokens `nt` in bounds).
-            unsafe { tile::<V, f32, Widened, $n, $t>(wp, &one, k, k, x, k, o, t) }
+            unsafe { tile::<V, f32, Plain<AsF32<false>>, $n, $t>(wp, &one, k, k, x, k, o, t) }
         };
     }
     match (nr, nt) {
@@ -482,33 +465,6 @@ unsafe fn buffered_tile<V: Vector>(
         (_, 3) => go!(1, 3),
         (_, 2) => go!(1, 2),
         _ => go!(1, 1),
-    }
-}
-
-impl Weights for Widened<'_> {
-    type E = f32;
-    const STREAM: bool = false;
-    fn cols(&self) -> usize {
-        self.cols
-    }
-    fn block(&self) -> usize {
-        self.cols.max(1)
-    }
-    fn scale(&self, _: usize, _: usize) -> f32 {
-        1.0
-    }
-    fn row(&self, r: usize) -> *const f32 {
-        self.buf[r * self.cols..].as_ptr()
-    }
-    #[inline(always)]
-    unsafe fn load<V: Vector>(p: *const f32) -> V {
-        // SAFETY: the caller guarantees `V::LANES` readable values at `p`.
-        unsafe { V::load(p) }
-    }
-    #[inline(always)]
-    unsafe fn one(p: *const f32) -> f32 {
-        // SAFETY: the caller guarantees `p` is readable.
-        unsafe { *p }
     }
 }
 
