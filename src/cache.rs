@@ -198,6 +198,20 @@ impl SeqCache {
         Ok(())
     }
 
+    /// Bytes one decode step moves through this cache: each DeltaNet layer's conv history and
+    /// recurrent state read and written back, each attention layer's K/V rows read (the one
+    /// new row written is left out). Memory traffic on top of the weights, which the
+    /// bandwidth a decode step needs has to count.
+    pub fn decode_traffic(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Linear { conv, ssm } => 2 * 4 * (conv.len() + ssm.len()),
+                LayerState::Full { k, v } => k.bytes() + v.bytes(),
+            })
+            .sum()
+    }
+
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
         self.layers

@@ -210,3 +210,41 @@ fn rejected_batches_leave_caches_untouched() {
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-4, "state changed by a rejected batch: {diff}");
 }
+
+/// `decode_traffic` counts, from the configuration alone: every DeltaNet layer's conv history
+/// and recurrent state twice (read and written back, f32) and every attention layer's K/V
+/// rows once (bfloat16 on the fast path).
+#[test]
+fn decode_traffic_counts_the_states_twice_and_the_kv_rows_once() {
+    let model = load("tiny-f32");
+    assert_eq!(model.precision, Precision::Fast);
+    let c = &model.cfg;
+    let mut cache = model.new_cache(16);
+    let linear = c
+        .layer_types
+        .iter()
+        .filter(|t| matches!(t, qnext::config::LayerType::Linear))
+        .count();
+    let full = c.layer_types.len() - linear;
+    let per_linear = 4
+        * ((c.linear_conv_kernel_dim - 1) * c.linear_conv_dim()
+            + c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim);
+    let per_row = 2 * 2 * c.num_key_value_heads * c.head_dim;
+    assert!(
+        linear > 0 && full > 0,
+        "the fixture has both kinds of layer"
+    );
+    assert_eq!(cache.decode_traffic(), 2 * linear * per_linear);
+    let tokens = ids(5, 3, c.vocab_size);
+    model
+        .forward(&mut [SeqInput {
+            tokens: &tokens,
+            cache: &mut cache,
+            want: Want::Last,
+        }])
+        .unwrap();
+    assert_eq!(
+        cache.decode_traffic(),
+        2 * linear * per_linear + full * 5 * per_row
+    );
+}

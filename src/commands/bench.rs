@@ -88,6 +88,8 @@ struct Prefilled {
     cache: SeqCache,
     snap: Snapshot,
     next: u32,
+    /// [`SeqCache::decode_traffic`] at the prefilled depth.
+    snap_traffic: usize,
 }
 
 fn prefill(model: &Model, depth: usize, n: usize, seed: u64) -> Result<Prefilled> {
@@ -100,7 +102,13 @@ fn prefill(model: &Model, depth: usize, n: usize, seed: u64) -> Result<Prefilled
     }])?;
     let next = argmax(&out[0].logits);
     let snap = cache.snapshot();
-    Ok(Prefilled { cache, snap, next })
+    let snap_traffic = cache.decode_traffic();
+    Ok(Prefilled {
+        cache,
+        snap,
+        next,
+        snap_traffic,
+    })
 }
 
 /// Seconds to generate `n` tokens greedily from the prefilled state (rewound first).
@@ -311,6 +319,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         median(tgs.clone())
     };
     let gbps = token_bytes as f64 * tg_tps / 1e9;
+    // The caches' own traffic per generated token, at the requested depth.
+    let state_bytes = at_depth.as_ref().map_or(0, |p| p.snap_traffic);
+    let memory_gbps = (token_bytes + state_bytes) as f64 * tg_tps / 1e9;
     let rss = qnext::procfs::kb_field("/proc/self/status", "VmHWM:").unwrap_or(0);
     // What `--load hugepages` obtained.
     let huge = qnext::procfs::kb_field("/proc/self/smaps_rollup", "AnonHugePages:").unwrap_or(0);
@@ -337,6 +348,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "bytes_per_token": token_bytes,
             "weight_bytes": all_bytes,
             "gb_per_s": gbps,
+            "state_bytes_per_token": state_bytes,
+            "memory_gb_per_s": memory_gbps,
             "peak_rss_bytes": rss,
             "huge_page_bytes": huge,
             "load_s": load_s,
@@ -345,6 +358,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "lm_head": format!("{:?}", a.precision.lm_head).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
+            "memory_bandwidth_fraction": if bw > 0.0 { memory_gbps / bw } else { 0.0 },
         });
         println!("{out}");
     } else {
@@ -366,14 +380,21 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             all_bytes as f64 / 1e9,
             token_bytes as f64 / 1e6
         );
+        if state_bytes > 0 {
+            println!(
+                "state      {:.1} MB read and written per token (DeltaNet states, K/V); with the weights {memory_gbps:.1} GB/s",
+                state_bytes as f64 / 1e6
+            );
+        }
         println!("peak RSS   {:.2} GB", rss as f64 / 1e9);
         if huge > 0 {
             println!("huge pages {:.2} GB", huge as f64 / 1e9);
         }
         if bw > 0.0 {
             println!(
-                "read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it",
-                100.0 * gbps / bw
+                "read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it ({:.0}% with the state)",
+                100.0 * gbps / bw,
+                100.0 * memory_gbps / bw
             );
         }
     }
