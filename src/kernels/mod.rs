@@ -19,6 +19,7 @@ pub mod parallel;
 pub mod pool;
 pub mod profile;
 pub mod rope;
+pub mod scratch;
 pub mod split;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;

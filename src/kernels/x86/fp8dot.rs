@@ -269,7 +269,8 @@ unsafe fn by_row_block<S: Source>(
         .max(6)
         .next_multiple_of(6)
         .min(t);
-    let mut xs = vec![0u16; tb * ks];
+    // Every element `run` reads is written by `scaled_acts` first.
+    let mut xs = crate::kernels::scratch::take_u16(tb * ks);
     let mut r = rows.start;
     while r < rows.end {
         let g = r / bn;
@@ -312,6 +313,7 @@ unsafe fn by_row_block<S: Source>(
         }
         r = end;
     }
+    crate::kernels::scratch::put_u16(xs);
 }
 
 /// `out[j, ·] = bf16(s[c / bk] · x[j, c])` for each token, zero-padded to whole chunks, in
