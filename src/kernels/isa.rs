@@ -82,3 +82,22 @@ pub fn vbmi() -> bool {
         }
     })
 }
+
+static AMX: OnceLock<bool> = OnceLock::new();
+
+/// AMX tiles with bfloat16 products (prompt chunks, `x86::amx`) on top of [`bf16_dot`],
+/// unless `QNEXT_AMX=off` asks for the AVX-512 kernels instead.
+pub fn amx() -> bool {
+    *AMX.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            bf16_dot()
+                && std::env::var("QNEXT_AMX").map_or(true, |v| v != "off")
+                && super::x86::amx::detect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}

@@ -72,6 +72,9 @@ struct Prepared<'a> {
     /// Unscaled bfloat16 activations for FP8 blocked runs.
     #[cfg(target_arch = "x86_64")]
     bf16: Option<Arc<super::x86::bf16dot::Bf16Acts>>,
+    /// Per run (or empty: none), the blocked runs' activations for the AMX tiles.
+    #[cfg(target_arch = "x86_64")]
+    vnni: Vec<Option<Arc<super::x86::amx::VnniActs>>>,
 }
 
 enum Acts<'a> {
@@ -84,20 +87,28 @@ enum Acts<'a> {
 }
 
 /// Activations already rounded in this dispatch, by address, length and columns of the f32
-/// input:
-/// jobs often share theirs (gate and up, q/k/v).
+/// input (and for the AMX form, the run's tokens): jobs often share theirs (gate and up,
+/// q/k/v).
 #[cfg(target_arch = "x86_64")]
-type Rounded = Vec<((usize, usize, usize), Arc<super::x86::bf16dot::Bf16Acts>)>;
-/// Nothing is rounded without the x86 kernels (always empty).
+#[derive(Default)]
+struct Rounded {
+    bf16: Vec<((usize, usize, usize), Arc<super::x86::bf16dot::Bf16Acts>)>,
+    vnni: Vec<(
+        (usize, usize, usize, Range<usize>),
+        Arc<super::x86::amx::VnniActs>,
+    )>,
+}
+/// Nothing is rounded without the x86 kernels.
 #[cfg(not(target_arch = "x86_64"))]
-type Rounded = Vec<()>;
+#[derive(Default)]
+struct Rounded;
 
 fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'a> {
     let (x, t) = (job.x, job.t);
     let whole = || vec![(0..t, false)];
     #[cfg(target_arch = "x86_64")]
     if p == Precision::Fast && super::isa::bf16_dot() {
-        use super::x86::{bf16dot, bf16gemm, fp8dot};
+        use super::x86::{amx, bf16dot, bf16gemm, fp8dot};
         let w = job.w;
         let runs = if bf16gemm::supports(w) && job.bulk.len() == t {
             runs(job.bulk)
@@ -105,21 +116,43 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
             whole()
         };
         let any_bulk = runs.iter().any(|r| r.1);
+        let key = (x.as_ptr() as usize, x.len(), w.cols);
+        // Blocked runs go to the AMX tiles where the CPU has them.
+        let amx = any_bulk && super::isa::amx();
+        let vnni = if amx {
+            runs.iter()
+                .map(|(span, bulk)| {
+                    bulk.then(|| {
+                        let key = (key.0, key.1, key.2, span.clone());
+                        if let Some((_, a)) = rounded.vnni.iter().find(|(k, _)| *k == key) {
+                            return a.clone();
+                        }
+                        let xs = &x[span.start * w.cols..span.end * w.cols];
+                        // SAFETY: `isa::amx()` implies `bf16_dot()`: AVX-512 F, BW, BF16.
+                        let a = Arc::new(unsafe { amx::vnni_acts(xs, span.len(), w.cols) });
+                        rounded.vnni.push((key, a.clone()));
+                        a
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut round = || {
-            let key = (x.as_ptr() as usize, x.len(), w.cols);
-            if let Some((_, a)) = rounded.iter().find(|(k, _)| *k == key) {
+            if let Some((_, a)) = rounded.bf16.iter().find(|(k, _)| *k == key) {
                 return a.clone();
             }
             let a = Arc::new(bf16_acts(x, t, w.cols));
-            rounded.push((key, a.clone()));
+            rounded.bf16.push((key, a.clone()));
             a
         };
         if fp8dot::supports(w) {
-            let bf16 = any_bulk.then(&mut round);
+            let bf16 = (any_bulk && !amx).then(&mut round);
             return Prepared {
                 acts: Acts::Fp8Scaled(x),
                 runs,
                 bf16,
+                vnni,
             };
         }
         if bf16dot::supports(w) {
@@ -127,6 +160,7 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
                 acts: Acts::Bf16(round()),
                 runs,
                 bf16: None,
+                vnni,
             };
         }
     }
@@ -136,6 +170,8 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
         runs: whole(),
         #[cfg(target_arch = "x86_64")]
         bf16: None,
+        #[cfg(target_arch = "x86_64")]
+        vnni: Vec::new(),
     }
 }
 
@@ -321,11 +357,18 @@ fn rows_kernel(
         Acts::F32(x) => *x,
         #[cfg(target_arch = "x86_64")]
         acts => {
-            use super::x86::{bf16dot, bf16gemm, fp8dot};
+            use super::x86::{amx, bf16dot, bf16gemm, fp8dot};
             let k = w.cols;
-            for (span, bulk) in &a.runs {
+            for (i, (span, bulk)) in a.runs.iter().enumerate() {
                 let (j0, n) = (span.start, span.len());
                 let o = out.skip(0, j0);
+                if let Some(Some(xv)) = a.vnni.get(i) {
+                    // SAFETY: `prepare` made the AMX form only after `isa::amx()` (tiles
+                    // allowed, AVX-512 F/BW/BF16) and `bf16gemm::supports(w)`, for tokens
+                    // j0..j0+n and w's columns; `o` covers rows r0..r1 of them.
+                    unsafe { amx::rows(xv, w, r0..r1, o) };
+                    continue;
+                }
                 // SAFETY (all three): `prepare` chose these forms only after `bf16_dot()`
                 // verified AVX-512 F, BW and BF16 and the kernel's `supports(w)` held (for
                 // blocked runs too); tokens j0..j0+n exist; `o` covers rows r0..r1 of them.

@@ -351,7 +351,7 @@ unsafe fn pack_block<S: Source>(
 /// # Safety
 /// AVX-512 F.
 #[inline(always)]
-unsafe fn transpose16(mut r: [__m512i; 16]) -> [__m512i; 16] {
+pub(super) unsafe fn transpose16(mut r: [__m512i; 16]) -> [__m512i; 16] {
     for d in [8usize, 4, 2, 1] {
         let lo: [i32; 16] = std::array::from_fn(|l| {
             if l & d == 0 {

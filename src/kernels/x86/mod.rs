@@ -1,5 +1,6 @@
 //! x86-64 SIMD kernels, chosen at run time by CPU feature detection.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16dot;
 pub mod bf16gemm;

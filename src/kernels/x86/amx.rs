@@ -1,0 +1,595 @@
+//! Prompt-chunk products on Intel AMX (`tdpbf16ps`, Sapphire Rapids and later): one
+//! instruction multiplies a 16 × 32 tile of bfloat16 weights by a 32 × 16 tile of bfloat16
+//! activations into 16 × 16 f32 sums — 8192 multiply-adds, where one `vdpbf16ps` does 512.
+//! Where the CPU has it, this replaces [`super::bf16gemm`] for prompt chunks.
+//!
+//! Roles: the weights are the left operand, row-major as stored (BF16 read straight from the
+//! mapped file, FP8 widened exactly into a panel buffer row by row), so no weight is
+//! transposed; the activations, shared by every row, are laid out once per product in the
+//! pair-interleaved form the right operand needs ([`VnniActs`]). Sums come out as
+//! `[rows, tokens]` tiles and are transposed into the `[tokens, rows]` result.
+//!
+//! Numbers: activations rounded to bfloat16 once (nearest even), weights exact, f32 sums (the
+//! tile unit flushes denormals to zero). For row `r` and token `j`, each column block (FP8:
+//! its 128-column scale block; BF16: 256 columns) is summed in column order by the tile unit;
+//! for FP8 the block's sum times its scale is added into the result in block order with one
+//! fused multiply-add, so the scale is never rounded into a bfloat16 input, and BF16 blocks
+//! accumulate in the tile itself. Nothing depends on the other tokens or rows of the call, so
+//! a token's result is the same whatever the batch holds; the order is not `bf16gemm`'s, so
+//! the last bits differ from it.
+//!
+//! The tile registers are unknown to the compiler: they are used only inside this module's
+//! `asm!` blocks (the stable compiler has no AMX intrinsics), configured at the start of each
+//! call and released at its end.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use super::bf16dot::{tail, Raw, Source};
+use super::bf16gemm::transpose16;
+use super::fp8dot::{Arith, Lookup};
+use crate::checkpoint::{Matrix, MatrixData};
+use crate::kernels::matmul::OutRows;
+
+/// Weight rows per panel: the two 16-row tiles of the left operand.
+const PANEL_ROWS: usize = 32;
+/// Columns per block for BF16 weights (FP8 uses its scale block).
+const BF16_BLOCK: usize = 256;
+
+/// Whether the CPU has AMX tiles with bfloat16 products and the OS lets this process use
+/// them (Linux enables the 8 KiB of tile state per process on request).
+pub fn detect() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        // CPUID leaf 7 reports AMX-BF16 in EDX bit 22 and AMX-TILE in bit 24.
+        #[allow(unused_unsafe)]
+        // SAFETY: leaf 7 exists on every CPU that gets here (it reports AVX-512, checked by
+        // the caller first); CPUID has no other effect.
+        let edx = unsafe { __cpuid_count(7, 0) }.edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        request_tile_state()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: this `arch_prctl` request only asks the kernel to allow the tile state for
+    // this process (all its threads); it fails cleanly on kernels that lack it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): eight tiles of 16 rows of 64 bytes. Tiles 0–3 hold
+/// sums (16 rows × 16 tokens of f32), 4–5 weights (16 rows × 32 columns of bfloat16), 6–7
+/// activations (16 column pairs × 16 tokens × 2).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// Activations as the right operand wants them: per group of 16 tokens (the last padded with
+/// zeros), per column pair `p`, 16 tokens × the pair's two bfloat16 values (64 bytes).
+pub struct VnniActs {
+    data: Vec<u16>,
+    /// Tokens.
+    pub t: usize,
+    /// Column pairs per token group (the columns padded to a multiple of 32).
+    pairs: usize,
+}
+
+impl VnniActs {
+    fn group(&self, g: usize) -> *const u16 {
+        self.data.as_ptr().wrapping_add(g * self.pairs * 32)
+    }
+}
+
+/// `x` (`[t, k]`) rounded to bfloat16 and laid out as [`VnniActs`].
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn vnni_acts(x: &[f32], t: usize, k: usize) -> VnniActs {
+    assert!(x.len() >= t * k);
+    let pairs = k.next_multiple_of(32) / 2;
+    let groups = t.div_ceil(16);
+    let mut data = vec![0u16; groups * pairs * 32];
+    let mask = |n: usize| -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    };
+    for g in 0..groups {
+        for c0 in (0..k).step_by(32) {
+            let left = k - c0;
+            let mut words = [_mm512_setzero_si512(); 16];
+            for (i, w) in words.iter_mut().enumerate() {
+                let j = 16 * g + i;
+                if j >= t {
+                    break;
+                }
+                let p = x.as_ptr().wrapping_add(j * k + c0);
+                // SAFETY: the masks keep both loads within token j's k columns (a masked-off
+                // lane is not read).
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(mask(left), p);
+                    let hi =
+                        _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), p.wrapping_add(16));
+                    // Low half from the second operand: the 32 values in column order, so
+                    // 32-bit word q is column pair q.
+                    *w = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+            // SAFETY: AVX-512 F.
+            let by_pair = unsafe { transpose16(words) };
+            for (q, v) in by_pair.iter().enumerate() {
+                let at = (g * pairs + c0 / 2 + q) * 32;
+                // SAFETY: pair c0/2 + q < pairs; 32 values (64 bytes) from `at` are in `data`.
+                unsafe { _mm512_storeu_si512(data.as_mut_ptr().add(at) as *mut _, *v) };
+            }
+        }
+    }
+    VnniActs { data, t, pairs }
+}
+
+/// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, `j < x.t`.
+///
+/// # Safety
+/// [`detect`] returned true; the CPU supports AVX-512 F, BW and BF16 (and VBMI, if
+/// `isa::vbmi()` says so); `bf16gemm::supports(w)`; `x` was made for `w.cols` columns; `out`
+/// is writable for `rows.len()` rows of `x.t` tokens.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn rows(x: &VnniActs, w: &Matrix, rows: Range<usize>, out: OutRows) {
+    let k = w.cols;
+    assert!(rows.end <= w.rows && x.pairs == k.next_multiple_of(32) / 2);
+    match &w.data {
+        MatrixData::Bf16(d) => {
+            let d = d.as_slice();
+            assert!(d.len() >= w.rows * k);
+            let g = Geometry {
+                k,
+                n: w.rows,
+                kc: BF16_BLOCK,
+                scales: None,
+            };
+            // SAFETY: same features; rows and activations checked above, outputs by the caller.
+            unsafe { run(&Raw, d.as_ptr() as *const u8, &g, x, rows, out) }
+        }
+        MatrixData::Fp8 {
+            w: q,
+            scales,
+            block_n,
+            block_k,
+            ..
+        } => {
+            let q = q.as_slice();
+            let sc = k.div_ceil(*block_k);
+            assert!(q.len() >= w.rows * k && scales.len() >= w.rows.div_ceil(*block_n) * sc);
+            let g = Geometry {
+                k,
+                n: w.rows,
+                kc: *block_k,
+                scales: Some((scales, *block_n, sc)),
+            };
+            // SAFETY: as above; VBMI checked for the lookup widening.
+            unsafe {
+                if super::super::isa::vbmi() {
+                    fp8_lookup(q.as_ptr(), &g, x, rows, out)
+                } else {
+                    run(&Arith, q.as_ptr(), &g, x, rows, out)
+                }
+            }
+        }
+        _ => unreachable!("amx::rows called for a {} matrix", w.dtype_name()),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
+unsafe fn fp8_lookup(q: *const u8, g: &Geometry, x: &VnniActs, rows: Range<usize>, out: OutRows) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Lookup::new(crate::checkpoint::ByteCode::E4m3) };
+    // SAFETY: forwarded (VBMI enabled, which `Lookup` needs).
+    unsafe { run(&s, q, g, x, rows, out) }
+}
+
+/// The matrix's shape as the loops see it.
+struct Geometry<'a> {
+    /// Columns.
+    k: usize,
+    /// Rows.
+    n: usize,
+    /// Columns per block.
+    kc: usize,
+    /// FP8: scales (`[row blocks, column blocks]`), rows per scale block, column blocks.
+    scales: Option<(&'a [f32], usize, usize)>,
+}
+
+/// Panels of [`PANEL_ROWS`] rows: each made ready as bfloat16 rows (read in place, or widened
+/// front to back into a buffer), then every pair of token groups per column block.
+///
+/// # Safety
+/// As for [`rows`], with what `S` needs; `w` holds the `g.n × g.k` matrix.
+#[inline(always)]
+unsafe fn run<S: Source>(
+    s: &S,
+    w: *const u8,
+    g: &Geometry,
+    x: &VnniActs,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    let (k, kc) = (g.k, g.kc);
+    let kblocks = k.div_ceil(kc);
+    let t = x.t;
+    let groups = t.div_ceil(16);
+    let tpad = 16 * groups;
+    // Widened rows: whole chunks, so the tiles' last 32 columns are always inside.
+    let ws = k.next_multiple_of(64);
+    let mut wb: Vec<u16> = Vec::new();
+    // Rows in place only where every tile reads within the matrix: whole 32-column steps
+    // (a partial one would read the next row's weights against zero activations, and
+    // 0 · NaN is NaN) and 32 rows that exist.
+    let in_place = S::ELEM == 2 && k.is_multiple_of(32);
+    let natural = natural_order::<S>();
+    let mut acc = vec![0.0f32; PANEL_ROWS * tpad];
+    let mut c = Tile([0.0; 256]);
+    let row_lines = (k * S::ELEM).div_ceil(64);
+    // SAFETY: loads a valid configuration (the CPU has AMX and the OS allowed it: `detect`).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
+    let mut n0 = rows.start;
+    while n0 < rows.end {
+        let nr = PANEL_ROWS.min(rows.end - n0);
+        let (a, lda) = if in_place && n0 + PANEL_ROWS <= g.n {
+            (w.wrapping_add(n0 * k * S::ELEM), k * S::ELEM)
+        } else {
+            if wb.is_empty() {
+                wb = vec![0u16; PANEL_ROWS * ws];
+            }
+            // SAFETY: rows n0..n0 + nr exist; the buffer holds 32 rows of `ws` columns.
+            unsafe { widen(s, &natural, w, k, n0, nr, ws, &mut wb) };
+            (wb.as_ptr() as *const u8, 2 * ws)
+        };
+        acc.fill(0.0);
+        // The next panel's rows, fetched into L2 a share per step while this one is
+        // multiplied: read only when needed, they would stall the tiles on memory.
+        let n1 = n0 + nr;
+        let next = w.wrapping_add(n1 * k * S::ELEM) as *const i8;
+        let lines = PANEL_ROWS.min(rows.end - n1) * row_lines;
+        let steps = kblocks * groups.div_ceil(2);
+        let per_step = lines.div_ceil(steps);
+        let mut fetched = 0;
+        for kb in 0..kblocks {
+            let k0 = kb * kc;
+            let ksteps = kc.min(k - k0).div_ceil(32);
+            for tg in (0..groups).step_by(2) {
+                for _ in 0..per_step.min(lines - fetched) {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * fetched));
+                    fetched += 1;
+                }
+                let two = tg + 1 < groups;
+                let sums = acc.as_mut_ptr().wrapping_add(16 * tg);
+                // SAFETY: the weight tiles read rows n0..n0+32 at columns below 32·ksteps
+                // past k0 (inside the matrix or the buffer, see `in_place`); the activation
+                // tiles read pairs k0/2 .. k0/2 + 16·ksteps of groups tg (and tg + 1 if
+                // `two`), inside `x`; the sums are the panel's rows 0..32 × tokens
+                // 16·tg .. 16·tg + 32 of `acc` (16 if not `two`).
+                unsafe {
+                    if g.scales.is_some() {
+                        zero_sums();
+                    } else {
+                        load_sums(sums, tpad, two);
+                    }
+                    let a0 = a.wrapping_add(2 * k0);
+                    let b0 = x.group(tg).wrapping_add(k0 / 2 * 32) as *const u8;
+                    let b1 = x.group(tg + 1).wrapping_add(k0 / 2 * 32) as *const u8;
+                    for st in 0..ksteps {
+                        let (a0, b0, b1) = (
+                            a0.wrapping_add(64 * st),
+                            b0.wrapping_add(1024 * st),
+                            b1.wrapping_add(1024 * st),
+                        );
+                        step(a0, a0.wrapping_add(16 * lda), lda, b0, b1, two);
+                    }
+                    match g.scales {
+                        None => store_sums(sums, tpad, two),
+                        Some((sv, bn, sc)) => {
+                            for (tile, rg, tj) in [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)] {
+                                if tj == 1 && !two {
+                                    continue;
+                                }
+                                store_tile(tile, &mut c);
+                                for m in 0..16 {
+                                    let r = 16 * rg + m;
+                                    if r >= nr {
+                                        break;
+                                    }
+                                    let scale = _mm512_set1_ps(sv[(n0 + r) / bn * sc + kb]);
+                                    let p = sums.add(r * tpad + 16 * tj);
+                                    let v = _mm512_loadu_ps(c.0.as_ptr().add(16 * m));
+                                    _mm512_storeu_ps(
+                                        p,
+                                        _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(p)),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // [rows, tokens] → the result's [tokens, rows], 16 × 16 at a time.
+        for rg in 0..nr.div_ceil(16) {
+            let live = nr - 16 * rg;
+            let mask: __mmask16 = if live >= 16 { !0 } else { (1u16 << live) - 1 };
+            for tg in 0..groups {
+                let block: [__m512i; 16] = std::array::from_fn(|m| {
+                    // SAFETY: row 16·rg + m < 32 and tokens 16·tg.. are inside `acc`.
+                    unsafe {
+                        _mm512_loadu_si512(
+                            acc.as_ptr().add((16 * rg + m) * tpad + 16 * tg) as *const _
+                        )
+                    }
+                });
+                // SAFETY: AVX-512 F.
+                let by_token = unsafe { transpose16(block) };
+                for (i, v) in by_token.iter().enumerate() {
+                    let j = 16 * tg + i;
+                    if j >= t {
+                        break;
+                    }
+                    // SAFETY: rows n0 - rows.start + 16·rg .. + live of token j are in `out`
+                    // (the caller's guarantee); the mask writes no others.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            out.at(n0 - rows.start + 16 * rg, j),
+                            mask,
+                            _mm512_castsi512_ps(*v),
+                        )
+                    };
+                }
+            }
+        }
+        n0 = n1;
+    }
+    // SAFETY: ends the tile use begun above (no tile is live after this).
+    unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+}
+
+/// A 16 × 16 tile of sums, aligned for the tile store.
+#[repr(C, align(64))]
+struct Tile([f32; 256]);
+
+/// Per output vector of 16 column pairs, where each pair lies in the chunk `S` gives: index
+/// `16·h + q` for word `q` of vector `h`, as `vpermt2d` takes it.
+fn natural_order<S: Source>() -> [[i32; 16]; 2] {
+    let mut idx = [[0i32; 16]; 2];
+    for h in 0..S::VECS {
+        for q in 0..16 {
+            let p = S::pair(h, q);
+            idx[p / 16][p % 16] = (16 * h + q) as i32;
+        }
+    }
+    idx
+}
+
+/// Rows `n0..n0 + nr` widened to bfloat16 in column order into `wb` (32 rows of `ws`); rows
+/// past `nr` zero.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16 and what `S` needs; the rows exist in the `k`-column matrix at `w`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn widen<S: Source>(
+    s: &S,
+    natural: &[[i32; 16]; 2],
+    w: *const u8,
+    k: usize,
+    n0: usize,
+    nr: usize,
+    ws: usize,
+    wb: &mut [u16],
+) {
+    assert!(wb.len() >= PANEL_ROWS * ws && ws >= k.next_multiple_of(64));
+    let ch = 32 * S::VECS;
+    // SAFETY: 16 integers each.
+    let idx = unsafe {
+        [
+            _mm512_loadu_si512(natural[0].as_ptr() as *const _),
+            _mm512_loadu_si512(natural[1].as_ptr() as *const _),
+        ]
+    };
+    for r in 0..PANEL_ROWS {
+        let dst = &mut wb[r * ws..(r + 1) * ws];
+        if r >= nr {
+            dst.fill(0);
+            continue;
+        }
+        let row = w.wrapping_add((n0 + r) * k * S::ELEM);
+        for c in (0..k).step_by(ch) {
+            // SAFETY: a whole chunk within the row, or the partial last one through a zeroed
+            // copy; the stores stay below c + ch ≤ ws.
+            unsafe {
+                let p = row.wrapping_add(c * S::ELEM);
+                let v = if c + ch <= k {
+                    s.chunk(p)
+                } else {
+                    tail(s, p, k - c)
+                };
+                let (v0, v1): (__m512i, __m512i) =
+                    (std::mem::transmute(v[0]), std::mem::transmute(v[1]));
+                for (o, ix) in idx.iter().enumerate().take(S::VECS) {
+                    let nat = _mm512_permutex2var_epi32(v0, *ix, v1);
+                    _mm512_storeu_si512(dst.as_mut_ptr().add(c + 32 * o) as *mut _, nat);
+                }
+            }
+        }
+    }
+}
+
+/// One 32-column step: weights rows 0–15 (`a0`) and 16–31 (`a1`), `lda` bytes between rows,
+/// times the activation tiles of one or two token groups, into sums 0–3 (rows × groups).
+///
+/// # Safety
+/// Tiles configured; 16 rows of 64 bytes readable at `a0`, `a1` (`lda` apart) and `b0`, and
+/// `b1` if `two` (64 bytes apart).
+#[inline(always)]
+unsafe fn step(a0: *const u8, a1: *const u8, lda: usize, b0: *const u8, b1: *const u8, two: bool) {
+    // SAFETY: the caller's guarantee; the instructions read only those bytes and touch no
+    // register the compiler uses.
+    unsafe {
+        if two {
+            asm!(
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                lda = in(reg) lda, ldb = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
+                lda = in(reg) lda, ldb = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+    }
+}
+
+/// Sums 0–3 set to zero.
+///
+/// # Safety
+/// Tiles configured.
+#[inline(always)]
+unsafe fn zero_sums() {
+    // SAFETY: touches tile registers only.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem, preserves_flags)
+        )
+    };
+}
+
+/// Sums 0–3 loaded from `[32 rows, tpad]` f32 at `p` (rows 0–15 / 16–31 × tokens 0–15 /
+/// 16–31; the second group only if `two`).
+///
+/// # Safety
+/// Tiles configured; those sums are inside one allocation.
+#[inline(always)]
+unsafe fn load_sums(p: *mut f32, tpad: usize, two: bool) {
+    let ld = 4 * tpad;
+    let lower = p.wrapping_add(16 * tpad);
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        asm!(
+            "tileloadd tmm0, [{p} + {ld}*1]",
+            "tileloadd tmm2, [{q} + {ld}*1]",
+            p = in(reg) p, q = in(reg) lower, ld = in(reg) ld,
+            options(nostack, readonly, preserves_flags),
+        );
+        if two {
+            asm!(
+                "tileloadd tmm1, [{p} + {ld}*1]",
+                "tileloadd tmm3, [{q} + {ld}*1]",
+                p = in(reg) p.wrapping_add(16), q = in(reg) lower.wrapping_add(16), ld = in(reg) ld,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+    }
+}
+
+/// The inverse of [`load_sums`].
+///
+/// # Safety
+/// As for [`load_sums`], writable.
+#[inline(always)]
+unsafe fn store_sums(p: *mut f32, tpad: usize, two: bool) {
+    let ld = 4 * tpad;
+    let lower = p.wrapping_add(16 * tpad);
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        asm!(
+            "tilestored [{p} + {ld}*1], tmm0",
+            "tilestored [{q} + {ld}*1], tmm2",
+            p = in(reg) p, q = in(reg) lower, ld = in(reg) ld,
+            options(nostack, preserves_flags),
+        );
+        if two {
+            asm!(
+                "tilestored [{p} + {ld}*1], tmm1",
+                "tilestored [{q} + {ld}*1], tmm3",
+                p = in(reg) p.wrapping_add(16), q = in(reg) lower.wrapping_add(16), ld = in(reg) ld,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+}
+
+/// Sum tile `i` (0–3) stored into `c`.
+///
+/// # Safety
+/// Tiles configured.
+#[inline(always)]
+unsafe fn store_tile(i: usize, c: &mut Tile) {
+    let p = c.0.as_mut_ptr();
+    // SAFETY: 16 rows of 64 bytes, exactly `c`.
+    unsafe {
+        match i {
+            0 => {
+                asm!("tilestored [{p} + {ld}*1], tmm0", p = in(reg) p, ld = in(reg) 64usize, options(nostack, preserves_flags))
+            }
+            1 => {
+                asm!("tilestored [{p} + {ld}*1], tmm1", p = in(reg) p, ld = in(reg) 64usize, options(nostack, preserves_flags))
+            }
+            2 => {
+                asm!("tilestored [{p} + {ld}*1], tmm2", p = in(reg) p, ld = in(reg) 64usize, options(nostack, preserves_flags))
+            }
+            _ => {
+                asm!("tilestored [{p} + {ld}*1], tmm3", p = in(reg) p, ld = in(reg) 64usize, options(nostack, preserves_flags))
+            }
+        }
+    }
+}
