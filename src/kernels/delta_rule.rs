@@ -13,6 +13,19 @@ use multiversion::multiversion;
 
 pub const CHUNK: usize = 64;
 
+/// `eˣ` for a log-decay `x ≤ 0`, zero below e⁻⁶⁴ (≈ 1.6·10⁻²⁸). Decays that small scale
+/// their terms far below the f32 resolution of the O(1) values they are added to, but times
+/// small values they give subnormal numbers, which Intel cores compute ~100× slower (with
+/// strongly decaying heads, most of a prefill's time went there).
+#[inline(always)]
+fn decay_factor(x: f32) -> f32 {
+    if x < -64.0 {
+        0.0
+    } else {
+        exp(x)
+    }
+}
+
 /// Inputs of one head for `n` tokens: `q`, `k` are `[n, dk]`, `v` is `[n, dv]`, `g`, `beta` are `[n]`.
 pub struct HeadInputs<'a> {
     pub q: &'a [f32],
@@ -40,7 +53,7 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
             &x.k[t * dk..(t + 1) * dk],
             &x.v[t * dv..(t + 1) * dv],
         );
-        let alpha = x.g[t].exp();
+        let alpha = decay_factor(x.g[t]);
         d.fill(0.0);
         sq.fill(0.0);
         for ((row, &ki), &qi) in state.chunks_exact(dv).zip(k).zip(q) {
@@ -110,7 +123,7 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         ks0[..c * dv].fill(0.0);
         gemm_acc(c, dv, dk, View::rows(k, dk), state, dv, &mut ks0, dv);
         for i in 0..c {
-            let gamma = exp(gc[i]);
+            let gamma = decay_factor(gc[i]);
             let (ui, wi, vi) = (
                 &mut u[i * dv..(i + 1) * dv],
                 &ks0[i * dv..(i + 1) * dv],
@@ -137,7 +150,7 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         oc.fill(0.0);
         gemm_acc(c, dv, dk, View::rows(q, dk), state, dv, oc, dv);
         for (i, oi) in oc.chunks_exact_mut(dv).enumerate() {
-            let gamma = exp(gc[i]);
+            let gamma = decay_factor(gc[i]);
             oi.iter_mut().for_each(|x| *x *= gamma);
         }
         qk[..c * CHUNK].fill(0.0);
@@ -156,11 +169,11 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         // State for the next chunk: γ_last S₀ + Σ_j e^{G_last−G_j} k_j U_jᵀ, with the weights
         // folded into Kᵀ.
         let glast = gc[c - 1];
-        let d = exp(glast);
+        let d = decay_factor(glast);
         state.iter_mut().for_each(|s| *s *= d);
         let mut w = [0.0f32; CHUNK];
         for (wj, &g) in w.iter_mut().zip(gc) {
-            *wj = exp(glast - g);
+            *wj = decay_factor(glast - g);
         }
         for row in kt.chunks_exact_mut(CHUNK) {
             for (kr, &wj) in row.iter_mut().zip(&w) {
@@ -178,7 +191,7 @@ pub fn chunked(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
 fn decay_matrix(gc: &[f32], d: &mut [f32]) {
     for (i, &gi) in gc.iter().enumerate() {
         for (dj, &gj) in d[i * CHUNK..i * CHUNK + i + 1].iter_mut().zip(gc) {
-            *dj = exp(gi - gj);
+            *dj = decay_factor(gi - gj);
         }
     }
 }
