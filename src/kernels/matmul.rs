@@ -92,12 +92,15 @@ enum Acts<'a> {
 #[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct Rounded {
-    bf16: Vec<((usize, usize, usize), Arc<super::x86::bf16dot::Bf16Acts>)>,
-    vnni: Vec<(
-        (usize, usize, usize, Range<usize>),
-        Arc<super::x86::amx::VnniActs>,
-    )>,
+    bf16: Vec<(ActsKey, Arc<super::x86::bf16dot::Bf16Acts>)>,
+    vnni: Vec<(RunKey, Arc<super::x86::amx::VnniActs>)>,
 }
+/// An f32 input's address, length and columns.
+#[cfg(target_arch = "x86_64")]
+type ActsKey = (usize, usize, usize);
+/// An f32 input and a run of its tokens.
+#[cfg(target_arch = "x86_64")]
+type RunKey = (ActsKey, Range<usize>);
 /// Nothing is rounded without the x86 kernels.
 #[cfg(not(target_arch = "x86_64"))]
 #[derive(Default)]
@@ -123,7 +126,7 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
             runs.iter()
                 .map(|(span, bulk)| {
                     bulk.then(|| {
-                        let key = (key.0, key.1, key.2, span.clone());
+                        let key = (key, span.clone());
                         if let Some((_, a)) = rounded.vnni.iter().find(|(k, _)| *k == key) {
                             return a.clone();
                         }

@@ -444,8 +444,8 @@ unsafe fn widen<S: Source>(
                 } else {
                     tail(s, p, k - c)
                 };
-                let (v0, v1): (__m512i, __m512i) =
-                    (std::mem::transmute(v[0]), std::mem::transmute(v[1]));
+                let v0 = std::mem::transmute::<__m512bh, __m512i>(v[0]);
+                let v1 = std::mem::transmute::<__m512bh, __m512i>(v[1]);
                 for (o, ix) in idx.iter().enumerate().take(S::VECS) {
                     let nat = _mm512_permutex2var_epi32(v0, *ix, v1);
                     _mm512_storeu_si512(dst.as_mut_ptr().add(c + 32 * o) as *mut _, nat);
