@@ -13,13 +13,16 @@ use multiversion::multiversion;
 
 pub const CHUNK: usize = 64;
 
+/// Log-decays below this are taken as decays of 0 (see [`decay_factor`]).
+const DECAY_CUTOFF: f32 = -64.0;
+
 /// `eˣ` for a log-decay `x ≤ 0`, zero below e⁻⁶⁴ (≈ 1.6·10⁻²⁸). Decays that small scale
 /// their terms far below the f32 resolution of the O(1) values they are added to, but times
 /// small values they give subnormal numbers, which Intel cores compute ~100× slower (with
 /// strongly decaying heads, most of a prefill's time went there).
 #[inline(always)]
 fn decay_factor(x: f32) -> f32 {
-    if x < -64.0 {
+    if x < DECAY_CUTOFF {
         0.0
     } else {
         exp(x)
@@ -53,7 +56,13 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
             &x.k[t * dk..(t + 1) * dk],
             &x.v[t * dv..(t + 1) * dv],
         );
-        let alpha = decay_factor(x.g[t]);
+        // libm's eˣ, as this form always used (one call per token, nothing to vectorise);
+        // only the cutoff of `decay_factor` is new.
+        let alpha = if x.g[t] < DECAY_CUTOFF {
+            0.0
+        } else {
+            x.g[t].exp()
+        };
         d.fill(0.0);
         sq.fill(0.0);
         for ((row, &ki), &qi) in state.chunks_exact(dv).zip(k).zip(q) {
