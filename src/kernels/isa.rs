@@ -83,6 +83,26 @@ pub fn vbmi() -> bool {
     })
 }
 
+static GFNI: OnceLock<bool> = OnceLock::new();
+
+/// GFNI byte maps (`gf2p8affineqb`), which widen e4m3 bytes in two instructions, on top of
+/// [`vbmi`] (the table lookup stays for the rare chunks with subnormal or zero codes), unless
+/// `QNEXT_FP8_WIDEN=table` asks for the table lookup everywhere.
+pub fn gfni() -> bool {
+    *GFNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            vbmi()
+                && std::env::var("QNEXT_FP8_WIDEN").map_or(true, |v| v != "table")
+                && is_x86_feature_detected!("gfni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 static AMX: OnceLock<bool> = OnceLock::new();
 
 /// AMX tiles with bfloat16 products (prompt chunks, `x86::amx`) on top of [`bf16_dot`],

@@ -391,6 +391,12 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
 /// what the memory system serves best (measured: 10–30% more GB/s than prefetching each row's
 /// next chunk). A hint only; past the end is harmless.
 ///
+/// Into L2 (`T1`), not L1: a tile ahead is 16 KiB, which with the tile being read fills most
+/// of a 48 KiB L1 and lets lines be evicted before their use; on an Intel (Emerald Rapids)
+/// core, decode of the 32-expert FP8 checkpoint was 6 % faster (median of 20 alternating
+/// rounds, one process) and the products alone went from 0.84 to 0.88 of a plain read. The
+/// Zen 5 cores this was first tuned on were not measured with it.
+///
 /// # Safety
 /// As for [`Source::chunk`] when `left` ≥ a chunk's columns, else `left` readable weights.
 #[inline(always)]
@@ -402,9 +408,9 @@ unsafe fn streamed_chunk<S: Source>(
 ) -> [__m512bh; 2] {
     let chunk_bytes = 32 * S::VECS * S::ELEM;
     if left >= 32 * S::VECS {
-        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
         if chunk_bytes > 64 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64) as *const i8);
         }
         // SAFETY: a whole chunk at p (the caller's guarantee).
         unsafe { s.chunk(p) }

@@ -106,15 +106,91 @@ impl Source for Lookup {
     }
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
-        // SAFETY: 64 readable bytes at p (the caller's guarantee); VBMI is enabled in the
-        // only entry point that builds a `Lookup`.
+        // SAFETY: 64 readable bytes at p (the caller's guarantee); VBMI as for `widen`.
+        unsafe { self.widen(_mm512_loadu_si512(p as *const _)) }
+    }
+}
+
+impl Lookup {
+    /// The 64 bytes of `v` widened.
+    ///
+    /// # Safety
+    /// AVX-512 VBMI, enabled in every entry point that builds a `Lookup`.
+    #[inline(always)]
+    unsafe fn widen(&self, v: __m512i) -> [__m512bh; 2] {
+        // SAFETY: register operations only, with the features of the caller.
         unsafe {
-            let v = _mm512_loadu_si512(p as *const _);
             let t = &self.0;
             let hi = _mm512_permutex2var_epi8(t.hi[0], v, t.hi[1]);
             let lo = _mm512_permutex2var_epi8(t.lo[0], v, t.lo[1]);
             // hi | (v & 0x80): the sign.
             let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, _mm512_set1_epi8(-128));
+            [
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi8(lo, hi)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi8(lo, hi)),
+            ]
+        }
+    }
+}
+
+/// Widening by two GF(2) affine maps per byte (GFNI `gf2p8affineqb`), the same bits as
+/// [`Lookup`] for every code with a non-zero exponent field; chunks holding a code without
+/// one (zero or subnormal, ~0.2–1 % of the chunks of quantised weights) go through the table.
+///
+/// Why: `vpermi2b` is three micro-ops on Intel cores, so the table lookup plus the two
+/// `vdpbf16ps` made the decode kernel compute-bound there (14.8 GB/s per core from L2 on an
+/// Emerald Rapids core, about the memory's share of a core); one affine map is one micro-op.
+/// For e4m3 with exponent field E ≥ 1 the bfloat16 is `S | e | MMM0000` with e = E + 120,
+/// whose 8 bits are `E3, ¬E3, ¬E3, ¬E3, ¬E3, E2, E1, E0` (120 = 0b0111_1000 and E < 16),
+/// every one a bit of the byte or its complement: the high byte is `S E3 ¬E3 ¬E3 ¬E3 ¬E3 E2
+/// E1`, the low byte `E0 M2 M1 M0 0000`, each an affine map of the byte's bits.
+pub(super) struct Affine(Lookup);
+
+/// `gf2p8affineqb` matrices: byte `7 - i` of the quadword selects the input bits whose parity
+/// is output bit `i`.
+const fn affine_matrix(out_bits_high_first: [u8; 8]) -> i64 {
+    let mut m = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        m |= (out_bits_high_first[i] as u64) << (8 * i);
+        i += 1;
+    }
+    m as i64
+}
+/// High byte: S, E3, then E3 four times (complemented by the constant 0x3C), E2, E1.
+const AFFINE_HI: i64 = affine_matrix([0x80, 0x40, 0x40, 0x40, 0x40, 0x40, 0x20, 0x10]);
+const AFFINE_HI_XOR: i32 = 0x3C;
+/// Low byte: E0, M2, M1, M0, then zeros.
+const AFFINE_LO: i64 = affine_matrix([0x08, 0x04, 0x02, 0x01, 0, 0, 0, 0]);
+
+impl Affine {
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    pub(super) unsafe fn new() -> Affine {
+        // SAFETY: forwarded.
+        Affine(unsafe { Lookup::new(ByteCode::E4m3) })
+    }
+}
+
+impl Source for Affine {
+    const ELEM: usize = 1;
+    const VECS: usize = 2;
+    fn pair(h: usize, q: usize) -> usize {
+        Lookup::pair(h, q)
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
+        // SAFETY: 64 readable bytes at p (the caller's guarantee); GFNI and VBMI are enabled
+        // in the only entry point that builds an `Affine`.
+        unsafe {
+            let v = _mm512_loadu_si512(p as *const _);
+            if _mm512_testn_epi8_mask(v, _mm512_set1_epi8(0x78)) != 0 {
+                return self.0.widen(v);
+            }
+            let hi =
+                _mm512_gf2p8affine_epi64_epi8::<AFFINE_HI_XOR>(v, _mm512_set1_epi64(AFFINE_HI));
+            let lo = _mm512_gf2p8affine_epi64_epi8::<0>(v, _mm512_set1_epi64(AFFINE_LO));
             [
                 std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi8(lo, hi)),
                 std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi8(lo, hi)),
@@ -183,7 +259,16 @@ pub unsafe fn rows(
     // SAFETY: the caller verified F, BW and BF16; VBMI is checked here (`supports` admits
     // integer bytes only with it).
     unsafe {
-        if super::super::isa::vbmi() {
+        let e4m3 = matches!(
+            w.data,
+            MatrixData::Fp8 {
+                code: ByteCode::E4m3,
+                ..
+            }
+        );
+        if e4m3 && super::super::isa::gfni() {
+            rows_affine(x, t, w, rows, out, then)
+        } else if super::super::isa::vbmi() {
             rows_lookup(x, t, w, rows, out, then)
         } else {
             rows_arith(x, t, w, rows, out, then)
@@ -206,6 +291,21 @@ unsafe fn rows_lookup(
     // SAFETY: AVX-512 F is enabled here.
     let s = unsafe { Lookup::new(code) };
     // SAFETY: same target features (VBMI included, which `Lookup` needs).
+    unsafe { by_row_block(&s, x, t, w, rows, out, then) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,gfni")]
+unsafe fn rows_affine(
+    x: &[f32],
+    t: usize,
+    w: &Matrix,
+    rows: Range<usize>,
+    out: OutRows,
+    then: *const u8,
+) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Affine::new() };
+    // SAFETY: same target features (GFNI and VBMI included, which `Affine` needs).
     unsafe { by_row_block(&s, x, t, w, rows, out, then) }
 }
 
@@ -364,8 +464,13 @@ mod tests {
         if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
             return;
         }
-        let codes: [[u8; 64]; 4] =
-            std::array::from_fn(|b| std::array::from_fn(|i| (64 * b + i) as u8));
+        // Every code in order (chunks with zero and subnormal codes among them), then every
+        // code with an exponent, in chunks of those alone (the affine maps' own branch).
+        let normal: Vec<u8> = (0..=255u8).filter(|b| b & 0x78 != 0).collect();
+        let codes: Vec<[u8; 64]> = (0..4)
+            .map(|b| std::array::from_fn(|i| (64 * b + i) as u8))
+            .chain((0..4).map(|b| std::array::from_fn(|i| normal[(64 * b + i) % normal.len()])))
+            .collect();
         for c in &codes {
             // SAFETY: features checked above; 64 bytes per call.
             let a = unsafe { widen_arith(c) };
@@ -380,6 +485,10 @@ mod tests {
             if is_x86_feature_detected!("avx512vbmi") {
                 // SAFETY: VBMI checked too.
                 assert_eq!(unsafe { widen_lookup(c) }, a);
+                if is_x86_feature_detected!("gfni") {
+                    // SAFETY: GFNI checked too.
+                    assert_eq!(unsafe { widen_affine(c) }, a);
+                }
             }
         }
     }
@@ -399,6 +508,16 @@ mod tests {
     unsafe fn widen_arith(c: &[u8; 64]) -> [u16; 64] {
         // SAFETY: 64 bytes; features as enabled.
         store(unsafe { Arith.chunk(c.as_ptr()) })
+    }
+
+    /// Every code in each chunk, so the affine maps serve only chunks of codes with an
+    /// exponent, and the rest fall back: both branches are compared.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,gfni")]
+    unsafe fn widen_affine(c: &[u8; 64]) -> [u16; 64] {
+        // SAFETY: AVX-512 F is enabled here.
+        let s = unsafe { Affine::new() };
+        // SAFETY: 64 bytes; features as enabled.
+        store(unsafe { s.chunk(c.as_ptr()) })
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
