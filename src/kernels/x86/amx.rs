@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 
 use super::bf16dot::{tail, Raw, Source};
 use super::bf16gemm::transpose16;
-use super::fp8dot::{Arith, Lookup};
+use super::fp8dot::{Affine, Arith, Lookup};
 use crate::checkpoint::{Matrix, MatrixData};
 use crate::kernels::matmul::OutRows;
 
@@ -200,9 +200,11 @@ pub unsafe fn rows(x: &VnniActs, w: &Matrix, rows: Range<usize>, out: OutRows) {
                 kc: *block_k,
                 scales: Some((scales, *block_n, sc)),
             };
-            // SAFETY: as above; VBMI checked for the lookup widening.
+            // SAFETY: as above; GFNI and VBMI checked for the affine and lookup widenings.
             unsafe {
-                if super::super::isa::vbmi() {
+                if super::super::isa::gfni() {
+                    fp8_affine(q.as_ptr(), &g, x, rows, out)
+                } else if super::super::isa::vbmi() {
                     fp8_lookup(q.as_ptr(), &g, x, rows, out)
                 } else {
                     run(&Arith, q.as_ptr(), &g, x, rows, out)
@@ -211,6 +213,14 @@ pub unsafe fn rows(x: &VnniActs, w: &Matrix, rows: Range<usize>, out: OutRows) {
         }
         _ => unreachable!("amx::rows called for a {} matrix", w.dtype_name()),
     }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,gfni")]
+unsafe fn fp8_affine(q: *const u8, g: &Geometry, x: &VnniActs, rows: Range<usize>, out: OutRows) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Affine::new() };
+    // SAFETY: forwarded (GFNI and VBMI enabled, which `Affine` needs).
+    unsafe { run(&s, q, g, x, rows, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]

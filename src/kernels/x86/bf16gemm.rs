@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::bf16dot::{tail, Bf16Acts, Raw, Source};
-use super::fp8dot::{Arith, Lookup};
+use super::fp8dot::{Affine, Arith, Lookup};
 use crate::checkpoint::{Matrix, MatrixData};
 use crate::kernels::matmul::OutRows;
 
@@ -119,9 +119,11 @@ pub unsafe fn rows(
                 kc: *block_k,
                 scales: Some((scales, *block_n, sc)),
             };
-            // SAFETY: as above; VBMI checked for the lookup widening.
+            // SAFETY: as above; GFNI and VBMI checked for the affine and lookup widenings.
             unsafe {
-                if super::super::isa::vbmi() {
+                if super::super::isa::gfni() {
+                    fp8_affine(q.as_ptr(), &g, xp, x.stride, t, rows, out)
+                } else if super::super::isa::vbmi() {
                     fp8_lookup(q.as_ptr(), &g, xp, x.stride, t, rows, out)
                 } else {
                     run(&Arith, q.as_ptr(), &g, xp, x.stride, t, rows, out)
@@ -130,6 +132,23 @@ pub unsafe fn rows(
         }
         _ => unreachable!("bf16gemm::rows called for a {} matrix", w.dtype_name()),
     }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,gfni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fp8_affine(
+    q: *const u8,
+    g: &Geometry,
+    x: *const u16,
+    xs: usize,
+    t: usize,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    // SAFETY: AVX-512 F is enabled here.
+    let s = unsafe { Affine::new() };
+    // SAFETY: forwarded (GFNI and VBMI enabled, which `Affine` needs).
+    unsafe { run(&s, q, g, x, xs, t, rows, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
