@@ -220,10 +220,14 @@ impl Moe {
     /// each weight panel before use, which pays from a few dozen tokens per expert on: with
     /// 32 experts (top 10) each sees ~80 of a 256-token chunk; with the real model's 512 it
     /// sees ~5, where the dot-product kernels measured 1.3× faster (pp512 of a 512-expert
-    /// checkpoint: 460 against 600 tokens/s). A property of the model, not of the batch, so
-    /// a sequence's results still do not depend on what else is batched.
+    /// checkpoint on a Zen 5 core: 460 against 600 tokens/s). On AMX tiles a step costs the
+    /// same for 1 to 16 tokens, where each token costs the dot products two `vdpbf16ps` per
+    /// 64 weights, so there the experts always take the tiles (512 experts, 4 layers, on an
+    /// Emerald Rapids core: pp512 310 against 228 tokens/s). A property of the model and the
+    /// CPU, not of the batch, so a sequence's results still do not depend on what else is
+    /// batched.
     fn blocked_experts(&self) -> bool {
-        self.experts.len() <= 8 * self.top_k
+        self.experts.len() <= 8 * self.top_k || crate::kernels::isa::amx()
     }
 
     /// Bytes of all experts, and bytes read per token (router, top-k experts, shared expert).
