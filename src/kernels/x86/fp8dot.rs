@@ -10,9 +10,10 @@
 //!
 //! Why the scale moves: all rows of a 128-row block share their scales, so scaling the
 //! activations once per row block (`t · k` products per 128 rows) takes the multiply and the
-//! f32 round trip out of the inner loop, which then widens 64 weights with one table lookup
-//! per byte half on CPUs with AVX-512 VBMI (`vpermi2b`: 128-entry byte tables), or exact f32
-//! arithmetic elsewhere. Both widenings give the same bits in the same order.
+//! f32 round trip out of the inner loop, which then widens 64 weights with one affine byte map
+//! per byte half on CPUs with GFNI ([`Affine`]), one table lookup per byte half on CPUs with
+//! AVX-512 VBMI (`vpermi2b`: 128-entry byte tables), or exact f32 arithmetic elsewhere. All
+//! three widenings give the same bits in the same order.
 //!
 //! The widened chunk of 64 columns comes out as two vectors whose columns are interleaved
 //! per 128-bit lane (the natural result of byte unpacking): vector `h`, lane `l`, position
