@@ -4,7 +4,8 @@
 //! Where the CPU has it, this replaces [`super::bf16gemm`] for prompt chunks.
 //!
 //! Roles: the weights are the left operand, row-major as stored (BF16 read straight from the
-//! mapped file, FP8 widened exactly into a panel buffer row by row), so no weight is
+//! mapped file, FP8 widened exactly, one scale block of a panel at a time, into a small
+//! buffer laid out tile by tile), so no weight is
 //! transposed; the activations, shared by every row, are laid out once per product in the
 //! pair-interleaved form the right operand needs ([`VnniActs`]). Sums come out as
 //! `[rows, tokens]` tiles and are transposed into the `[tokens, rows]` result.
@@ -207,7 +208,7 @@ pub unsafe fn rows(x: &VnniActs, w: &Matrix, rows: Range<usize>, out: OutRows) {
                 } else if super::super::isa::vbmi() {
                     fp8_lookup(q.as_ptr(), &g, x, rows, out)
                 } else {
-                    run(&Arith, q.as_ptr(), &g, x, rows, out)
+                    run_fp8(&Arith, q.as_ptr(), &g, x, rows, out)
                 }
             }
         }
@@ -220,7 +221,7 @@ unsafe fn fp8_affine(q: *const u8, g: &Geometry, x: &VnniActs, rows: Range<usize
     // SAFETY: AVX-512 F is enabled here.
     let s = unsafe { Affine::new() };
     // SAFETY: forwarded (GFNI and VBMI enabled, which `Affine` needs).
-    unsafe { run(&s, q, g, x, rows, out) }
+    unsafe { run_fp8(&s, q, g, x, rows, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
@@ -228,7 +229,7 @@ unsafe fn fp8_lookup(q: *const u8, g: &Geometry, x: &VnniActs, rows: Range<usize
     // SAFETY: AVX-512 F is enabled here.
     let s = unsafe { Lookup::new(crate::checkpoint::ByteCode::E4m3) };
     // SAFETY: forwarded (VBMI enabled, which `Lookup` needs).
-    unsafe { run(&s, q, g, x, rows, out) }
+    unsafe { run_fp8(&s, q, g, x, rows, out) }
 }
 
 /// The matrix's shape as the loops see it.
@@ -243,8 +244,9 @@ struct Geometry<'a> {
     scales: Option<(&'a [f32], usize, usize)>,
 }
 
-/// Panels of [`PANEL_ROWS`] rows: each made ready as bfloat16 rows (read in place, or widened
-/// front to back into a buffer), then every pair of token groups per column block.
+/// BF16 weights: panels of [`PANEL_ROWS`] rows, each read in place (or copied into a buffer
+/// at the matrix's edges), then every pair of token groups per column block, the sums kept
+/// in the tiles' `[rows, tokens]` buffer between blocks.
 ///
 /// # Safety
 /// As for [`rows`], with what `S` needs; `w` holds the `g.n × g.k` matrix.
@@ -271,7 +273,6 @@ unsafe fn run<S: Source>(
     let in_place = S::ELEM == 2 && k.is_multiple_of(32);
     let natural = natural_order::<S>();
     let mut acc = vec![0.0f32; PANEL_ROWS * tpad];
-    let mut c = Tile([0.0; 256]);
     let row_lines = (k * S::ELEM).div_ceil(64);
     // SAFETY: loads a valid configuration (the CPU has AMX and the OS allowed it: `detect`).
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
@@ -313,11 +314,7 @@ unsafe fn run<S: Source>(
                 // `two`), inside `x`; the sums are the panel's rows 0..32 × tokens
                 // 16·tg .. 16·tg + 32 of `acc` (16 if not `two`).
                 unsafe {
-                    if g.scales.is_some() {
-                        zero_sums();
-                    } else {
-                        load_sums(sums, tpad, two);
-                    }
+                    load_sums(sums, tpad, two);
                     let a0 = a.wrapping_add(2 * k0);
                     let b0 = x.group(tg).wrapping_add(k0 / 2 * 32) as *const u8;
                     let b1 = x.group(tg + 1).wrapping_add(k0 / 2 * 32) as *const u8;
@@ -329,69 +326,241 @@ unsafe fn run<S: Source>(
                         );
                         step(a0, a0.wrapping_add(16 * lda), lda, b0, b1, two);
                     }
-                    match g.scales {
-                        None => store_sums(sums, tpad, two),
-                        Some((sv, bn, sc)) => {
-                            for (tile, rg, tj) in [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)] {
-                                if tj == 1 && !two {
-                                    continue;
-                                }
-                                store_tile(tile, &mut c);
-                                for m in 0..16 {
-                                    let r = 16 * rg + m;
-                                    if r >= nr {
-                                        break;
-                                    }
-                                    let scale = _mm512_set1_ps(sv[(n0 + r) / bn * sc + kb]);
-                                    let p = sums.add(r * tpad + 16 * tj);
-                                    let v = _mm512_loadu_ps(c.0.as_ptr().add(16 * m));
-                                    _mm512_storeu_ps(
-                                        p,
-                                        _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(p)),
-                                    );
-                                }
+                    store_sums(sums, tpad, two);
+                }
+            }
+        }
+        // SAFETY: `acc` holds 32 rows of `tpad` tokens; `out` covers these rows (the caller's
+        // guarantee).
+        unsafe { emit(&acc, tpad, nr, t, out.skip(n0 - rows.start, 0)) };
+        n0 = n1;
+    }
+    // SAFETY: ends the tile use begun above (no tile is live after this).
+    unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+}
+
+/// FP8 weights: panels of [`PANEL_ROWS`] rows, one column (scale) block at a time: the
+/// block's 32 rows widened exactly into a small buffer laid out tile by tile (8 KiB for 128
+/// columns, so the tile loads come from L1 and each is 1 KiB in a row), multiplied by every
+/// pair of token groups, and the block's sums times its scale added into the panel's
+/// `[rows, tokens]` buffer. Each block is widened while the tiles still work on the one
+/// before (two halves of the buffer), and the next panel's bytes are prefetched into L2, one
+/// line per 64-column chunk widened, so the memory stream is as even as the widening.
+///
+/// Why per block rather than per panel: widening a whole 32-row panel first (128 KiB of
+/// bfloat16 for 2048 columns) made every tile load come from L2 with rows 4 KiB apart, and
+/// the next panel was prefetched in bursts between tile steps; experts of the real model's
+/// shape (512 × 2048 and 2048 × 512 FP8, ≈ 10 tokens each) took 1.4–1.6× as long that way
+/// (same sums, same order).
+///
+/// # Safety
+/// As for [`rows`], with what `S` needs; `w` holds the `g.n × g.k` matrix; `g.scales` set.
+#[inline(always)]
+unsafe fn run_fp8<S: Source>(
+    s: &S,
+    w: *const u8,
+    g: &Geometry,
+    x: &VnniActs,
+    rows: Range<usize>,
+    out: OutRows,
+) {
+    let (k, kc) = (g.k, g.kc);
+    let Some((sv, bn, sc)) = g.scales else {
+        unreachable!("amx::run_fp8 without scales")
+    };
+    assert!(S::ELEM == 1 && kc.is_multiple_of(64) && S::VECS == 2);
+    let kblocks = k.div_ceil(kc);
+    let t = x.t;
+    let groups = t.div_ceil(16);
+    let tpad = 16 * groups;
+    let natural = natural_order::<S>();
+    // SAFETY: 16 integers each.
+    let idx = unsafe {
+        [
+            _mm512_loadu_si512(natural[0].as_ptr() as *const _),
+            _mm512_loadu_si512(natural[1].as_ptr() as *const _),
+        ]
+    };
+    // Per 32-column step of the block: tile rows 0–15, then 16–31, each 16 × 32 values.
+    let mut blk = vec![0u16; 2 * PANEL_ROWS * kc];
+    let blk_ptr = blk.as_mut_ptr();
+    // Block kb's half of the buffer.
+    let half = |kb: usize| blk_ptr.wrapping_add((kb % 2) * PANEL_ROWS * kc);
+    let mut acc = vec![0.0f32; PANEL_ROWS * tpad];
+    let mut c = Tile([0.0; 256]);
+    // SAFETY: loads a valid configuration (the CPU has AMX and the OS allowed it: `detect`).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
+    let mut n0 = rows.start;
+    while n0 < rows.end {
+        let nr = PANEL_ROWS.min(rows.end - n0);
+        let n1 = n0 + nr;
+        let next = w.wrapping_add(n1 * k) as *const i8;
+        let next_rows = PANEL_ROWS.min(rows.end - n1);
+        acc.fill(0.0);
+        // SAFETY: rows n0..n0 + nr exist; block 0 lies in the buffer's first half.
+        unsafe { widen_block(s, &idx, w, k, n0, nr, 0, kc, next, next_rows, half(0)) };
+        for kb in 0..kblocks {
+            let k0 = kb * kc;
+            let kw = kc.min(k - k0);
+            // The next block is widened before this one's tiles run, into the other half of
+            // the buffer: the tile loads then read stores that have left the store buffer
+            // (a tile load cannot take its data from pending vector stores).
+            if kb + 1 < kblocks {
+                // SAFETY: as above, for block kb + 1.
+                unsafe {
+                    widen_block(
+                        s,
+                        &idx,
+                        w,
+                        k,
+                        n0,
+                        nr,
+                        (kb + 1) * kc,
+                        kc,
+                        next,
+                        next_rows,
+                        half(kb + 1),
+                    )
+                };
+            }
+            let blk_kb = half(kb) as *const u16;
+            for tg in (0..groups).step_by(2) {
+                let two = tg + 1 < groups;
+                let sums = acc.as_mut_ptr().wrapping_add(16 * tg);
+                // SAFETY: the weight tiles are inside the block buffer (steps below kw / 32
+                // rounded up, each 2 KiB); the activation tiles read pairs k0/2 ..
+                // k0/2 + 16·steps of groups tg (and tg + 1 if `two`), inside `x`; the sums
+                // are the panel's rows 0..32 × tokens 16·tg .. 16·tg + 32 of `acc` (16 if
+                // not `two`).
+                unsafe {
+                    zero_sums();
+                    let a = blk_kb as *const u8;
+                    let b0 = x.group(tg).wrapping_add(k0 / 2 * 32) as *const u8;
+                    let b1 = x.group(tg + 1).wrapping_add(k0 / 2 * 32) as *const u8;
+                    for st in 0..kw.div_ceil(32) {
+                        let a0 = a.wrapping_add(2 * tile_at(st, 0));
+                        let (b0, b1) = (b0.wrapping_add(1024 * st), b1.wrapping_add(1024 * st));
+                        step(a0, a0.wrapping_add(1024), 64, b0, b1, two);
+                    }
+                    for (tile, rg, tj) in [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)] {
+                        if tj == 1 && !two {
+                            continue;
+                        }
+                        store_tile(tile, &mut c);
+                        for m in 0..16 {
+                            let r = 16 * rg + m;
+                            if r >= nr {
+                                break;
                             }
+                            let scale = _mm512_set1_ps(sv[(n0 + r) / bn * sc + kb]);
+                            let p = sums.add(r * tpad + 16 * tj);
+                            let v = _mm512_loadu_ps(c.0.as_ptr().add(16 * m));
+                            _mm512_storeu_ps(p, _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(p)));
                         }
                     }
                 }
             }
         }
-        // [rows, tokens] → the result's [tokens, rows], 16 × 16 at a time.
-        for rg in 0..nr.div_ceil(16) {
-            let live = nr - 16 * rg;
-            let mask: __mmask16 = if live >= 16 { !0 } else { (1u16 << live) - 1 };
-            for tg in 0..groups {
-                let block: [__m512i; 16] = std::array::from_fn(|m| {
-                    // SAFETY: row 16·rg + m < 32 and tokens 16·tg.. are inside `acc`.
-                    unsafe {
-                        _mm512_loadu_si512(
-                            acc.as_ptr().add((16 * rg + m) * tpad + 16 * tg) as *const _
-                        )
-                    }
-                });
-                // SAFETY: AVX-512 F.
-                let by_token = unsafe { transpose16(block) };
-                for (i, v) in by_token.iter().enumerate() {
-                    let j = 16 * tg + i;
-                    if j >= t {
-                        break;
-                    }
-                    // SAFETY: rows n0 - rows.start + 16·rg .. + live of token j are in `out`
-                    // (the caller's guarantee); the mask writes no others.
-                    unsafe {
-                        _mm512_mask_storeu_ps(
-                            out.at(n0 - rows.start + 16 * rg, j),
-                            mask,
-                            _mm512_castsi512_ps(*v),
-                        )
-                    };
-                }
-            }
-        }
+        // SAFETY: `acc` holds 32 rows of `tpad` tokens; `out` covers these rows (the caller's
+        // guarantee).
+        unsafe { emit(&acc, tpad, nr, t, out.skip(n0 - rows.start, 0)) };
         n0 = n1;
     }
     // SAFETY: ends the tile use begun above (no tile is live after this).
     unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+}
+
+/// Where row `r` of 32-column step `st` starts in a widened block: per step, tile rows 0–15,
+/// then 16–31, each 16 rows of 32 values.
+fn tile_at(st: usize, r: usize) -> usize {
+    ((2 * st + r / 16) * 16 + r % 16) * 32
+}
+
+/// Columns `k0..k0 + kc` (within `k`) of rows `n0..n0 + nr` of the FP8 matrix at `w`, widened
+/// into `dst` in [`tile_at`] order (rows past `nr` zero), each chunk's columns put back in
+/// natural order by `idx`. One line of the next panel (`next`, `next_rows` rows) is
+/// prefetched per chunk, at the same place in its rows.
+///
+/// # Safety
+/// AVX-512 F/BW/BF16 and what `S` needs; the rows exist; `dst` has room for 32 rows of `kc`
+/// (a multiple of 64).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn widen_block<S: Source>(
+    s: &S,
+    idx: &[__m512i; 2],
+    w: *const u8,
+    k: usize,
+    n0: usize,
+    nr: usize,
+    k0: usize,
+    kc: usize,
+    next: *const i8,
+    next_rows: usize,
+    dst: *mut u16,
+) {
+    let kw = kc.min(k - k0);
+    for r in 0..PANEL_ROWS {
+        let row = w.wrapping_add((n0 + r) * k);
+        for c0 in (k0..k0 + kw).step_by(64) {
+            if r < next_rows {
+                // A hint: the address is inside the next panel's rows.
+                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(r * k + c0));
+            }
+            // SAFETY: a whole chunk within row r, or its partial last one through a zeroed
+            // copy (rows past `nr` are zeros); the two stores land in `dst` (step
+            // (c0 - k0) / 32 + o < kc / 32, row r < 32).
+            unsafe {
+                let v = if r >= nr {
+                    [std::mem::zeroed(), std::mem::zeroed()]
+                } else if c0 + 64 <= k {
+                    s.chunk(row.wrapping_add(c0))
+                } else {
+                    tail(s, row.wrapping_add(c0), k - c0)
+                };
+                let v0 = std::mem::transmute::<__m512bh, __m512i>(v[0]);
+                let v1 = std::mem::transmute::<__m512bh, __m512i>(v[1]);
+                for (o, ix) in idx.iter().enumerate() {
+                    let nat = _mm512_permutex2var_epi32(v0, *ix, v1);
+                    let at = tile_at((c0 - k0) / 32 + o, r);
+                    _mm512_storeu_si512(dst.add(at) as *mut _, nat);
+                }
+            }
+        }
+    }
+}
+
+/// A panel's sums, `[rows, tokens]` in `acc` (32 rows of `tpad`), written as the result's
+/// `[tokens, rows]` for its `nr` rows and `t` tokens, 16 × 16 at a time.
+///
+/// # Safety
+/// AVX-512 F; `out` writable for `nr` rows of `t` tokens.
+#[inline(always)]
+unsafe fn emit(acc: &[f32], tpad: usize, nr: usize, t: usize, out: OutRows) {
+    assert!(acc.len() >= PANEL_ROWS * tpad && nr <= PANEL_ROWS && t <= tpad);
+    for rg in 0..nr.div_ceil(16) {
+        let live = nr - 16 * rg;
+        let mask: __mmask16 = if live >= 16 { !0 } else { (1u16 << live) - 1 };
+        for tg in 0..tpad / 16 {
+            let block: [__m512i; 16] = std::array::from_fn(|m| {
+                // SAFETY: row 16·rg + m < 32 and tokens 16·tg.. are inside `acc` (asserted).
+                unsafe {
+                    _mm512_loadu_si512(acc.as_ptr().add((16 * rg + m) * tpad + 16 * tg) as *const _)
+                }
+            });
+            // SAFETY: AVX-512 F.
+            let by_token = unsafe { transpose16(block) };
+            for (i, v) in by_token.iter().enumerate() {
+                let j = 16 * tg + i;
+                if j >= t {
+                    break;
+                }
+                // SAFETY: rows 16·rg .. 16·rg + live of token j are in `out` (the caller's
+                // guarantee); the mask writes no others.
+                unsafe { _mm512_mask_storeu_ps(out.at(16 * rg, j), mask, _mm512_castsi512_ps(*v)) };
+            }
+        }
+    }
 }
 
 /// A 16 × 16 tile of sums, aligned for the tile store.
