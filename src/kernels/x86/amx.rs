@@ -373,14 +373,10 @@ unsafe fn run_fp8<S: Source>(
     let t = x.t;
     let groups = t.div_ceil(16);
     let tpad = 16 * groups;
-    let natural = natural_order::<S>();
-    // SAFETY: 16 integers each.
-    let idx = unsafe {
-        [
-            _mm512_loadu_si512(natural[0].as_ptr() as *const _),
-            _mm512_loadu_si512(natural[1].as_ptr() as *const _),
-        ]
-    };
+    // The activations with their column pairs in the order the widening leaves the weights'
+    // (each chunk's two vectors as they come, no permute), whole chunks, zero-padded.
+    let xp = widened_order::<S>(x, k);
+    let per_group = k.next_multiple_of(64) / 2 * 32;
     // Per 32-column step of the block: tile rows 0–15, then 16–31, each 16 × 32 values.
     let mut blk = vec![0u16; 2 * PANEL_ROWS * kc];
     let blk_ptr = blk.as_mut_ptr();
@@ -398,7 +394,7 @@ unsafe fn run_fp8<S: Source>(
         let next_rows = PANEL_ROWS.min(rows.end - n1);
         acc.fill(0.0);
         // SAFETY: rows n0..n0 + nr exist; block 0 lies in the buffer's first half.
-        unsafe { widen_block(s, &idx, w, k, n0, nr, 0, kc, next, next_rows, half(0)) };
+        unsafe { widen_block(s, w, k, n0, nr, 0, kc, next, next_rows, half(0)) };
         for kb in 0..kblocks {
             let k0 = kb * kc;
             let kw = kc.min(k - k0);
@@ -410,7 +406,6 @@ unsafe fn run_fp8<S: Source>(
                 unsafe {
                     widen_block(
                         s,
-                        &idx,
                         w,
                         k,
                         n0,
@@ -427,17 +422,18 @@ unsafe fn run_fp8<S: Source>(
             for tg in (0..groups).step_by(2) {
                 let two = tg + 1 < groups;
                 let sums = acc.as_mut_ptr().wrapping_add(16 * tg);
-                // SAFETY: the weight tiles are inside the block buffer (steps below kw / 32
-                // rounded up, each 2 KiB); the activation tiles read pairs k0/2 ..
-                // k0/2 + 16·steps of groups tg (and tg + 1 if `two`), inside `x`; the sums
-                // are the panel's rows 0..32 × tokens 16·tg .. 16·tg + 32 of `acc` (16 if
-                // not `two`).
+                // SAFETY: the weight tiles are inside the block buffer (two steps of 2 KiB
+                // per chunk of the block); the activation tiles read pairs k0/2 ..
+                // k0/2 + 16·steps of groups tg (and tg + 1 if `two`), inside `xp` (whole
+                // chunks); the sums are the panel's rows 0..32 × tokens 16·tg .. 16·tg + 32
+                // of `acc` (16 if not `two`).
                 unsafe {
                     zero_sums();
                     let a = blk_kb as *const u8;
-                    let b0 = x.group(tg).wrapping_add(k0 / 2 * 32) as *const u8;
-                    let b1 = x.group(tg + 1).wrapping_add(k0 / 2 * 32) as *const u8;
-                    for st in 0..kw.div_ceil(32) {
+                    let b0 = xp.as_ptr().wrapping_add(tg * per_group + k0 / 2 * 32) as *const u8;
+                    let b1 =
+                        xp.as_ptr().wrapping_add((tg + 1) * per_group + k0 / 2 * 32) as *const u8;
+                    for st in 0..2 * kw.div_ceil(64) {
                         let a0 = a.wrapping_add(2 * tile_at(st, 0));
                         let (b0, b1) = (b0.wrapping_add(1024 * st), b1.wrapping_add(1024 * st));
                         step(a0, a0.wrapping_add(1024), 64, b0, b1, two);
@@ -477,8 +473,8 @@ fn tile_at(st: usize, r: usize) -> usize {
 }
 
 /// Columns `k0..k0 + kc` (within `k`) of rows `n0..n0 + nr` of the FP8 matrix at `w`, widened
-/// into `dst` in [`tile_at`] order (rows past `nr` zero), each chunk's columns put back in
-/// natural order by `idx`. One line of the next panel (`next`, `next_rows` rows) is
+/// into `dst` in [`tile_at`] order (rows past `nr` zero), vector `h` of each chunk as step
+/// `2·chunk + h`, its columns in the order `S` leaves them ([`widened_order`]). One line of the next panel (`next`, `next_rows` rows) is
 /// prefetched per chunk, at the same place in its rows.
 ///
 /// # Safety
@@ -488,7 +484,6 @@ fn tile_at(st: usize, r: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 unsafe fn widen_block<S: Source>(
     s: &S,
-    idx: &[__m512i; 2],
     w: *const u8,
     k: usize,
     n0: usize,
@@ -509,7 +504,7 @@ unsafe fn widen_block<S: Source>(
             }
             // SAFETY: a whole chunk within row r, or its partial last one through a zeroed
             // copy (rows past `nr` are zeros); the two stores land in `dst` (step
-            // (c0 - k0) / 32 + o < kc / 32, row r < 32).
+            // (c0 - k0) / 32 + h < kc / 32, row r < 32).
             unsafe {
                 let v = if r >= nr {
                     [std::mem::zeroed(), std::mem::zeroed()]
@@ -518,16 +513,39 @@ unsafe fn widen_block<S: Source>(
                 } else {
                     tail(s, row.wrapping_add(c0), k - c0)
                 };
-                let v0 = std::mem::transmute::<__m512bh, __m512i>(v[0]);
-                let v1 = std::mem::transmute::<__m512bh, __m512i>(v[1]);
-                for (o, ix) in idx.iter().enumerate() {
-                    let nat = _mm512_permutex2var_epi32(v0, *ix, v1);
-                    let at = tile_at((c0 - k0) / 32 + o, r);
-                    _mm512_storeu_si512(dst.add(at) as *mut _, nat);
+                for (h, v) in v.iter().enumerate() {
+                    let at = tile_at((c0 - k0) / 32 + h, r);
+                    _mm512_storeu_si512(dst.add(at) as *mut _, std::mem::transmute(*v));
                 }
             }
         }
     }
+}
+
+/// `x`'s activations with each chunk's 32 column pairs in the order a widened chunk of `S`
+/// holds them: per token group, per 64-column chunk, row `16·h + q` is pair `S::pair(h, q)`
+/// of the chunk, zero past the last column. Copying these 64-byte rows once per call
+/// replaces a permute of every widened weight vector.
+fn widened_order<S: Source>(x: &VnniActs, k: usize) -> Vec<u16> {
+    let chunks = k.div_ceil(64);
+    let groups = x.t.div_ceil(16);
+    let mut out = vec![0u16; groups * chunks * 32 * 32];
+    for g in 0..groups {
+        let src = &x.data[g * x.pairs * 32..(g + 1) * x.pairs * 32];
+        let dst = &mut out[g * chunks * 1024..(g + 1) * chunks * 1024];
+        for ch in 0..chunks {
+            for h in 0..2 {
+                for q in 0..16 {
+                    let p = 32 * ch + S::pair(h, q);
+                    if p < x.pairs {
+                        let at = (32 * ch + 16 * h + q) * 32;
+                        dst[at..at + 32].copy_from_slice(&src[p * 32..(p + 1) * 32]);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A panel's sums, `[rows, tokens]` in `acc` (32 rows of `tpad`), written as the result's
