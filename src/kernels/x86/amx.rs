@@ -515,7 +515,10 @@ unsafe fn widen_block<S: Source>(
                 };
                 for (h, v) in v.iter().enumerate() {
                     let at = tile_at((c0 - k0) / 32 + h, r);
-                    _mm512_storeu_si512(dst.add(at) as *mut _, std::mem::transmute(*v));
+                    _mm512_storeu_si512(
+                        dst.add(at) as *mut _,
+                        std::mem::transmute::<__m512bh, __m512i>(*v),
+                    );
                 }
             }
         }
