@@ -98,9 +98,9 @@ struct Rounded {
 /// An f32 input's address, length and columns.
 #[cfg(target_arch = "x86_64")]
 type ActsKey = (usize, usize, usize);
-/// An f32 input and a run of its tokens.
+/// An f32 input, a run of its tokens, and the pair order of the kernel that reads them.
 #[cfg(target_arch = "x86_64")]
-type RunKey = (ActsKey, Range<usize>);
+type RunKey = (ActsKey, Range<usize>, super::x86::amx::PairOrder);
 /// Nothing is rounded without the x86 kernels.
 #[cfg(not(target_arch = "x86_64"))]
 #[derive(Default)]
@@ -126,13 +126,14 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
             runs.iter()
                 .map(|(span, bulk)| {
                     bulk.then(|| {
-                        let key = (key, span.clone());
+                        let order = amx::pair_order(w);
+                        let key = (key, span.clone(), order);
                         if let Some((_, a)) = rounded.vnni.iter().find(|(k, _)| *k == key) {
                             return a.clone();
                         }
                         let xs = &x[span.start * w.cols..span.end * w.cols];
                         // SAFETY: `isa::amx()` implies `bf16_dot()`: AVX-512 F, BW, BF16.
-                        let a = Arc::new(unsafe { amx::vnni_acts(xs, span.len(), w.cols) });
+                        let a = Arc::new(unsafe { amx::vnni_acts(xs, span.len(), w.cols, order) });
                         rounded.vnni.push((key, a.clone()));
                         a
                     })

@@ -102,8 +102,31 @@ pub struct VnniActs {
     data: Vec<u16>,
     /// Tokens.
     pub t: usize,
-    /// Column pairs per token group (the columns padded to a multiple of 32).
+    /// Column pairs per token group (the columns padded to a multiple of 32, or of 64 for
+    /// the FP8 orders).
     pairs: usize,
+    order: PairOrder,
+}
+
+/// The order of the column pairs in [`VnniActs`]: the matrix's own (BF16 weights, read in
+/// place), or per 64-column chunk the order in which the FP8 widening leaves a chunk's pairs
+/// (`Source::pair`), so that the widened weights are used without a permute.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PairOrder {
+    Natural,
+    /// Table and GFNI widenings.
+    Lookup,
+    /// Arithmetic widening (CPUs without VBMI).
+    Arith,
+}
+
+/// The pair order [`rows`] needs for `w`'s activations on this CPU.
+pub fn pair_order(w: &Matrix) -> PairOrder {
+    match w.data {
+        MatrixData::Fp8 { .. } if super::super::isa::vbmi() => PairOrder::Lookup,
+        MatrixData::Fp8 { .. } => PairOrder::Arith,
+        _ => PairOrder::Natural,
+    }
 }
 
 impl VnniActs {
@@ -112,12 +135,27 @@ impl VnniActs {
     }
 }
 
-/// `x` (`[t, k]`) rounded to bfloat16 and laid out as [`VnniActs`].
+/// `x` (`[t, k]`) rounded to bfloat16 and laid out as [`VnniActs`], its pairs in `order`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn vnni_acts(x: &[f32], t: usize, k: usize) -> VnniActs {
+pub unsafe fn vnni_acts(x: &[f32], t: usize, k: usize, order: PairOrder) -> VnniActs {
+    // SAFETY: the same features.
+    let natural = unsafe { natural_acts(x, t, k) };
+    match order {
+        PairOrder::Natural => natural,
+        PairOrder::Lookup => widened_order::<Lookup>(&natural, k, order),
+        PairOrder::Arith => widened_order::<Arith>(&natural, k, order),
+    }
+}
+
+/// [`vnni_acts`] in the matrix's order.
+///
+/// # Safety
+/// As for [`vnni_acts`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn natural_acts(x: &[f32], t: usize, k: usize) -> VnniActs {
     assert!(x.len() >= t * k);
     let pairs = k.next_multiple_of(32) / 2;
     let groups = t.div_ceil(16);
@@ -159,7 +197,12 @@ pub unsafe fn vnni_acts(x: &[f32], t: usize, k: usize) -> VnniActs {
             }
         }
     }
-    VnniActs { data, t, pairs }
+    VnniActs {
+        data,
+        t,
+        pairs,
+        order: PairOrder::Natural,
+    }
 }
 
 /// `out[r - rows.start, j] = Σ_k x[j, k] · W[r, k]` for `r` in `rows`, `j < x.t`.
@@ -171,7 +214,9 @@ pub unsafe fn vnni_acts(x: &[f32], t: usize, k: usize) -> VnniActs {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn rows(x: &VnniActs, w: &Matrix, rows: Range<usize>, out: OutRows) {
     let k = w.cols;
-    assert!(rows.end <= w.rows && x.pairs == k.next_multiple_of(32) / 2);
+    let order = pair_order(w);
+    let width = if order == PairOrder::Natural { 32 } else { 64 };
+    assert!(rows.end <= w.rows && x.order == order && x.pairs == k.next_multiple_of(width) / 2);
     match &w.data {
         MatrixData::Bf16(d) => {
             let d = d.as_slice();
@@ -373,10 +418,9 @@ unsafe fn run_fp8<S: Source>(
     let t = x.t;
     let groups = t.div_ceil(16);
     let tpad = 16 * groups;
-    // The activations with their column pairs in the order the widening leaves the weights'
-    // (each chunk's two vectors as they come, no permute), whole chunks, zero-padded.
-    let xp = widened_order::<S>(x, k);
-    let per_group = k.next_multiple_of(64) / 2 * 32;
+    // The activations' pairs are in the order the widening leaves the weights' (each chunk's
+    // two vectors as they come, no permute), whole chunks, zero-padded.
+    debug_assert!(x.order != PairOrder::Natural && x.pairs == k.next_multiple_of(64) / 2);
     // Per 32-column step of the block: tile rows 0–15, then 16–31, each 16 × 32 values.
     let mut blk = vec![0u16; 2 * PANEL_ROWS * kc];
     let blk_ptr = blk.as_mut_ptr();
@@ -424,15 +468,14 @@ unsafe fn run_fp8<S: Source>(
                 let sums = acc.as_mut_ptr().wrapping_add(16 * tg);
                 // SAFETY: the weight tiles are inside the block buffer (two steps of 2 KiB
                 // per chunk of the block); the activation tiles read pairs k0/2 ..
-                // k0/2 + 16·steps of groups tg (and tg + 1 if `two`), inside `xp` (whole
+                // k0/2 + 16·steps of groups tg (and tg + 1 if `two`), inside `x` (whole
                 // chunks); the sums are the panel's rows 0..32 × tokens 16·tg .. 16·tg + 32
                 // of `acc` (16 if not `two`).
                 unsafe {
                     zero_sums();
                     let a = blk_kb as *const u8;
-                    let b0 = xp.as_ptr().wrapping_add(tg * per_group + k0 / 2 * 32) as *const u8;
-                    let b1 =
-                        xp.as_ptr().wrapping_add((tg + 1) * per_group + k0 / 2 * 32) as *const u8;
+                    let b0 = x.group(tg).wrapping_add(k0 / 2 * 32) as *const u8;
+                    let b1 = x.group(tg + 1).wrapping_add(k0 / 2 * 32) as *const u8;
                     for st in 0..2 * kw.div_ceil(64) {
                         let a0 = a.wrapping_add(2 * tile_at(st, 0));
                         let (b0, b1) = (b0.wrapping_add(1024 * st), b1.wrapping_add(1024 * st));
@@ -525,11 +568,11 @@ unsafe fn widen_block<S: Source>(
     }
 }
 
-/// `x`'s activations with each chunk's 32 column pairs in the order a widened chunk of `S`
-/// holds them: per token group, per 64-column chunk, row `16·h + q` is pair `S::pair(h, q)`
-/// of the chunk, zero past the last column. Copying these 64-byte rows once per call
-/// replaces a permute of every widened weight vector.
-fn widened_order<S: Source>(x: &VnniActs, k: usize) -> Vec<u16> {
+/// `x`'s activations (in the matrix's order) with each chunk's 32 column pairs in the order a
+/// widened chunk of `S` holds them: per token group, per 64-column chunk, row `16·h + q` is
+/// pair `S::pair(h, q)` of the chunk, zero past the last column. Reordering these 64-byte rows
+/// once per product saves a permute of every widened weight vector.
+fn widened_order<S: Source>(x: &VnniActs, k: usize, order: PairOrder) -> VnniActs {
     let chunks = k.div_ceil(64);
     let groups = x.t.div_ceil(16);
     let mut out = vec![0u16; groups * chunks * 32 * 32];
@@ -548,7 +591,12 @@ fn widened_order<S: Source>(x: &VnniActs, k: usize) -> Vec<u16> {
             }
         }
     }
-    out
+    VnniActs {
+        data: out,
+        t: x.t,
+        pairs: chunks * 32,
+        order,
+    }
 }
 
 /// A panel's sums, `[rows, tokens]` in `acc` (32 rows of `tpad`), written as the result's
