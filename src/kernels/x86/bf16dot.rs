@@ -312,14 +312,31 @@ unsafe fn widen_row<S: Source>(s: &S, p: *const u8, k: usize, dst: *mut u16) {
 /// The partial last chunk of a row (`n` < a chunk's columns at `p`): copied into a zeroed
 /// buffer first (all-zero bits are 0.0 in every dtype), then as [`Source::chunk`].
 ///
+/// The copy is two masked vector loads, not `copy_nonoverlapping`: that became a call to
+/// `memcpy`, and a call clobbers every vector register, so the streaming loops that contain
+/// this (cold) path kept their accumulators on the stack on the hot path too.
+///
 /// # Safety
 /// As for [`Source::chunk`], with `n · ELEM` readable bytes at `p`.
 #[inline(always)]
 pub(super) unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh; 2] {
+    let bytes = n * S::ELEM;
+    let mask = |from: usize| -> __mmask64 {
+        match bytes.saturating_sub(from) {
+            0 => 0,
+            b if b >= 64 => !0,
+            b => (1u64 << b) - 1,
+        }
+    };
     let mut tmp = [0u8; 128];
-    // SAFETY: n < 32 · VECS columns of at most 2 bytes fit the 128-byte buffer.
+    // SAFETY: n < 32 · VECS columns of at most 2 bytes: below 128 bytes, all of them
+    // readable at p (the caller's guarantee); the masks keep the loads to those bytes, and
+    // masked-off bytes are neither read nor faulted on.
     unsafe {
-        std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), n * S::ELEM);
+        for h in 0..2 {
+            let v = _mm512_maskz_loadu_epi8(mask(64 * h), p.wrapping_add(64 * h) as *const i8);
+            _mm512_storeu_si512(tmp.as_mut_ptr().add(64 * h) as *mut _, v);
+        }
         s.chunk(tmp.as_ptr())
     }
 }
