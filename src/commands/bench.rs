@@ -1,12 +1,15 @@
 //! `qnext bench`: prompt processing (pp) and generation (tg) throughput, like `llama-bench`,
 //! plus the bytes of weights read per generated token and the bandwidth that implies.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use qnext::cache::{SeqCache, Snapshot};
 use qnext::model::{Model, SeqInput, Want};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// The read-bandwidth probe's buffer: far larger than any cache.
+const PROBE_BYTES: usize = 4 << 30;
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -29,7 +32,9 @@ pub struct Args {
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Also measure the memory read bandwidth (4 GiB buffer, best of 10) to compare with.
+    /// Also measure the memory read bandwidth (4 GiB buffer, best of at least 10 rounds) to
+    /// compare with. With generation, the probe runs before each timed generation and after
+    /// the last, and each run is also compared with the better probe beside it.
     #[arg(long)]
     read_bandwidth: bool,
     #[command(flatten)]
@@ -293,15 +298,41 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         if a.prompt_tokens > 0 {
             let s = pp(&model, a.prompt_tokens, 100 + r as u64)?;
             pps.push(a.prompt_tokens as f64 / s);
+            if verbose {
+                eprintln!("repeat {r}: pp {:.2} tokens/s", pps[r]);
+            }
         }
+    }
+    // Every kind of work has run by now, so this is the engine's peak; read before the
+    // probe's buffer exists, which is not the engine's memory.
+    let rss = qnext::procfs::kb_field("/proc/self/status", "VmHWM:").unwrap_or(0);
+    // What `--load hugepages` obtained.
+    let huge = qnext::procfs::kb_field("/proc/self/smaps_rollup", "AnonHugePages:").unwrap_or(0);
+    // With `--read-bandwidth` and generation, the probe runs before each timed generation
+    // and after the last, so each run has a probe on either side of it in time.
+    let probe = if a.read_bandwidth && at_depth.is_some() {
+        Some(
+            qnext::kernels::bandwidth::Probe::new(PROBE_BYTES)
+                .context("could not map the read-bandwidth probe's buffer")?,
+        )
+    } else {
+        None
+    };
+    // At least 10 rounds in all, as for a probe taken once.
+    let probe_rounds = 10usize.div_ceil(a.repeat + 1).max(3);
+    let mut probes = Vec::new();
+    for r in 0..a.repeat {
         if let Some(p) = at_zero.as_mut() {
             tg0s.push(a.gen_tokens as f64 / decode(&model, p, a.gen_tokens)?);
         }
         if let Some(p) = at_depth.as_mut() {
+            if let Some(probe) = &probe {
+                probes.push(probe.best_of(probe_rounds) / 1e9);
+            }
             tgs.push(a.gen_tokens as f64 / decode(&model, p, a.gen_tokens)?);
-        }
-        if verbose {
-            eprintln!("repeat {r}: pp {:?} tg {:?}", pps.last(), tgs.last());
+            if verbose {
+                eprintln!("repeat {r}: tg {:.2} tokens/s", tgs[r]);
+            }
         }
     }
     // Per round, tg at depth over tg at depth 0 measured just before it; the median of those.
@@ -322,14 +353,27 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     // The caches' own traffic per generated token, at the requested depth.
     let state_bytes = at_depth.as_ref().map_or(0, |p| p.snap_traffic);
     let memory_gbps = (token_bytes + state_bytes) as f64 * tg_tps / 1e9;
-    let rss = qnext::procfs::kb_field("/proc/self/status", "VmHWM:").unwrap_or(0);
-    // What `--load hugepages` obtained.
-    let huge = qnext::procfs::kb_field("/proc/self/smaps_rollup", "AnonHugePages:").unwrap_or(0);
-    let bw = if a.read_bandwidth {
-        qnext::kernels::bandwidth::read_bandwidth(4 << 30, 10) / 1e9
+    if let Some(probe) = &probe {
+        probes.push(probe.best_of(probe_rounds) / 1e9);
+    }
+    drop(probe);
+    let bw = if !probes.is_empty() {
+        probes.iter().copied().fold(0.0, f64::max)
+    } else if a.read_bandwidth {
+        qnext::kernels::bandwidth::read_bandwidth(PROBE_BYTES, 10) / 1e9
     } else {
         0.0
     };
+    // Per generation run, its GB/s over the better of the probes just before and just after
+    // it; the median of those.
+    let adjacent_fraction = (probes.len() == tgs.len() + 1 && !tgs.is_empty()).then(|| {
+        median(
+            tgs.iter()
+                .enumerate()
+                .map(|(r, tg)| token_bytes as f64 * tg / 1e9 / probes[r].max(probes[r + 1]))
+                .collect(),
+        )
+    });
     if a.json {
         let out = serde_json::json!({
             "model": a.model.display().to_string(),
@@ -357,7 +401,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             "precision": format!("{:?}", model.precision).to_lowercase(),
             "lm_head": format!("{:?}", a.precision.lm_head).to_lowercase(),
             "read_bandwidth_gb_per_s": bw,
+            "read_bandwidth_runs": probes,
             "bandwidth_fraction": if bw > 0.0 { gbps / bw } else { 0.0 },
+            "bandwidth_fraction_adjacent": adjacent_fraction,
             "memory_bandwidth_fraction": if bw > 0.0 { memory_gbps / bw } else { 0.0 },
         });
         println!("{out}");
@@ -395,6 +441,14 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
                 "read bw    {bw:.1} GB/s measured; tg reaches {:.0}% of it ({:.0}% with the state)",
                 100.0 * gbps / bw,
                 100.0 * memory_gbps / bw
+            );
+        }
+        if let Some(f) = adjacent_fraction {
+            let runs: Vec<String> = probes.iter().map(|p| format!("{p:.1}")).collect();
+            println!(
+                "           probes between the tg runs: {} GB/s; each run against the better probe beside it: {:.0}% (median)",
+                runs.join(", "),
+                100.0 * f
             );
         }
     }
