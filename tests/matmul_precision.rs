@@ -57,13 +57,7 @@ fn fp8_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
     Matrix {
         rows,
         cols,
-        data: MatrixData::Fp8 {
-            w: Elems::Owned(w),
-            scales,
-            block_n: 128,
-            block_k: 128,
-            code: ByteCode::E4m3,
-        },
+        data: MatrixData::fp8(Elems::Owned(w), scales, 128, 128, ByteCode::E4m3),
     }
 }
 
@@ -87,6 +81,7 @@ fn weight(w: &Matrix, r: usize, c: usize) -> (f32, f32) {
             block_n,
             block_k,
             code,
+            ..
         } => {
             let sc = w.cols.div_ceil(*block_k);
             let b = q.as_slice()[r * w.cols + c];

@@ -49,7 +49,32 @@ pub enum MatrixData {
         block_n: usize,
         block_k: usize,
         code: ByteCode,
+        /// Made on first use by the one-token kernel of e4m3 weights on x86 with GFNI
+        /// (`kernels::x86::fp8dot`): per group of 8 rows and chunk of 64 columns, one bit, set
+        /// where a byte there has a zero exponent field (e4m3 zero or subnormal), which that
+        /// kernel's widening cannot take; chunks without one skip its per-chunk test.
+        zero_exponent: std::sync::OnceLock<Vec<u64>>,
     },
+}
+
+impl MatrixData {
+    /// 8-bit weights with one scale per `block_n × block_k` block.
+    pub fn fp8(
+        w: Elems<u8>,
+        scales: Vec<f32>,
+        block_n: usize,
+        block_k: usize,
+        code: ByteCode,
+    ) -> MatrixData {
+        MatrixData::Fp8 {
+            w,
+            scales,
+            block_n,
+            block_k,
+            code,
+            zero_exponent: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 pub struct Matrix {
@@ -86,13 +111,7 @@ impl Matrix {
                 let sn = rows.div_ceil(q.block_n);
                 let sk = cols.div_ceil(q.block_k);
                 s.expect_shape(&[sn, sk])?;
-                MatrixData::Fp8 {
-                    w: t.elems(),
-                    scales: s.to_f32()?,
-                    block_n: q.block_n,
-                    block_k: q.block_k,
-                    code: ByteCode::E4m3,
-                }
+                MatrixData::fp8(t.elems(), s.to_f32()?, q.block_n, q.block_k, ByteCode::E4m3)
             }
             other => bail!(
                 "tensor `{name}` in {} has dtype {}, expected F32, BF16, F16 or F8_E4M3",
@@ -181,6 +200,7 @@ impl Matrix {
                 block_n,
                 block_k,
                 code,
+                ..
             } => {
                 let row = &w.as_slice()[span];
                 let srow = &scales[(r / block_n) * k.div_ceil(*block_k)..];
@@ -244,13 +264,13 @@ impl Matrix {
         Matrix {
             rows,
             cols,
-            data: MatrixData::Fp8 {
-                w: Elems::Owned(w),
+            data: MatrixData::fp8(
+                Elems::Owned(w),
                 scales,
-                block_n: block,
-                block_k: block,
-                code: ByteCode::SignMagnitude,
-            },
+                block,
+                block,
+                ByteCode::SignMagnitude,
+            ),
         }
     }
 }

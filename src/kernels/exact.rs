@@ -302,6 +302,7 @@ pub unsafe fn rows_with<V: Vector>(
                 block_n,
                 block_k,
                 code,
+                ..
             } => {
                 let q = q.as_slice();
                 assert!(q.len() >= w.rows * cols);

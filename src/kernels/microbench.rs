@@ -53,17 +53,17 @@ pub fn matvec_bandwidth(
 pub fn synthetic(rows: usize, cols: usize, fp8: bool, seed: usize) -> Matrix {
     let n = rows * cols;
     let data = if fp8 {
-        MatrixData::Fp8 {
-            w: Elems::Owned(
+        MatrixData::fp8(
+            Elems::Owned(
                 (0..n)
                     .map(|i| ((i * 7 + seed) % 251) as u8 & 0xB7 | 0x08)
                     .collect(),
             ),
-            scales: vec![0.01; rows.div_ceil(128) * cols.div_ceil(128)],
-            block_n: 128,
-            block_k: 128,
-            code: crate::checkpoint::ByteCode::E4m3,
-        }
+            vec![0.01; rows.div_ceil(128) * cols.div_ceil(128)],
+            128,
+            128,
+            crate::checkpoint::ByteCode::E4m3,
+        )
     } else {
         MatrixData::Bf16(Elems::Owned(
             (0..n)

@@ -46,6 +46,16 @@ pub(super) trait Source {
     /// AVX-512 F/BW/BF16 (and whatever the implementation names); `32 · VECS · ELEM` bytes
     /// readable at `p`.
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2];
+    /// [`Source::chunk`] for a chunk known to hold no byte with a zero exponent field (see
+    /// `MatrixData::Fp8::zero_exponent`), for widenings that test for those.
+    ///
+    /// # Safety
+    /// As for [`Source::chunk`].
+    #[inline(always)]
+    unsafe fn chunk_normal(&self, p: *const u8) -> [__m512bh; 2] {
+        // SAFETY: forwarded.
+        unsafe { self.chunk(p) }
+    }
     /// The column pair (columns `2p`, `2p + 1` of the chunk) in 32-bit word `q` of vector
     /// `h` of a chunk.
     fn pair(h: usize, q: usize) -> usize {
@@ -156,6 +166,7 @@ pub unsafe fn rows(
             rows,
             out,
             then,
+            &[],
         )
     }
 }
@@ -182,6 +193,7 @@ pub(super) unsafe fn run<S: Source>(
     rows: Range<usize>,
     out: OutRows,
     then: *const u8,
+    zero_exponent: &[u64],
 ) {
     let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
@@ -199,8 +211,12 @@ pub(super) unsafe fn run<S: Source>(
                 let o = out.at(r - rows.start, 0);
                 let p = w.wrapping_add(r * k * S::ELEM);
                 let next = after(r, ONE_TOKEN_ROWS);
+                // This tile's bits of `zero_exponent`, where it is one of the 8-row groups.
+                let chunks = k.div_ceil(32 * S::VECS);
+                let flags = (r.is_multiple_of(ONE_TOKEN_ROWS) && !zero_exponent.is_empty())
+                    .then(|| (zero_exponent, r / ONE_TOKEN_ROWS * chunks));
                 // SAFETY: rows r..r+8 exist, x has one padded row, o has 8 rows.
-                unsafe { one_token_tile(s, p, k, x, o, out.ts, next) };
+                unsafe { one_token_tile(s, p, k, x, o, out.ts, next, flags) };
                 r += ONE_TOKEN_ROWS;
                 continue;
             }
@@ -388,7 +404,7 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
             let p = w.wrapping_add(i * row_bytes + c * S::ELEM);
             let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes);
             // SAFETY: row i has its chunk (or its last, partial one) at p.
-            let v = unsafe { streamed_chunk(s, p, k - c, ahead) };
+            let v = unsafe { streamed_chunk::<S, false>(s, p, k - c, ahead) };
             for h in 0..S::VECS {
                 for j in 0..T {
                     let a = if hold { held[j][h] } else { xv(j, c + 32 * h) };
@@ -414,10 +430,13 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
 /// rounds, one process) and the products alone went from 0.84 to 0.88 of a plain read. The
 /// Zen 5 cores this was first tuned on were not measured with it.
 ///
+/// `NORMAL`: widened with [`Source::chunk_normal`].
+///
 /// # Safety
-/// As for [`Source::chunk`] when `left` ≥ a chunk's columns, else `left` readable weights.
+/// As for [`Source::chunk`] when `left` ≥ a chunk's columns, else `left` readable weights;
+/// with `NORMAL`, as for [`Source::chunk_normal`].
 #[inline(always)]
-unsafe fn streamed_chunk<S: Source>(
+unsafe fn streamed_chunk<S: Source, const NORMAL: bool>(
     s: &S,
     p: *const u8,
     left: usize,
@@ -429,8 +448,15 @@ unsafe fn streamed_chunk<S: Source>(
         if chunk_bytes > 64 {
             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64) as *const i8);
         }
-        // SAFETY: a whole chunk at p (the caller's guarantee).
-        unsafe { s.chunk(p) }
+        // SAFETY: a whole chunk at p (the caller's guarantee, and for `NORMAL` its bytes'
+        // exponents).
+        unsafe {
+            if NORMAL {
+                s.chunk_normal(p)
+            } else {
+                s.chunk(p)
+            }
+        }
     } else {
         // SAFETY: `left` weights at p (the caller's guarantee).
         unsafe { tail(s, p, left) }
@@ -448,9 +474,15 @@ const ONE_TOKEN_ROWS: usize = 8;
 /// both threads, when memory is fast: 57–59 → 60–62 GB/s. BF16 rows (one `vdpbf16ps` per
 /// chunk, twice the bytes) were slower with eight rows (114 → 98 GB/s from L2) and keep four.
 ///
+/// `zero_exponent`, where known: the matrix's bits (see `MatrixData::Fp8::zero_exponent`) and
+/// the index of this tile's first chunk among them. A chunk step whose bit is clear widens
+/// its 8 rows with [`Source::chunk_normal`].
+///
 /// # Safety
 /// As for [`run`], for rows `0..8` at `w` and one token at `x`; `out + i·1`, `i < 8`
-/// writable (`ts` as for [`store_tile`]). `next` is only prefetched.
+/// writable (`ts` as for [`store_tile`]). `next` is only prefetched. The bits, if given,
+/// describe these rows' bytes.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn one_token_tile<S: Source>(
     s: &S,
@@ -460,6 +492,7 @@ unsafe fn one_token_tile<S: Source>(
     out: *mut f32,
     ts: usize,
     next: *const u8,
+    zero_exponent: Option<(&[u64], usize)>,
 ) {
     let ch = 32 * S::VECS;
     let row_bytes = k * S::ELEM;
@@ -474,14 +507,27 @@ unsafe fn one_token_tile<S: Source>(
     while c < k {
         let a = [xv(c), xv(c + 32 * (S::VECS - 1))];
         let off = c * S::ELEM;
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let p = if i < 4 { w0 } else { w4 }.wrapping_add((i % 4) * row_bytes + off);
-            let ahead = next.wrapping_add(ONE_TOKEN_ROWS * off + i * chunk_bytes);
-            // SAFETY: row i has its chunk (or its last, partial one) at p.
-            let v = unsafe { streamed_chunk(s, p, k - c, ahead) };
-            for h in 0..S::VECS {
-                *acc = _mm512_dpbf16_ps(*acc, v[h], a[h]);
-            }
+        let normal = zero_exponent.is_some_and(|(bits, first)| {
+            let b = first + c / ch;
+            c + ch <= k && bits.get(b / 64).is_some_and(|w| w >> (b % 64) & 1 == 0)
+        });
+        macro_rules! step {
+            ($normal:literal) => {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let p = if i < 4 { w0 } else { w4 }.wrapping_add((i % 4) * row_bytes + off);
+                    let ahead = next.wrapping_add(ONE_TOKEN_ROWS * off + i * chunk_bytes);
+                    // SAFETY: row i has its chunk (or its last, partial one) at p.
+                    let v = unsafe { streamed_chunk::<S, $normal>(s, p, k - c, ahead) };
+                    for h in 0..S::VECS {
+                        *acc = _mm512_dpbf16_ps(*acc, v[h], a[h]);
+                    }
+                }
+            };
+        }
+        if normal {
+            step!(true);
+        } else {
+            step!(false);
         }
         c += ch;
     }
