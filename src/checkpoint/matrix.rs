@@ -3,6 +3,8 @@
 //! per weight; the matrix kernels apply the scales. The same 8-bit layout also holds qnext's
 //! own sign-magnitude integer copies of 16-bit matrices ([`Matrix::to_q8`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{bail, Result};
 
 use super::files::Checkpoint;
@@ -49,12 +51,82 @@ pub enum MatrixData {
         block_n: usize,
         block_k: usize,
         code: ByteCode,
-        /// Made on first use by the one-token kernel of e4m3 weights on x86 with GFNI
-        /// (`kernels::x86::fp8dot`): per group of 8 rows and chunk of 64 columns, one bit, set
-        /// where a byte there has a zero exponent field (e4m3 zero or subnormal), which that
-        /// kernel's widening cannot take; chunks without one skip its per-chunk test.
-        zero_exponent: std::sync::OnceLock<Vec<u64>>,
+        /// Where the bytes have a zero exponent field, as the one-token kernel of e4m3
+        /// weights on x86 with GFNI learns it (`kernels::x86::fp8dot`).
+        zero_exponent: ZeroExponent,
     },
+}
+
+/// Per group of 8 rows and chunk of 64 columns of an 8-bit matrix, whether a byte there has a
+/// zero exponent field (e4m3 zero or subnormal), which the affine widening of the one-token
+/// kernel cannot take, so that it tests every chunk for one. The kernel records what it saw
+/// the first time it read a group (it tests anyway) and skips the test in chunks without one
+/// afterwards. Every reader of a group records the same bits, so concurrent records agree.
+#[derive(Default)]
+pub struct ZeroExponent(std::sync::OnceLock<ZeroBits>);
+
+pub struct ZeroBits {
+    chunks: usize,
+    /// One bit per row group: its chunk bits are recorded.
+    known: Box<[AtomicU64]>,
+    /// Per group, `chunks` bits (group-major): the chunk has a zero exponent field.
+    zero: Box<[AtomicU64]>,
+}
+
+impl ZeroExponent {
+    /// The bits of a `rows × cols` matrix (made empty on first use).
+    pub fn bits(&self, rows: usize, cols: usize) -> &ZeroBits {
+        self.0.get_or_init(|| {
+            let (groups, chunks) = (rows.div_ceil(8), cols.div_ceil(64));
+            let words = |n: usize| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+            ZeroBits {
+                chunks,
+                known: words(groups),
+                zero: words(groups * chunks),
+            }
+        })
+    }
+}
+
+impl ZeroBits {
+    /// Whether row group `g`'s chunks are recorded (what [`ZeroBits::zero`] says of them
+    /// is then complete).
+    pub fn known(&self, g: usize) -> bool {
+        self.known
+            .get(g / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) >> (g % 64) & 1 == 1)
+    }
+
+    /// Whether chunk `c` of row group `g` has a zero exponent field (once known).
+    pub fn zero(&self, g: usize, c: usize) -> bool {
+        let b = g * self.chunks + c;
+        self.zero
+            .get(b / 64)
+            .is_none_or(|w| w.load(Ordering::Relaxed) >> (b % 64) & 1 == 1)
+    }
+
+    /// Records chunks `c0 + i` of row group `g` for the set bits `i` of `mask` as having a zero
+    /// exponent field.
+    pub fn record(&self, g: usize, c0: usize, mask: u64) {
+        let mut m = mask;
+        while m != 0 {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if c0 + i < self.chunks {
+                let b = g * self.chunks + c0 + i;
+                if let Some(w) = self.zero.get(b / 64) {
+                    w.fetch_or(1 << (b % 64), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Marks row group `g` as recorded, after every [`ZeroBits::record`] of it.
+    pub fn mark_known(&self, g: usize) {
+        if let Some(w) = self.known.get(g / 64) {
+            w.fetch_or(1 << (g % 64), Ordering::Release);
+        }
+    }
 }
 
 impl MatrixData {
@@ -72,7 +144,7 @@ impl MatrixData {
             block_n,
             block_k,
             code,
-            zero_exponent: std::sync::OnceLock::new(),
+            zero_exponent: ZeroExponent::default(),
         }
     }
 }

@@ -8,5 +8,5 @@ mod view;
 pub mod writer;
 
 pub use files::{Checkpoint, LoadMode};
-pub use matrix::{ByteCode, Matrix, MatrixData};
+pub use matrix::{ByteCode, Matrix, MatrixData, ZeroBits, ZeroExponent};
 pub use view::{DType, Elems, TensorRef};

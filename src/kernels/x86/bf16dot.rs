@@ -18,7 +18,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::checkpoint::{Matrix, MatrixData};
+use crate::checkpoint::{Matrix, MatrixData, ZeroBits};
 use crate::kernels::matmul::OutRows;
 
 /// Rows per register tile.
@@ -55,6 +55,16 @@ pub(super) trait Source {
     unsafe fn chunk_normal(&self, p: *const u8) -> [__m512bh; 2] {
         // SAFETY: forwarded.
         unsafe { self.chunk(p) }
+    }
+    /// [`Source::chunk`], and whether the chunk may hold a byte with a zero exponent field
+    /// (always, for widenings that do not test for those).
+    ///
+    /// # Safety
+    /// As for [`Source::chunk`].
+    #[inline(always)]
+    unsafe fn chunk_tested(&self, p: *const u8) -> ([__m512bh; 2], bool) {
+        // SAFETY: forwarded.
+        (unsafe { self.chunk(p) }, true)
     }
     /// The column pair (columns `2p`, `2p + 1` of the chunk) in 32-bit word `q` of vector
     /// `h` of a chunk.
@@ -166,7 +176,7 @@ pub unsafe fn rows(
             rows,
             out,
             then,
-            &[],
+            None,
         )
     }
 }
@@ -193,7 +203,7 @@ pub(super) unsafe fn run<S: Source>(
     rows: Range<usize>,
     out: OutRows,
     then: *const u8,
-    zero_exponent: &[u64],
+    zero_exponent: Option<&ZeroBits>,
 ) {
     let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
@@ -211,10 +221,10 @@ pub(super) unsafe fn run<S: Source>(
                 let o = out.at(r - rows.start, 0);
                 let p = w.wrapping_add(r * k * S::ELEM);
                 let next = after(r, ONE_TOKEN_ROWS);
-                // This tile's bits of `zero_exponent`, where it is one of the 8-row groups.
-                let chunks = k.div_ceil(32 * S::VECS);
-                let flags = (r.is_multiple_of(ONE_TOKEN_ROWS) && !zero_exponent.is_empty())
-                    .then(|| (zero_exponent, r / ONE_TOKEN_ROWS * chunks));
+                // This tile's row group of `zero_exponent`, where it is one.
+                let flags = zero_exponent
+                    .filter(|_| r.is_multiple_of(ONE_TOKEN_ROWS))
+                    .map(|z| (z, r / ONE_TOKEN_ROWS));
                 // SAFETY: rows r..r+8 exist, x has one padded row, o has 8 rows.
                 unsafe { one_token_tile(s, p, k, x, o, out.ts, next, flags) };
                 r += ONE_TOKEN_ROWS;
@@ -404,7 +414,7 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
             let p = w.wrapping_add(i * row_bytes + c * S::ELEM);
             let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes);
             // SAFETY: row i has its chunk (or its last, partial one) at p.
-            let v = unsafe { streamed_chunk::<S, false>(s, p, k - c, ahead) };
+            let (v, _) = unsafe { streamed_chunk::<S, false>(s, p, k - c, ahead) };
             for h in 0..S::VECS {
                 for j in 0..T {
                     let a = if hold { held[j][h] } else { xv(j, c + 32 * h) };
@@ -430,7 +440,9 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
 /// rounds, one process) and the products alone went from 0.84 to 0.88 of a plain read. The
 /// Zen 5 cores this was first tuned on were not measured with it.
 ///
-/// `NORMAL`: widened with [`Source::chunk_normal`].
+/// `NORMAL`: widened with [`Source::chunk_normal`]. Also returns whether the chunk may hold
+/// a byte with a zero exponent field ([`Source::chunk_tested`]; never with `NORMAL`, always
+/// for a partial chunk).
 ///
 /// # Safety
 /// As for [`Source::chunk`] when `left` ≥ a chunk's columns, else `left` readable weights;
@@ -441,7 +453,7 @@ unsafe fn streamed_chunk<S: Source, const NORMAL: bool>(
     p: *const u8,
     left: usize,
     ahead: *const u8,
-) -> [__m512bh; 2] {
+) -> ([__m512bh; 2], bool) {
     let chunk_bytes = 32 * S::VECS * S::ELEM;
     if left >= 32 * S::VECS {
         _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
@@ -452,14 +464,14 @@ unsafe fn streamed_chunk<S: Source, const NORMAL: bool>(
         // exponents).
         unsafe {
             if NORMAL {
-                s.chunk_normal(p)
+                (s.chunk_normal(p), false)
             } else {
-                s.chunk(p)
+                s.chunk_tested(p)
             }
         }
     } else {
         // SAFETY: `left` weights at p (the caller's guarantee).
-        unsafe { tail(s, p, left) }
+        (unsafe { tail(s, p, left) }, true)
     }
 }
 
@@ -474,14 +486,15 @@ const ONE_TOKEN_ROWS: usize = 8;
 /// both threads, when memory is fast: 57–59 → 60–62 GB/s. BF16 rows (one `vdpbf16ps` per
 /// chunk, twice the bytes) were slower with eight rows (114 → 98 GB/s from L2) and keep four.
 ///
-/// `zero_exponent`, where known: the matrix's bits (see `MatrixData::Fp8::zero_exponent`) and
-/// the index of this tile's first chunk among them. A chunk step whose bit is clear widens
-/// its 8 rows with [`Source::chunk_normal`].
+/// `zero_exponent`: the matrix's record of zero exponent fields and this tile's row group in
+/// it, where the tile is one. Once the group is recorded, chunk steps without such a byte
+/// widen their 8 rows with [`Source::chunk_normal`]; until then, every step tests, and the
+/// tile records what it saw.
 ///
 /// # Safety
 /// As for [`run`], for rows `0..8` at `w` and one token at `x`; `out + i·1`, `i < 8`
-/// writable (`ts` as for [`store_tile`]). `next` is only prefetched. The bits, if given,
-/// describe these rows' bytes.
+/// writable (`ts` as for [`store_tile`]). `next` is only prefetched. The record, if given,
+/// is the matrix's own, and these rows are its group.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn one_token_tile<S: Source>(
@@ -492,7 +505,7 @@ unsafe fn one_token_tile<S: Source>(
     out: *mut f32,
     ts: usize,
     next: *const u8,
-    zero_exponent: Option<(&[u64], usize)>,
+    zero_exponent: Option<(&ZeroBits, usize)>,
 ) {
     let ch = 32 * S::VECS;
     let row_bytes = k * S::ELEM;
@@ -503,33 +516,46 @@ unsafe fn one_token_tile<S: Source>(
     let xv = |c: usize| -> __m512bh {
         unsafe { std::mem::transmute(_mm512_loadu_si512(x.add(c) as *const _)) }
     };
+    let known = zero_exponent.filter(|&(z, g)| z.known(g));
+    // While not known: the chunk steps (of the current 64) that saw a zero exponent field.
+    let mut seen = 0u64;
     let mut c = 0;
     while c < k {
         let a = [xv(c), xv(c + 32 * (S::VECS - 1))];
         let off = c * S::ELEM;
-        let normal = zero_exponent.is_some_and(|(bits, first)| {
-            let b = first + c / ch;
-            c + ch <= k && bits.get(b / 64).is_some_and(|w| w >> (b % 64) & 1 == 0)
-        });
+        let ci = c / ch;
+        let normal = known.is_some_and(|(z, g)| c + ch <= k && !z.zero(g, ci));
         macro_rules! step {
-            ($normal:literal) => {
+            ($normal:literal) => {{
+                let mut any = false;
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let p = if i < 4 { w0 } else { w4 }.wrapping_add((i % 4) * row_bytes + off);
                     let ahead = next.wrapping_add(ONE_TOKEN_ROWS * off + i * chunk_bytes);
                     // SAFETY: row i has its chunk (or its last, partial one) at p.
-                    let v = unsafe { streamed_chunk::<S, $normal>(s, p, k - c, ahead) };
+                    let (v, zero) = unsafe { streamed_chunk::<S, $normal>(s, p, k - c, ahead) };
+                    any |= zero;
                     for h in 0..S::VECS {
                         *acc = _mm512_dpbf16_ps(*acc, v[h], a[h]);
                     }
                 }
-            };
+                any
+            }};
         }
         if normal {
             step!(true);
-        } else {
-            step!(false);
+        } else if step!(false) {
+            seen |= 1 << (ci % 64);
         }
         c += ch;
+        if let (None, Some((z, g))) = (known, zero_exponent) {
+            if ci % 64 == 63 || c >= k {
+                z.record(g, ci - ci % 64, seen);
+                seen = 0;
+            }
+        }
+    }
+    if let (None, Some((z, g))) = (known, zero_exponent) {
+        z.mark_known(g);
     }
     let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
     // SAFETY: rows 0..8 of the one token are writable (the caller's guarantee).
