@@ -182,19 +182,13 @@ impl Source for Affine {
     }
     #[inline(always)]
     unsafe fn chunk(&self, p: *const u8) -> [__m512bh; 2] {
-        // SAFETY: 64 readable bytes at p (the caller's guarantee); GFNI and VBMI are enabled
-        // in the only entry point that builds an `Affine`.
-        unsafe {
-            let v = _mm512_loadu_si512(p as *const _);
-            if _mm512_testn_epi8_mask(v, _mm512_set1_epi8(0x78)) != 0 {
-                return self.0.widen(v);
-            }
-            affine(v)
-        }
+        // SAFETY: forwarded.
+        unsafe { self.chunk_tested(p).0 }
     }
     #[inline(always)]
     unsafe fn chunk_tested(&self, p: *const u8) -> ([__m512bh; 2], bool) {
-        // SAFETY: as for `chunk`.
+        // SAFETY: 64 readable bytes at p (the caller's guarantee); GFNI and VBMI are enabled
+        // in the only entry point that builds an `Affine`.
         unsafe {
             let v = _mm512_loadu_si512(p as *const _);
             if _mm512_testn_epi8_mask(v, _mm512_set1_epi8(0x78)) != 0 {
@@ -208,7 +202,7 @@ impl Source for Affine {
     /// as fast from L2 without it.
     #[inline(always)]
     unsafe fn chunk_normal(&self, p: *const u8) -> [__m512bh; 2] {
-        // SAFETY: as for `chunk`; every byte has a non-zero exponent field (the caller's
+        // SAFETY: as for `chunk_tested`; every byte has a non-zero exponent field (the caller's
         // guarantee), the affine maps' domain.
         unsafe { affine(_mm512_loadu_si512(p as *const _)) }
     }
