@@ -16,11 +16,13 @@ pub enum Kind {
     AttnCore,
     AttnOut,
     MoeRouter,
-    MoeExperts,
+    MoeGateUp,
+    MoeDown,
+    MoeCopies,
     LmHead,
 }
 
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 14] = [
     Kind::Embed,
     Kind::Norms,
     Kind::DeltaNetProj,
@@ -31,7 +33,9 @@ pub const KINDS: [Kind; 12] = [
     Kind::AttnCore,
     Kind::AttnOut,
     Kind::MoeRouter,
-    Kind::MoeExperts,
+    Kind::MoeGateUp,
+    Kind::MoeDown,
+    Kind::MoeCopies,
     Kind::LmHead,
 ];
 
@@ -48,14 +52,16 @@ impl Kind {
             Kind::AttnCore => "attention norm + RoPE + softmax(QK)V",
             Kind::AttnOut => "attention o_proj",
             Kind::MoeRouter => "MoE router + top-k",
-            Kind::MoeExperts => "MoE experts (routed + shared), combine",
+            Kind::MoeGateUp => "MoE experts' gate/up (routed + shared)",
+            Kind::MoeDown => "MoE experts' down (routed + shared)",
+            Kind::MoeCopies => "MoE gather, SwiGLU, combine",
             Kind::LmHead => "final norm + lm_head",
         }
     }
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+static NANOS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
 
 pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);

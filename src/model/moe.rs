@@ -126,7 +126,7 @@ impl Moe {
             }
         }
         drop(router);
-        let experts = Span::new(Kind::MoeExperts);
+        let copies = Span::new(Kind::MoeCopies);
         let mut out = vec![0.0f32; t * h];
         // Gather each selected expert's tokens, then run every gate/up projection (and the
         // shared expert's) in one dispatch, and every down projection in a second.
@@ -154,6 +154,8 @@ impl Moe {
                 }
             })
             .collect();
+        drop(copies);
+        let gate_up = Span::new(Kind::MoeGateUp);
         let mut jobs: Vec<Job> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
             let m = routes[e].len();
@@ -166,11 +168,15 @@ impl Moe {
             jobs.push(step.job(x, t, g));
         }
         let gu = products(&jobs, p);
+        drop(gate_up);
+        let copies = Span::new(Kind::MoeCopies);
         let mut hs: Vec<Vec<f32>> =
             vec![Vec::new(); active.len() + usize::from(self.shared.is_some())];
         each(&mut hs, spread, &|i, h| {
             *h = swiglu(&gu[2 * i], &gu[2 * i + 1])
         });
+        drop(copies);
+        let down = Span::new(Kind::MoeDown);
         let mut jobs: Vec<Job> = Vec::new();
         for (i, &e) in active.iter().enumerate() {
             jobs.push(Job::new(&hs[i], routes[e].len(), &self.experts[e].down).bulk(&marks[i]));
@@ -179,6 +185,8 @@ impl Moe {
             jobs.push(step.job(&hs[active.len()], t, &s.down));
         }
         let downs = products(&jobs, p);
+        drop(down);
+        let copies = Span::new(Kind::MoeCopies);
         // Each token's contributions in ascending expert order, then the shared expert's: the
         // order of additions depends only on the token's own choices.
         let k = self.top_k.min(e_count);
@@ -212,7 +220,7 @@ impl Moe {
         } else {
             combine(0, &mut out);
         }
-        drop(experts);
+        drop(copies);
         out
     }
 
