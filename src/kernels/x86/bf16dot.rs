@@ -181,11 +181,22 @@ pub unsafe fn rows(
     }
 }
 
+/// How far ahead of its reads, in bytes, a streaming tile prefetches, at least. A tile of
+/// eight FP8 rows is only 4 KiB for the experts' down projections (512 columns), about
+/// 0.3 µs of reading at decode's rate per thread: less than this machine's memory takes
+/// under load. The hardware prefetchers add little here: without the software prefetches the
+/// one-token products ran at half the speed (Emerald Rapids, 2 threads). With 16 KiB, the
+/// down projections of a decode step ran 1.07–1.12× faster from memory (alternating in one
+/// process, median of 15 pairs, in several periods). Longer rows, whose tile already spans
+/// 16 KiB or more, keep a lead of one tile: leads of 24 and 32 KiB changed them by less than
+/// the noise.
+const STREAM_LEAD: usize = 16 << 10;
+
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
 /// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[r - rows.start, j]`. `then` is
-/// the weight byte the caller reads next: while the last tile streams, the next one's
-/// addresses are prefetched from there rather than from the rows after `rows`, so that a task
-/// running from one matrix into the next keeps its loads in flight.
+/// the weight byte the caller reads next: the prefetches that run past `rows` continue from
+/// there ([`STREAM_LEAD`]), so that a task running from one matrix into the next keeps its
+/// loads in flight.
 /// Inlined into each entry point so the source's instructions get that entry's features.
 ///
 /// # Safety
@@ -208,26 +219,21 @@ pub(super) unsafe fn run<S: Source>(
     let ks = k.next_multiple_of(32 * S::VECS);
     if t <= STREAM_TOKENS {
         let mut r = rows.start;
-        // Where the tile after rows r..r+n starts.
-        let after = |r: usize, n: usize| {
-            if r + n < rows.end {
-                w.wrapping_add((r + n) * k * S::ELEM)
-            } else {
-                then
+        // Where the tile of rows r..r+n prefetches from: STREAM_LEAD bytes past its start in
+        // the order of reading, or a whole tile if that is more; past the rows' end, the rest
+        // of the way from `then`.
+        let ahead = |r: usize, n: usize| {
+            let at = r * k * S::ELEM + (n * k * S::ELEM).max(STREAM_LEAD);
+            match at.checked_sub(rows.end * k * S::ELEM) {
+                Some(past) => then.wrapping_add(past),
+                None => w.wrapping_add(at),
             }
         };
         while r < rows.end {
             if t == 1 && S::ELEM == 1 && rows.end - r >= ONE_TOKEN_ROWS {
                 let o = out.at(r - rows.start, 0);
                 let p = w.wrapping_add(r * k * S::ELEM);
-                // ONE_TOKEN_LEAD bytes on in the order of reading: past the rows' end, the
-                // rest of it from `then`.
-                let lead = (ONE_TOKEN_ROWS * k * S::ELEM).max(ONE_TOKEN_LEAD);
-                let end = w.wrapping_add(rows.end * k * S::ELEM) as usize;
-                let ahead = match (p as usize + lead).checked_sub(end) {
-                    Some(past) => then.wrapping_add(past),
-                    None => p.wrapping_add(lead),
-                };
+                let ahead = ahead(r, ONE_TOKEN_ROWS);
                 // This tile's row group of `zero_exponent`, where it is one.
                 let flags = zero_exponent
                     .filter(|_| r.is_multiple_of(ONE_TOKEN_ROWS))
@@ -240,11 +246,11 @@ pub(super) unsafe fn run<S: Source>(
             let nr = RB.min(rows.end - r);
             let o = out.at(r - rows.start, 0);
             let p = w.wrapping_add(r * k * S::ELEM);
-            let next = after(r, nr);
+            let ahead = ahead(r, nr);
             macro_rules! go {
                 ($n:literal, $t:literal) => {
                     // SAFETY: rows r..r+nr exist, x has t padded rows, o has nr rows of t.
-                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o, out.ts, next) }
+                    unsafe { stream_tile::<S, $n, $t>(s, p, k, x, xs, o, out.ts, ahead) }
                 };
             }
             macro_rules! rows_of {
@@ -374,9 +380,9 @@ pub(super) unsafe fn tail<S: Source>(s: &S, p: *const u8, n: usize) -> [__m512bh
     }
 }
 
-/// `N` rows × `T` tokens, the rows (at `w`, each `k` weights) widened on the fly while the
-/// next tile's bytes (`N` rows' worth from `next`) are prefetched; token `j`'s activations
-/// start at `x + j·xs`, results go to `out + i + j·ts`.
+/// `N` rows × `T` tokens, the rows (at `w`, each `k` weights) widened on the fly while as
+/// many bytes as they hold are prefetched from `ahead` (in address order); token `j`'s
+/// activations start at `x + j·xs`, results go to `out + i + j·ts`.
 ///
 /// # Safety
 /// As for [`run`], for rows `0..N` at `w`; `out` is writable where results go.
@@ -391,7 +397,7 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
     xs: usize,
     out: *mut f32,
     ts: usize,
-    next: *const u8,
+    ahead: *const u8,
 ) {
     let ch = 32 * S::VECS;
     let chunk_bytes = ch * S::ELEM;
@@ -419,9 +425,9 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
         });
         for i in 0..N {
             let p = w.wrapping_add(i * row_bytes + c * S::ELEM);
-            let ahead = next.wrapping_add(N * c * S::ELEM + i * chunk_bytes);
+            let pf = ahead.wrapping_add(N * c * S::ELEM + i * chunk_bytes);
             // SAFETY: row i has its chunk (or its last, partial one) at p.
-            let (v, _) = unsafe { streamed_chunk::<S, false>(s, p, k - c, ahead) };
+            let (v, _) = unsafe { streamed_chunk::<S, false>(s, p, k - c, pf) };
             for h in 0..S::VECS {
                 for j in 0..T {
                     let a = if hold { held[j][h] } else { xv(j, c + 32 * h) };
@@ -436,12 +442,12 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
 }
 
 /// One chunk of a streamed row at `p` (`left` weights of the row remain), with this row's share
-/// of the next tile prefetched from `ahead` when the chunk is whole. The next tile is fetched in
+/// of the bytes ahead prefetched from `ahead` when the chunk is whole. They are fetched in
 /// address order, a chunk's bytes per row and step, not row by row: one sequential stream is
 /// what the memory system serves best (measured: 10–30% more GB/s than prefetching each row's
 /// next chunk). A hint only; past the end is harmless.
 ///
-/// Into L2 (`T1`), not L1: a tile ahead is 16 KiB, which with the tile being read fills most
+/// Into L2 (`T1`), not L1: a lead of 16 KiB or more, which with the tile being read fills most
 /// of a 48 KiB L1 and lets lines be evicted before their use; on an Intel (Emerald Rapids)
 /// core, decode of the 32-expert FP8 checkpoint was 6 % faster (median of 20 alternating
 /// rounds, one process) and the products alone went from 0.84 to 0.88 of a plain read. The
@@ -484,17 +490,6 @@ unsafe fn streamed_chunk<S: Source, const NORMAL: bool>(
 
 /// Rows per register tile of [`one_token_tile`].
 const ONE_TOKEN_ROWS: usize = 8;
-
-/// How far ahead of its reads, in bytes, [`one_token_tile`] prefetches, at least: one tile
-/// of 8 rows is only 4 KiB for the experts' down projections (512 columns), about 0.3 µs
-/// of reading at decode's rate per thread, which is less than this machine's memory takes
-/// under load. The hardware prefetchers add little here: without the software prefetches
-/// the one-token products ran at half the speed (Emerald Rapids, 2 threads). With 16 KiB,
-/// the down projections of a decode step ran 1.07–1.12× faster from memory (Emerald Rapids,
-/// alternating in one process, median of 15 pairs, several periods); longer rows, whose tile
-/// is already 16 KiB or more, keep a lead of one tile, as further leads changed them by less
-/// than the noise.
-const ONE_TOKEN_LEAD: usize = 16 << 10;
 
 /// Eight rows × one token, the decode shape of FP8 weights: [`stream_tile`]'s arithmetic
 /// (each row's chunks dotted into one accumulator in column order, the same lane sums), so
