@@ -186,10 +186,10 @@ pub unsafe fn rows(
 /// 0.3 µs of reading at decode's rate per thread: less than this machine's memory takes
 /// under load. The hardware prefetchers add little here: without the software prefetches the
 /// one-token products ran at half the speed (Emerald Rapids, 2 threads). With 16 KiB, the
-/// down projections of a decode step ran 1.07–1.12× faster from memory (alternating in one
-/// process, median of 15 pairs, in several periods). Longer rows, whose tile already spans
-/// 16 KiB or more, keep a lead of one tile: leads of 24 and 32 KiB changed them by less than
-/// the noise.
+/// down projections of a decode step ran 1.07–1.12× faster from memory with FP8 rows and one
+/// token, 1.15× with two tokens, 1.065× with BF16 rows (alternating in one process, medians
+/// of 11–15 pairs, in several periods). Longer rows, whose tile already spans 16 KiB or
+/// more, keep a lead of one tile: leads of 24 and 32 KiB changed them by less than the noise.
 const STREAM_LEAD: usize = 16 << 10;
 
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
