@@ -40,6 +40,28 @@ pub struct HeadInputs<'a> {
     pub dv: usize,
 }
 
+/// How far ahead, in f32 values, [`recurrent`] prefetches the state it reads: 16 KiB. A
+/// decode step streams each head's 64 KiB state from memory, and the caller's heads lie one
+/// after another, so past this head's end the prefetches run into the state read next.
+/// On a machine whose hardware prefetchers do little (Emerald Rapids, see `x86::bf16dot`'s
+/// `STREAM_LEAD`), the rule's part of a decode step went from 7.35–8.76 to 6.95–7.36 ms with
+/// them (32-expert FP8 checkpoint, `bench --profile`, 6 alternating pairs, median 1.12×;
+/// its share of the step 3.6–3.9 % → 3.1–3.3 %).
+const STATE_LEAD: usize = 4 << 10;
+
+/// Hints the `n` values at `p` into L2; a hint only, for an address anywhere.
+#[inline(always)]
+fn prefetch(p: *const f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..n).step_by(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: a prefetch never faults and reads nothing, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
+}
+
 /// Token-by-token recurrence; writes `o` (`[n, dv]`) and updates `state`.
 ///
 /// One read of the state and one read-modify-write per token: the decay is folded into the
@@ -65,7 +87,8 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         };
         d.fill(0.0);
         sq.fill(0.0);
-        for ((row, &ki), &qi) in state.chunks_exact(dv).zip(k).zip(q) {
+        for (i, ((row, &ki), &qi)) in state.chunks_exact(dv).zip(k).zip(q).enumerate() {
+            prefetch(state.as_ptr().wrapping_add(i * dv + STATE_LEAD), dv);
             for ((dj, sj), &s) in d.iter_mut().zip(sq.iter_mut()).zip(row) {
                 *dj += ki * s;
                 *sj += qi * s;
