@@ -13,5 +13,6 @@ pub mod model;
 pub mod procfs;
 pub mod progress;
 pub mod sampling;
+#[cfg(feature = "serve")]
 pub mod server;
 pub mod text;

@@ -26,6 +26,7 @@ enum Command {
     /// Generate text from a prompt.
     Run(commands::run::Args),
     /// OpenAI-compatible HTTP server with continuous batching.
+    #[cfg(feature = "serve")]
     Serve(commands::serve::Args),
     /// Prompt-processing and generation throughput (like llama-bench).
     Bench(commands::bench::Args),
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         Command::Inspect { model } => commands::inspect::main(&model),
         Command::Synth(a) => commands::synth::main(a),
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
+        #[cfg(feature = "serve")]
         Command::Serve(a) => commands::serve::main(a, cli.verbose),
     };
     match result {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod inspect;
 pub mod run;
 pub mod score;
+#[cfg(feature = "serve")]
 pub mod serve;
 pub mod synth;
 
