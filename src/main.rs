@@ -28,6 +28,13 @@ enum Command {
     /// OpenAI-compatible HTTP server with continuous batching.
     #[cfg(feature = "serve")]
     Serve(commands::serve::Args),
+    /// Present without the server, to say so instead of "unrecognized subcommand".
+    #[cfg(not(feature = "serve"))]
+    #[command(hide = true)]
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        _args: Vec<String>,
+    },
     /// Prompt-processing and generation throughput (like llama-bench).
     Bench(commands::bench::Args),
     /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
@@ -66,6 +73,11 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
         #[cfg(feature = "serve")]
         Command::Serve(a) => commands::serve::main(a, cli.verbose),
+        #[cfg(not(feature = "serve"))]
+        Command::Serve { .. } => Err(anyhow::anyhow!(
+            "this qnext was built without the server (cargo feature `serve`); build it with the \
+             default features to use `qnext serve`"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
