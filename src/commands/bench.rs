@@ -182,8 +182,13 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     }
     let mode = a.load.mode().resolve(&a.model);
     if a.kernels {
-        let bw = qnext::kernels::bandwidth::read_bandwidth(2 << 30, 5) / 1e9;
-        println!("read bandwidth {bw:.1} GB/s");
+        let (bw, fetched) = qnext::kernels::bandwidth::read_bandwidths(2 << 30, 7);
+        println!(
+            "read bandwidth {:.1} GB/s (plain loop; {:.1} GB/s with software prefetches, {:.2}x)",
+            bw / 1e9,
+            fetched / 1e9,
+            fetched / bw
+        );
         // 1 GiB of matrices streams from memory; 4 MiB stays in cache, which shows what the
         // kernel's instructions alone allow.
         for (total, place, rounds) in [(1usize << 30, "memory", 5), (4 << 20, "cache", 200)] {
