@@ -190,7 +190,7 @@ pub unsafe fn rows(
 /// token, 1.15× with two tokens, 1.065× with BF16 rows (alternating in one process, medians
 /// of 11–15 pairs, in several periods). Longer rows, whose tile already spans 16 KiB or
 /// more, keep a lead of one tile: leads of 24 and 32 KiB changed them by less than the noise.
-const STREAM_LEAD: usize = 16 << 10;
+pub(super) const STREAM_LEAD: usize = 16 << 10;
 
 /// Rows `rows` of the `k`-column matrix at `w` times `t` tokens of activations at `x` (token
 /// `j` at `x + j·xs`, zero-padded to a whole chunk), into `out[r - rows.start, j]`. `then` is
