@@ -14,18 +14,28 @@ pub(crate) fn sum(buf: &[u8]) -> u64 {
         // SAFETY: `isa()` verified AVX-512 F.
         return unsafe { super::x86::read_sum(buf) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        // SAFETY: `isa()` verified AVX2.
+        return unsafe { super::x86::read_sum_avx2(buf) };
+    }
     buf.chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .fold(0u64, u64::wrapping_add)
 }
 
-/// [`sum`] with software prefetches ahead of the loads, where the CPU has AVX-512 (the plain
-/// sum elsewhere).
+/// [`sum`] with software prefetches ahead of the loads, where the CPU has AVX-512 or AVX2
+/// (the plain sum elsewhere).
 fn sum_prefetched(buf: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 {
         // SAFETY: `isa()` verified AVX-512 F.
         return unsafe { super::x86::read_sum_prefetched(buf) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        // SAFETY: `isa()` verified AVX2.
+        return unsafe { super::x86::read_sum_prefetched_avx2(buf) };
     }
     sum(buf)
 }
@@ -107,5 +117,17 @@ mod tests {
         };
         assert_eq!(sum(&buf), words(&buf));
         assert_eq!(sum_prefetched(&buf), words(&buf));
+        // The 256-bit loops too, which the dispatch above takes only on CPUs without AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 checked just above.
+            unsafe {
+                assert_eq!(crate::kernels::x86::read_sum_avx2(&buf), words(&buf));
+                assert_eq!(
+                    crate::kernels::x86::read_sum_prefetched_avx2(&buf),
+                    words(&buf)
+                );
+            }
+        }
     }
 }
