@@ -1,7 +1,7 @@
 //! Small f32 matrix products `C += A · B` for the chunked delta rule, whose chunk-sized
-//! matrices (64 × 128 and 128 × 128) live in cache. Register-blocked AVX-512 tiles where the
-//! CPU has them and `n` is whole vectors; plain loops otherwise. Accumulation is f32 in
-//! column order `p = 0, 1, …` for every element, fused multiply-adds on AVX-512.
+//! matrices (64 × 128 and 128 × 128) live in cache. Register-blocked AVX-512 or AVX2 tiles
+//! where the CPU has them and `n` is whole vectors; plain loops otherwise. Accumulation is f32
+//! in column order `p = 0, 1, …` for every element, fused multiply-adds in the tiles.
 
 #[cfg(target_arch = "x86_64")]
 use super::isa::{isa, Isa};
@@ -68,6 +68,13 @@ pub fn gemm_acc(
         unsafe { super::x86::gemm_f32::gemm_acc(m, n, k, a, b, ldb, c, ldc) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 && n.is_multiple_of(8) {
+        // SAFETY: `isa()` verified AVX2, FMA and F16C; the bounds of A, B and C were checked
+        // above.
+        unsafe { super::x86::gemm_f32::gemm_acc_avx2(m, n, k, a, b, ldb, c, ldc) };
+        return;
+    }
     for i in 0..m {
         let ci = &mut c[i * ldc..i * ldc + n];
         for p in 0..k {
@@ -122,24 +129,44 @@ mod tests {
                 let ldc = n + 5;
                 let b: Vec<f32> = (0..k * ldb).map(|_| r()).collect();
                 let c0: Vec<f32> = (0..m * ldc).map(|_| r()).collect();
-                let mut c = c0.clone();
-                gemm_acc(m, n, k, view, &b, ldb, &mut c, ldc);
-                for i in 0..m {
-                    for j in 0..ldc {
-                        let want = if j < n {
-                            c0[i * ldc + j] as f64
-                                + (0..k)
-                                    .map(|p| a[i * k + p] as f64 * b[p * ldb + j] as f64)
-                                    .sum::<f64>()
-                        } else {
-                            c0[i * ldc + j] as f64 // untouched beyond n
-                        };
-                        // f32 sums of ≤ 128 terms of size ≤ 0.25: 1e-5 is ~100 ulps of 1.
-                        assert!(
-                            (c[i * ldc + j] as f64 - want).abs() < 1e-5,
-                            "{m}x{n}x{k} transposed={transposed}: ({i},{j}) {} vs {want}",
-                            c[i * ldc + j]
-                        );
+                // The dispatched product, and the AVX2 tiles also where the dispatch takes
+                // the AVX-512 ones.
+                let mut results = vec![("dispatched", c0.clone())];
+                gemm_acc(m, n, k, view, &b, ldb, &mut results[0].1, ldc);
+                #[cfg(target_arch = "x86_64")]
+                if n.is_multiple_of(8)
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    let mut c = c0.clone();
+                    // SAFETY: the features were checked just above; A, B and C cover the
+                    // product (the same shapes `gemm_acc` checks).
+                    unsafe {
+                        crate::kernels::x86::gemm_f32::gemm_acc_avx2(
+                            m, n, k, view, &b, ldb, &mut c, ldc,
+                        )
+                    };
+                    results.push(("avx2", c));
+                }
+                for (way, c) in &results {
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let want = if j < n {
+                                c0[i * ldc + j] as f64
+                                    + (0..k)
+                                        .map(|p| a[i * k + p] as f64 * b[p * ldb + j] as f64)
+                                        .sum::<f64>()
+                            } else {
+                                c0[i * ldc + j] as f64 // untouched beyond n
+                            };
+                            // f32 sums of ≤ 128 terms of size ≤ 0.25: 1e-5 is ~100 ulps of 1.
+                            assert!(
+                                (c[i * ldc + j] as f64 - want).abs() < 1e-5,
+                                "{way} {m}x{n}x{k} transposed={transposed}: ({i},{j}) {} vs {want}",
+                                c[i * ldc + j]
+                            );
+                        }
                     }
                 }
             }

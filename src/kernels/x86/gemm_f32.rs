@@ -1,9 +1,11 @@
-//! AVX-512 tiles for [`crate::kernels::gemm_f32`]: 6 rows × up to 64 columns of `C` in 24
-//! registers, each step one broadcast of `A` per row against up to four vectors of a row of
-//! `B` (ten loads per 24 fused multiply-adds).
+//! Register tiles for [`crate::kernels::gemm_f32`], written once over a vector of f32 lanes
+//! ([`Vector`]): 6 rows × up to 4 vectors of `C` in registers, each step one broadcast of `A`
+//! per row against the vectors of a row of `B`. AVX-512: 4 vectors of 16 (24 accumulators,
+//! ten loads per 24 fused multiply-adds); AVX2: 2 vectors of 8 (12 accumulators of the 16
+//! registers, eight loads per 12).
 
-use std::arch::x86_64::*;
-
+use super::exact::{Ymm, Zmm};
+use crate::kernels::exact::Vector;
 use crate::kernels::gemm_f32::View;
 
 const MR: usize = 6;
@@ -13,7 +15,7 @@ const MR: usize = 6;
 /// # Safety
 /// AVX-512 F; `A`, `B` and `C` hold every element the product touches (the caller checks).
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn gemm_acc(
     m: usize,
     n: usize,
@@ -24,11 +26,53 @@ pub unsafe fn gemm_acc(
     c: &mut [f32],
     ldc: usize,
 ) {
-    debug_assert!(n.is_multiple_of(16));
+    // SAFETY: the features `Zmm` needs are enabled here; bounds are the caller's.
+    unsafe { gemm_with::<Zmm, 4>(m, n, k, a, b, ldb, c, ldc) }
+}
+
+/// As [`crate::kernels::gemm_f32::gemm_acc`], for `n` a multiple of 8.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `A`, `B` and `C` hold every element the product touches (the caller
+/// checks).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_acc_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    // SAFETY: the features `Ymm` needs are enabled here; bounds are the caller's.
+    unsafe { gemm_with::<Ymm, 2>(m, n, k, a, b, ldb, c, ldc) }
+}
+
+/// Tiles of `MR` rows × up to `NV` vectors over the whole of `C`.
+///
+/// # Safety
+/// `V`'s features (inlined into an entry point that enables them); `n` a multiple of
+/// `V::LANES`; bounds as for the entry points.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemm_with<V: Vector, const NV: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    debug_assert!(n.is_multiple_of(V::LANES) && NV <= 4);
     let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     let mut j = 0;
     while j < n {
-        let nv = ((n - j) / 16).min(4);
+        let nv = ((n - j) / V::LANES).min(NV);
         let mut i = 0;
         while i < m {
             let mr = MR.min(m - i);
@@ -37,8 +81,8 @@ pub unsafe fn gemm_acc(
             let c0 = cp.wrapping_add(i * ldc + j);
             macro_rules! go {
                 ($r:literal, $v:literal) => {
-                    // SAFETY: rows i..i+mr and columns j..j+16·nv are inside A, B and C.
-                    unsafe { tile::<$r, $v>(k, a0, a.rs, a.cs, b0, ldb, c0, ldc) }
+                    // SAFETY: rows i..i+mr and columns j..j+LANES·nv are inside A, B and C.
+                    unsafe { tile::<V, $r, $v>(k, a0, a.rs, a.cs, b0, ldb, c0, ldc) }
                 };
             }
             macro_rules! rows_of {
@@ -61,19 +105,18 @@ pub unsafe fn gemm_acc(
             }
             i += mr;
         }
-        j += 16 * nv;
+        j += V::LANES * nv;
     }
 }
 
-/// `R` rows × `V` vectors of `C` at `c` (rows `ldc` apart) += `A` (at `a`, strides `rs`,
+/// `R` rows × `NV` vectors of `C` at `c` (rows `ldc` apart) += `A` (at `a`, strides `rs`,
 /// `cs`) · `B` (at `b`, rows `ldb` apart) over `k` steps.
 ///
 /// # Safety
-/// AVX-512 F; every element addressed is in bounds.
+/// `V`'s features; every element addressed is in bounds.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const V: usize>(
+#[inline(always)]
+unsafe fn tile<V: Vector, const R: usize, const NV: usize>(
     k: usize,
     a: *const f32,
     rs: usize,
@@ -83,26 +126,27 @@ unsafe fn tile<const R: usize, const V: usize>(
     c: *mut f32,
     ldc: usize,
 ) {
-    // SAFETY (all accesses): in bounds by the caller's guarantee.
+    let l = V::LANES;
+    // SAFETY (all accesses): in bounds by the caller's guarantee; `V`'s features are enabled.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let mut acc = [[V::zero(); NV]; R];
         for i in 0..R {
-            for v in 0..V {
-                acc[i][v] = _mm512_loadu_ps(c.add(i * ldc + 16 * v));
+            for v in 0..NV {
+                acc[i][v] = V::load(c.add(i * ldc + l * v));
             }
         }
         for p in 0..k {
-            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * ldb + 16 * v)));
+            let bv: [V; NV] = std::array::from_fn(|v| V::load(b.add(p * ldb + l * v)));
             for i in 0..R {
-                let av = _mm512_set1_ps(*a.add(i * rs + p * cs));
-                for v in 0..V {
-                    acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+                let av = V::splat(*a.add(i * rs + p * cs));
+                for v in 0..NV {
+                    acc[i][v] = av.fmadd(bv[v], acc[i][v]);
                 }
             }
         }
         for i in 0..R {
-            for v in 0..V {
-                _mm512_storeu_ps(c.add(i * ldc + 16 * v), acc[i][v]);
+            for v in 0..NV {
+                acc[i][v].store(c.add(i * ldc + l * v));
             }
         }
     }
