@@ -199,8 +199,16 @@ fn check(w: &Matrix, t: usize, rng: &mut Rng) {
 fn fp8_products_match_the_model_of_each_precision() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     // Full blocks; a partial last block (200 = 128 + 72: three 64-column chunks and 8); a
-    // short row (40); several 128-row blocks (130, 260).
-    for (rows, cols) in [(37, 256), (21, 200), (9, 40), (130, 384), (260, 136)] {
+    // short row (40); several 128-row blocks (130, 260); rows that end inside a group of 8
+    // columns (77).
+    for (rows, cols) in [
+        (37, 256),
+        (21, 200),
+        (9, 40),
+        (130, 384),
+        (260, 136),
+        (11, 77),
+    ] {
         let w = fp8_matrix(&mut rng, rows, cols);
         for t in [1, 2, 7, 13] {
             check(&w, t, &mut rng);

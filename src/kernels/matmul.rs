@@ -84,6 +84,11 @@ enum Acts<'a> {
     /// Fast FP8: the kernel scales (and rounds) them per row block itself.
     #[cfg(target_arch = "x86_64")]
     Fp8Scaled(&'a [f32]),
+    /// Fast path without AVX-512 (FP8 and BF16 weights): prompt-chunk tokens take the blocked
+    /// product (`x86::avx2gemm`), others the dot products (`x86::avx2dot`, which applies FP8
+    /// block scales to them per row block itself).
+    #[cfg(target_arch = "x86_64")]
+    Avx2(&'a [f32]),
 }
 
 /// Activations already rounded in this dispatch, by address, length and columns of the f32
@@ -109,6 +114,20 @@ struct Rounded;
 fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'a> {
     let (x, t) = (job.x, job.t);
     let whole = || vec![(0..t, false)];
+    #[cfg(target_arch = "x86_64")]
+    if p == Precision::Fast && isa() == Isa::Avx2 && super::x86::avx2dot::supports(job.w) {
+        let runs = if job.bulk.len() == t {
+            runs(job.bulk)
+        } else {
+            whole()
+        };
+        return Prepared {
+            acts: Acts::Avx2(x),
+            runs,
+            bf16: None,
+            vnni: Vec::new(),
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if p == Precision::Fast && super::isa::bf16_dot() {
         use super::x86::{amx, bf16dot, bf16gemm, fp8dot};
@@ -361,11 +380,24 @@ fn rows_kernel(
         Acts::F32(x) => *x,
         #[cfg(target_arch = "x86_64")]
         acts => {
-            use super::x86::{amx, bf16dot, bf16gemm, fp8dot};
+            use super::x86::{amx, avx2dot, avx2gemm, bf16dot, bf16gemm, fp8dot};
             let k = w.cols;
             for (i, (span, bulk)) in a.runs.iter().enumerate() {
                 let (j0, n) = (span.start, span.len());
                 let o = out.skip(0, j0);
+                if let Acts::Avx2(x) = acts {
+                    let x = &x[j0 * k..(j0 + n) * k];
+                    // SAFETY (both): `prepare` chose this form only where `isa()` verified
+                    // AVX2, FMA and F16C and `avx2dot::supports(w)`; the blocked product is
+                    // asked whether it supports `w`;
+                    // `o` covers rows r0..r1 of tokens j0..j0+n.
+                    if *bulk && avx2gemm::supports(w) {
+                        unsafe { avx2gemm::rows(x, n, w, r0..r1, o) };
+                    } else {
+                        unsafe { avx2dot::rows(x, n, w, r0..r1, o, then) };
+                    }
+                    continue;
+                }
                 if let Some(Some(xv)) = a.vnni.get(i) {
                     // SAFETY: `prepare` made the AMX form only after `isa::amx()` (tiles
                     // allowed, AVX-512 F/BW/BF16) and `bf16gemm::supports(w)`, for tokens
@@ -386,7 +418,7 @@ fn rows_kernel(
                     Acts::Fp8Scaled(x) => unsafe {
                         fp8dot::rows(&x[j0 * k..(j0 + n) * k], n, w, r0..r1, o, then)
                     },
-                    Acts::F32(_) => unreachable!(),
+                    Acts::F32(_) | Acts::Avx2(_) => unreachable!(),
                 }
             }
             return;

@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 thread_local! {
     static U16: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static F32: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// This thread's `u16` scratch, at least `len` long (contents left from earlier use: write
@@ -26,6 +27,23 @@ pub fn take_u16(len: usize) -> Vec<u16> {
 /// Returns a buffer from [`take_u16`] to this thread's slot, keeping the larger of the two.
 pub fn put_u16(buf: Vec<u16>) {
     U16.with(|slot| {
+        let held = slot.take();
+        slot.set(if held.len() >= buf.len() { held } else { buf });
+    });
+}
+
+/// As [`take_u16`], for `f32` (hand it back with [`put_f32`]).
+pub fn take_f32(len: usize) -> Vec<f32> {
+    let mut buf = F32.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    buf
+}
+
+/// As [`put_u16`], for buffers from [`take_f32`].
+pub fn put_f32(buf: Vec<f32>) {
+    F32.with(|slot| {
         let held = slot.take();
         slot.set(if held.len() >= buf.len() { held } else { buf });
     });
