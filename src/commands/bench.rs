@@ -214,6 +214,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         if let Some(peak) = qnext::kernels::microbench::bf16_peak() {
             println!("bf16 dot-product peak (registers only): {peak:.0} GFLOP/s");
         }
+        if let Some(peak) = qnext::kernels::microbench::fma_peak_avx2() {
+            println!("f32 FMA peak, AVX2 (registers only): {peak:.0} GFLOP/s");
+        }
         for g in qnext::kernels::microbench::gemm_rates(5) {
             println!(
                 "prefill {:<4} {:<15} {:>2} x {:>5}x{:<4} t={:<3}: {:6.1} GFLOP/s blocked, {:6.1} dot products",

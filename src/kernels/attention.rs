@@ -41,14 +41,6 @@ impl Rows<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Value `i` as f32.
-    fn at(&self, i: usize) -> f32 {
-        match *self {
-            Rows::F32(d) => d[i],
-            Rows::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
-        }
-    }
 }
 
 /// A sequence's cache as the kernels read it: rows of `heads × hd` keys and values, one per
@@ -225,9 +217,16 @@ fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round
     let mut scores = vec![0.0f32; group * n];
     part.o.fill(0.0);
     for g in 0..kv.heads {
+        // One match per row, not per value: the loops then vectorise.
         let widen = |rows: Rows, j: usize, row: &mut [f32]| {
-            for (c, r) in row.iter_mut().enumerate() {
-                *r = rows.at(j * w + g * hd + c);
+            let at = j * w + g * hd;
+            match rows {
+                Rows::F32(d) => row.copy_from_slice(&d[at..at + hd]),
+                Rows::Bf16(d) => {
+                    for (r, &b) in row.iter_mut().zip(&d[at..at + hd]) {
+                        *r = f32::from_bits((b as u32) << 16);
+                    }
+                }
             }
         };
         for (jj, j) in range.clone().enumerate() {

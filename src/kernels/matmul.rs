@@ -75,6 +75,9 @@ struct Prepared<'a> {
     /// Per run (or empty: none), the blocked runs' activations for the AMX tiles.
     #[cfg(target_arch = "x86_64")]
     vnni: Vec<Option<Arc<super::x86::amx::VnniActs>>>,
+    /// Per run (or empty: none), the blocked runs' tokens for the AVX2 tiles.
+    #[cfg(target_arch = "x86_64")]
+    avx2: Vec<Option<Arc<super::x86::avx2gemm::Tokens>>>,
 }
 
 enum Acts<'a> {
@@ -99,10 +102,14 @@ enum Acts<'a> {
 struct Rounded {
     bf16: Vec<(ActsKey, Arc<super::x86::bf16dot::Bf16Acts>)>,
     vnni: Vec<(RunKey, Arc<super::x86::amx::VnniActs>)>,
+    avx2: Vec<(SpanKey, Arc<super::x86::avx2gemm::Tokens>)>,
 }
 /// An f32 input's address, length and columns.
 #[cfg(target_arch = "x86_64")]
 type ActsKey = (usize, usize, usize);
+/// An f32 input and a run of its tokens.
+#[cfg(target_arch = "x86_64")]
+type SpanKey = (ActsKey, Range<usize>);
 /// An f32 input, a run of its tokens, and the pair order of the kernel that reads them.
 #[cfg(target_arch = "x86_64")]
 type RunKey = (ActsKey, Range<usize>, super::x86::amx::PairOrder);
@@ -116,16 +123,34 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
     let whole = || vec![(0..t, false)];
     #[cfg(target_arch = "x86_64")]
     if p == Precision::Fast && isa() == Isa::Avx2 && super::x86::avx2dot::supports(job.w) {
-        let runs = if job.bulk.len() == t {
+        use super::x86::avx2gemm;
+        let w = job.w;
+        let runs = if job.bulk.len() == t && avx2gemm::supports(w) {
             runs(job.bulk)
         } else {
             whole()
         };
+        let avx2 = runs
+            .iter()
+            .map(|(span, bulk)| {
+                bulk.then(|| {
+                    let key = ((x.as_ptr() as usize, x.len(), w.cols), span.clone());
+                    if let Some((_, a)) = rounded.avx2.iter().find(|(k, _)| *k == key) {
+                        return a.clone();
+                    }
+                    let xs = &x[span.start * w.cols..span.end * w.cols];
+                    let a = Arc::new(avx2gemm::Tokens::new(xs, span.len(), w.cols));
+                    rounded.avx2.push((key, a.clone()));
+                    a
+                })
+            })
+            .collect();
         return Prepared {
             acts: Acts::Avx2(x),
             runs,
             bf16: None,
             vnni: Vec::new(),
+            avx2,
         };
     }
     #[cfg(target_arch = "x86_64")]
@@ -176,6 +201,7 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
                 runs,
                 bf16,
                 vnni,
+                avx2: Vec::new(),
             };
         }
         if bf16dot::supports(w) {
@@ -184,6 +210,7 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
                 runs,
                 bf16: None,
                 vnni,
+                avx2: Vec::new(),
             };
         }
     }
@@ -195,6 +222,8 @@ fn prepare<'a>(job: &Job<'a>, p: Precision, rounded: &mut Rounded) -> Prepared<'
         bf16: None,
         #[cfg(target_arch = "x86_64")]
         vnni: Vec::new(),
+        #[cfg(target_arch = "x86_64")]
+        avx2: Vec::new(),
     }
 }
 
@@ -388,11 +417,11 @@ fn rows_kernel(
                 if let Acts::Avx2(x) = acts {
                     let x = &x[j0 * k..(j0 + n) * k];
                     // SAFETY (both): `prepare` chose this form only where `isa()` verified
-                    // AVX2, FMA and F16C and `avx2dot::supports(w)`; the blocked product is
-                    // asked whether it supports `w`;
+                    // AVX2, FMA and F16C and `avx2dot::supports(w)`, and made tokens for the
+                    // blocked product only where `avx2gemm::supports(w)`;
                     // `o` covers rows r0..r1 of tokens j0..j0+n.
-                    if *bulk && avx2gemm::supports(w) {
-                        unsafe { avx2gemm::rows(x, n, w, r0..r1, o) };
+                    if let Some(Some(xt)) = a.avx2.get(i) {
+                        unsafe { avx2gemm::rows(xt, w, r0..r1, o) };
                     } else {
                         unsafe { avx2dot::rows(x, n, w, r0..r1, o, then) };
                     }

@@ -354,6 +354,24 @@ pub fn bf16_peak() -> Option<f64> {
     None
 }
 
+/// The f32 fused multiply-add peak of CPUs without AVX-512 (every pool thread, registers
+/// only), the bound of the AVX2 tier's prompt products; `None` elsewhere.
+pub fn fma_peak_avx2() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::isa() == super::isa::Isa::Avx2 {
+        let pool = super::pool::global();
+        let iters = 20_000_000;
+        let t0 = Instant::now();
+        pool.run(pool.threads(), &|_| {
+            // SAFETY: `isa()` verified AVX2 and FMA.
+            std::hint::black_box(unsafe { super::x86::avx2gemm::peak_probe(iters) });
+        });
+        let flop = (pool.threads() * iters * 12 * 8 * 2) as f64;
+        return Some(flop / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    None
+}
+
 /// Decode attention over a bfloat16 KV cache of `depth` positions, for one token, at the
 /// model's shape (2 KV heads of 256, 8 query heads each) over `layers` layers' caches, split
 /// into chunks over the pool as the model does. The caches of 12 layers at depth 4096 (100 MB)

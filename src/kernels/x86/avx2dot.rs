@@ -282,11 +282,14 @@ unsafe fn buffered<S: Stored>(
             let row = S::at(w.wrapping_add((r + i) * k * S::ELEM), k);
             let dst = buf[i * kp..(i + 1) * kp].as_mut_ptr();
             let mut c = 0;
-            while c < kp {
-                // SAFETY: row r + i exists (its last group read through `group`'s copy);
-                // c + 8 ≤ kp, the buffer row's length.
+            while c < row.whole() {
+                // SAFETY: row r + i exists, c + 8 ≤ whole ≤ kp (the buffer row's length).
                 unsafe { _mm256_storeu_ps(dst.add(c), row.group(0, c)) };
                 c += 8;
+            }
+            if c < kp {
+                // SAFETY: the row's last group, at the buffer row's last 8 places.
+                unsafe { _mm256_storeu_ps(dst.add(c), row.tail(0)) };
             }
         }
         let mut i = 0;
@@ -328,12 +331,18 @@ unsafe fn buffered<S: Stored>(
 trait Rows {
     /// Bytes per weight as stored (how far apart the prefetches are).
     const ELEM: usize;
-    /// Row `i`, columns `c..c + 8` (past the row's end: anything finite, since the
-    /// activations there are zero).
+    /// Columns in whole groups of 8 (the rest go through [`Rows::tail`]).
+    fn whole(&self) -> usize;
+    /// Row `i`, columns `c..c + 8`.
     ///
     /// # Safety
-    /// AVX2; row `i` exists and `c` is below its length rounded up to 8.
+    /// AVX2; row `i` exists and `c + 8 ≤ whole()`.
     unsafe fn group(&self, i: usize, c: usize) -> __m256;
+    /// Row `i`'s columns from `whole()` on, zero-padded to 8.
+    ///
+    /// # Safety
+    /// AVX2; row `i` exists.
+    unsafe fn tail(&self, i: usize) -> __m256;
 }
 
 /// Rows in memory as the checkpoint stores them, `k` weights apart.
@@ -354,6 +363,50 @@ impl Stored for Bytes {
     }
 }
 
+/// 8 e4m3 bytes as `value · 2⁻¹²⁰` (module comment).
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn widen_e4m3(b: __m128i) -> __m256 {
+    _mm256_castsi256_ps(_mm256_and_si256(
+        _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
+        _mm256_set1_epi32(FP8_BITS),
+    ))
+}
+
+/// 8 bfloat16 values as f32.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn widen_bf16(h: __m128i) -> __m256 {
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+impl Rows for Bytes {
+    const ELEM: usize = 1;
+    fn whole(&self) -> usize {
+        self.k / 8 * 8
+    }
+    #[inline(always)]
+    unsafe fn group(&self, i: usize, c: usize) -> __m256 {
+        // SAFETY: 8 bytes of row i at c (the caller's guarantee).
+        unsafe { widen_e4m3(_mm_loadl_epi64(self.w.add(i * self.k + c) as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, i: usize) -> __m256 {
+        // Copied, not loaded: past the last row's end nothing may be read.
+        let mut b = [0u8; 8];
+        for (c, v) in (self.whole()..self.k).zip(b.iter_mut()) {
+            // SAFETY: c < k, within row i.
+            *v = unsafe { *self.w.add(i * self.k + c) };
+        }
+        // SAFETY: `b` is 8 bytes.
+        unsafe { widen_e4m3(_mm_loadl_epi64(b.as_ptr() as *const __m128i)) }
+    }
+}
+
 /// BF16 rows.
 struct Halves {
     w: *const u16,
@@ -371,48 +424,27 @@ impl Stored for Halves {
 
 impl Rows for Halves {
     const ELEM: usize = 2;
+    fn whole(&self) -> usize {
+        self.k / 8 * 8
+    }
     #[inline(always)]
     unsafe fn group(&self, i: usize, c: usize) -> __m256 {
-        let p = self.w.wrapping_add(i * self.k + c);
-        let h = if c + 8 <= self.k {
-            // SAFETY: 8 values of row i at p.
-            unsafe { _mm_loadu_si128(p as *const __m128i) }
-        } else {
-            let mut tail = [0u16; 8];
-            // SAFETY: the k - c < 8 values from p are the rest of row i.
-            unsafe { std::ptr::copy_nonoverlapping(p, tail.as_mut_ptr(), self.k - c) };
-            // SAFETY: `tail` is 16 bytes.
-            unsafe { _mm_loadu_si128(tail.as_ptr() as *const __m128i) }
-        };
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        // SAFETY: 8 values of row i at c (the caller's guarantee).
+        unsafe { widen_bf16(_mm_loadu_si128(self.w.add(i * self.k + c) as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, i: usize) -> __m256 {
+        let mut h = [0u16; 8];
+        for (c, v) in (self.whole()..self.k).zip(h.iter_mut()) {
+            // SAFETY: c < k, within row i.
+            *v = unsafe { *self.w.add(i * self.k + c) };
+        }
+        // SAFETY: `h` is 16 bytes.
+        unsafe { widen_bf16(_mm_loadu_si128(h.as_ptr() as *const __m128i)) }
     }
 }
 
-impl Rows for Bytes {
-    const ELEM: usize = 1;
-    #[inline(always)]
-    unsafe fn group(&self, i: usize, c: usize) -> __m256 {
-        let p = self.w.wrapping_add(i * self.k + c);
-        let b = if c + 8 <= self.k {
-            // SAFETY: 8 bytes of row i at p.
-            unsafe { _mm_loadl_epi64(p as *const __m128i) }
-        } else {
-            // The row's last, partial group: its bytes copied, zeros after (past the last
-            // row's end nothing may be read).
-            let mut tail = [0u8; 8];
-            // SAFETY: the k - c < 8 bytes from p are the rest of row i.
-            unsafe { std::ptr::copy_nonoverlapping(p, tail.as_mut_ptr(), self.k - c) };
-            // SAFETY: `tail` is 8 bytes.
-            unsafe { _mm_loadl_epi64(tail.as_ptr() as *const __m128i) }
-        };
-        _mm256_castsi256_ps(_mm256_and_si256(
-            _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
-            _mm256_set1_epi32(FP8_BITS),
-        ))
-    }
-}
-
-/// Rows already widened into a buffer, `kp` apart (zero-padded).
+/// Rows already widened into a buffer, `kp` apart (zero-padded to whole groups).
 struct Widened {
     w: *const f32,
     kp: usize,
@@ -420,10 +452,17 @@ struct Widened {
 
 impl Rows for Widened {
     const ELEM: usize = 4;
+    fn whole(&self) -> usize {
+        self.kp
+    }
     #[inline(always)]
     unsafe fn group(&self, i: usize, c: usize) -> __m256 {
         // SAFETY: the buffer row has kp ≥ c + 8 values.
         unsafe { _mm256_loadu_ps(self.w.add(i * self.kp + c)) }
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, _: usize) -> __m256 {
+        _mm256_setzero_ps()
     }
 }
 
@@ -446,8 +485,11 @@ unsafe fn tile<R: Rows, const N: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); T]; N];
     // Columns per prefetched line of one row.
     let line = 64 / R::ELEM;
+    let whole = w.whole();
     let mut c = 0;
-    while c < xs {
+    // No call and no branch on the columns inside this loop: a call would spill the
+    // accumulators around it.
+    while c < whole {
         if let Some(pf) = prefetch {
             if c.is_multiple_of(line) {
                 for i in 0..N {
@@ -461,13 +503,25 @@ unsafe fn tile<R: Rows, const N: usize, const T: usize>(
         let xv: [__m256; T] =
             std::array::from_fn(|j| unsafe { _mm256_loadu_ps(x.add(j * xs + c)) });
         for i in 0..N {
-            // SAFETY: row i exists and c is below its padded length.
+            // SAFETY: row i exists and c + 8 ≤ whole.
             let wv = unsafe { w.group(i, c) };
             for j in 0..T {
                 acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
             }
         }
         c += 8;
+    }
+    if c < xs {
+        // SAFETY: the last padded group of every activation row.
+        let xv: [__m256; T] =
+            std::array::from_fn(|j| unsafe { _mm256_loadu_ps(x.add(j * xs + c)) });
+        for i in 0..N {
+            // SAFETY: row i exists.
+            let wv = unsafe { w.tail(i) };
+            for j in 0..T {
+                acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+            }
+        }
     }
     for i in 0..N {
         for j in 0..T {

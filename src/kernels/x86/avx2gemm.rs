@@ -23,11 +23,13 @@ use crate::kernels::matmul::OutRows;
 
 /// Rows per register tile.
 const MR: usize = 6;
+/// Tokens per register tile (two vectors).
+const NT: usize = 16;
 /// Rows widened per column block (the pool's unit of rows for prompt chunks): 64 rows ×
 /// [`KC`] columns of f32 are 64 KiB, in L2.
 const PANEL: usize = 64;
-/// Columns per block: a tile's 16 tokens of them (16 KiB) stay in L1 while every row tile of
-/// the panel passes.
+/// Columns per block: a tile's [`NT`] tokens of them (16 KiB) stay in L1 while every row
+/// tile of the panel passes.
 const KC: usize = 256;
 /// `2¹²⁰`: e4m3 bytes widen to `value · 2⁻¹²⁰` (`kernels::exact`).
 const TWO_POW_120: f32 = f32::from_bits((127 + 120) << 23);
@@ -46,26 +48,47 @@ pub fn supports(w: &Matrix) -> bool {
     }
 }
 
+/// Prompt-chunk tokens as the tiles read them: groups of [`NT`] tokens (the last zero-padded),
+/// each group transposed, so that column `c` of a group's tokens is `NT` consecutive values
+/// and a tile reads its columns contiguously (a stride of all the tokens would put a column
+/// block's lines into a few cache sets). Made once per product, shared by its tasks.
+pub struct Tokens {
+    data: Vec<f32>,
+    t: usize,
+    k: usize,
+}
+
+impl Tokens {
+    /// `x` (`[t, k]`) regrouped.
+    pub fn new(x: &[f32], t: usize, k: usize) -> Tokens {
+        assert!(x.len() >= t * k);
+        let mut data = vec![0.0f32; k * t.next_multiple_of(NT)];
+        if k > 0 {
+            for (j, xj) in x.chunks_exact(k).take(t).enumerate() {
+                let group = &mut data[(j / NT) * NT * k..];
+                for (c, &v) in xj.iter().enumerate() {
+                    group[c * NT + j % NT] = v;
+                }
+            }
+        }
+        Tokens { data, t, k }
+    }
+}
+
 /// `out[r - rows.start, j] = Σ_c x[j, c] · W[r, c]` for `r` in `rows`, `j < t`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (checked by the caller's dispatch); `supports(w)`;
 /// `out` is writable for `rows.len()` rows of `t` tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: OutRows) {
-    let k = w.cols;
-    assert!(rows.end <= w.rows && x.len() >= t * k);
+pub unsafe fn rows(x: &Tokens, w: &Matrix, rows: Range<usize>, out: OutRows) {
+    let (k, t) = (w.cols, x.t);
+    assert!(rows.end <= w.rows && x.k == k && x.data.len() >= k * t.next_multiple_of(NT));
     if t == 0 || rows.is_empty() || k == 0 {
         return;
     }
-    // Tokens padded to whole vectors; column c of every token is a row of `xt`.
-    let tp = t.next_multiple_of(8);
-    let mut xt = vec![0.0f32; k * tp];
-    for (j, xj) in x.chunks_exact(k).take(t).enumerate() {
-        for (c, &v) in xj.iter().enumerate() {
-            xt[c * tp + j] = v;
-        }
-    }
+    let tp = t.next_multiple_of(NT);
+    let xt = &x.data;
     let mut wbuf = vec![0.0f32; PANEL * KC];
     let mut cbuf = vec![0.0f32; PANEL * tp];
     let mut p0 = rows.start;
@@ -81,19 +104,19 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: Out
                 unsafe { widen(w, p0 + i, c0, kc, wbuf[i * KC..(i + 1) * KC].as_mut_ptr()) };
             }
             let mut j0 = 0;
-            while j0 < tp {
-                let two = tp - j0 >= 16;
+            while j0 < t {
+                let two = t - j0 > 8;
                 let mut i0 = 0;
                 while i0 < np {
                     let mr = MR.min(np - i0);
                     let wp = wbuf[i0 * KC..].as_ptr();
-                    let xp = xt[c0 * tp + j0..].as_ptr();
+                    let xp = xt[j0 * k + c0 * NT..].as_ptr();
                     let cp = cbuf[i0 * tp + j0..].as_mut_ptr();
                     macro_rules! go {
                         ($r:literal, $v:literal) => {
                             // SAFETY: rows i0..i0+mr of the panel, tokens j0..j0+8·v of the
                             // padded ones, columns c0..c0+kc: inside all three buffers.
-                            unsafe { tile::<$r, $v>(kc, wp, xp, tp, cp) }
+                            unsafe { tile::<$r, $v>(kc, wp, xp, cp, tp) }
                         };
                     }
                     macro_rules! rows_of {
@@ -115,7 +138,7 @@ pub unsafe fn rows(x: &[f32], t: usize, w: &Matrix, rows: Range<usize>, out: Out
                     }
                     i0 += mr;
                 }
-                j0 += if two { 16 } else { 8 };
+                j0 += NT;
             }
             c0 += kc;
         }
@@ -183,8 +206,7 @@ unsafe fn widen(w: &Matrix, r: usize, c0: usize, kc: usize, dst: *mut f32) {
     }
 }
 
-/// `R` rows × `V` vectors of 8 tokens: `c[i·cs + j] += Σ_{p < kc} w[i·KC + p] · x[p·cs + j]`
-/// (`cs` the padded token count, shared by `x` and `c`).
+/// `R` rows × `V` vectors of 8 tokens: `c[i·cs + j] += Σ_{p < kc} w[i·KC + p] · x[p·NT + j]`.
 ///
 /// # Safety
 /// AVX2, FMA; every element addressed is in bounds.
@@ -194,8 +216,8 @@ unsafe fn tile<const R: usize, const V: usize>(
     kc: usize,
     w: *const f32,
     x: *const f32,
-    cs: usize,
     c: *mut f32,
+    cs: usize,
 ) {
     // SAFETY (all accesses): in bounds by the caller's guarantee.
     unsafe {
@@ -206,7 +228,7 @@ unsafe fn tile<const R: usize, const V: usize>(
             }
         }
         for p in 0..kc {
-            let xv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(x.add(p * cs + 8 * v)));
+            let xv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(x.add(p * NT + 8 * v)));
             for i in 0..R {
                 let wv = _mm256_broadcast_ss(&*w.add(i * KC + p));
                 for v in 0..V {
@@ -220,4 +242,28 @@ unsafe fn tile<const R: usize, const V: usize>(
             }
         }
     }
+}
+
+/// `iters` rounds of 12 independent 8-lane fused multiply-adds on registers: the core's f32
+/// peak on this tier, with nothing else in the loop (a compute probe for `bench --kernels`).
+///
+/// # Safety
+/// AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn peak_probe(iters: usize) -> f32 {
+    let a = _mm256_set1_ps(1.0);
+    let b = std::hint::black_box(_mm256_set1_ps(1e-9));
+    let mut acc = [_mm256_setzero_ps(); 12];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(a, b, *v);
+        }
+    }
+    let s = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` is 8 writable floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+    lanes.iter().sum()
 }
