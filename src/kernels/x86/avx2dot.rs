@@ -113,7 +113,7 @@ pub unsafe fn rows(
                 };
                 // SAFETY: rows r..end exist, xs holds t padded rows, `out` covers them.
                 unsafe {
-                    block_rows::<Bytes>(
+                    block_rows::<InMemory<u8>>(
                         q.as_ptr(),
                         k,
                         xs.as_ptr(),
@@ -136,7 +136,7 @@ pub unsafe fn rows(
             }
             // SAFETY: the rows exist, xs holds t padded rows, `out` covers them.
             unsafe {
-                block_rows::<Halves>(
+                block_rows::<InMemory<u16>>(
                     d.as_ptr() as *const u8,
                     k,
                     xs.as_ptr(),
@@ -349,96 +349,71 @@ trait Stored: Rows {
     fn at(w: *const u8, k: usize) -> Self;
 }
 
-/// e4m3 rows.
-struct Bytes {
-    w: *const u8,
+/// A stored weight type: how 8 of them widen to f32.
+trait Elem: Copy + Default {
+    /// # Safety
+    /// AVX2; 8 readable values at `p`.
+    unsafe fn widen8(p: *const Self) -> __m256;
+}
+
+impl Elem for u8 {
+    /// e4m3 as `value · 2⁻¹²⁰` (module comment).
+    #[inline(always)]
+    unsafe fn widen8(p: *const u8) -> __m256 {
+        // SAFETY: 8 readable bytes at p (the caller's guarantee).
+        let b = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_and_si256(
+            _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
+            _mm256_set1_epi32(FP8_BITS),
+        ))
+    }
+}
+
+impl Elem for u16 {
+    /// bfloat16.
+    #[inline(always)]
+    unsafe fn widen8(p: *const u16) -> __m256 {
+        // SAFETY: 8 readable values at p (the caller's guarantee).
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+/// Rows of `E` in memory, `k` apart: e4m3 bytes (`u8`) or BF16 (`u16`).
+struct InMemory<E> {
+    w: *const E,
     k: usize,
 }
 
-impl Stored for Bytes {
-    fn at(w: *const u8, k: usize) -> Bytes {
-        Bytes { w, k }
-    }
-}
-
-/// 8 e4m3 bytes as `value · 2⁻¹²⁰` (module comment).
-///
-/// # Safety
-/// AVX2.
-#[inline(always)]
-unsafe fn widen_e4m3(b: __m128i) -> __m256 {
-    _mm256_castsi256_ps(_mm256_and_si256(
-        _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
-        _mm256_set1_epi32(FP8_BITS),
-    ))
-}
-
-/// 8 bfloat16 values as f32.
-///
-/// # Safety
-/// AVX2.
-#[inline(always)]
-unsafe fn widen_bf16(h: __m128i) -> __m256 {
-    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-}
-
-impl Rows for Bytes {
-    const ELEM: usize = 1;
-    fn whole(&self) -> usize {
-        self.k / 8 * 8
-    }
-    #[inline(always)]
-    unsafe fn group(&self, i: usize, c: usize) -> __m256 {
-        // SAFETY: 8 bytes of row i at c (the caller's guarantee).
-        unsafe { widen_e4m3(_mm_loadl_epi64(self.w.add(i * self.k + c) as *const __m128i)) }
-    }
-    #[inline(always)]
-    unsafe fn tail(&self, i: usize) -> __m256 {
-        // Copied, not loaded: past the last row's end nothing may be read.
-        let mut b = [0u8; 8];
-        for (c, v) in (self.whole()..self.k).zip(b.iter_mut()) {
-            // SAFETY: c < k, within row i.
-            *v = unsafe { *self.w.add(i * self.k + c) };
-        }
-        // SAFETY: `b` is 8 bytes.
-        unsafe { widen_e4m3(_mm_loadl_epi64(b.as_ptr() as *const __m128i)) }
-    }
-}
-
-/// BF16 rows.
-struct Halves {
-    w: *const u16,
-    k: usize,
-}
-
-impl Stored for Halves {
-    fn at(w: *const u8, k: usize) -> Halves {
-        Halves {
-            w: w as *const u16,
+impl<E: Elem> Stored for InMemory<E> {
+    fn at(w: *const u8, k: usize) -> InMemory<E> {
+        InMemory {
+            w: w as *const E,
             k,
         }
     }
 }
 
-impl Rows for Halves {
-    const ELEM: usize = 2;
+impl<E: Elem> Rows for InMemory<E> {
+    const ELEM: usize = std::mem::size_of::<E>();
     fn whole(&self) -> usize {
         self.k / 8 * 8
     }
     #[inline(always)]
     unsafe fn group(&self, i: usize, c: usize) -> __m256 {
         // SAFETY: 8 values of row i at c (the caller's guarantee).
-        unsafe { widen_bf16(_mm_loadu_si128(self.w.add(i * self.k + c) as *const __m128i)) }
+        unsafe { E::widen8(self.w.add(i * self.k + c)) }
     }
     #[inline(always)]
     unsafe fn tail(&self, i: usize) -> __m256 {
-        let mut h = [0u16; 8];
-        for (c, v) in (self.whole()..self.k).zip(h.iter_mut()) {
+        // Copied, not loaded: past the last row's end nothing may be read.
+        let mut v = [E::default(); 8];
+        for (c, e) in (self.whole()..self.k).zip(v.iter_mut()) {
             // SAFETY: c < k, within row i.
-            *v = unsafe { *self.w.add(i * self.k + c) };
+            *e = unsafe { *self.w.add(i * self.k + c) };
         }
-        // SAFETY: `h` is 16 bytes.
-        unsafe { widen_bf16(_mm_loadu_si128(h.as_ptr() as *const __m128i)) }
+        // SAFETY: `v` holds 8 values.
+        unsafe { E::widen8(v.as_ptr()) }
     }
 }
 
