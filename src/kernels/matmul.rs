@@ -6,8 +6,10 @@
 //!   exactly, so results match the reference up to summation order (`x86::avx512`).
 //! - [`Precision::Fast`]: BF16 and FP8 weights go through bfloat16 dot products where the CPU
 //!   has them (`x86::bf16dot`, `x86::fp8dot`; activations rounded to bfloat16 — for FP8 after
-//!   the block scale is applied to them — f32 accumulation). Other weights, and CPUs without
-//!   AVX-512 BF16, compute as `Exact`.
+//!   the block scale is applied to them — f32 accumulation). On CPUs with AVX2 but no AVX-512,
+//!   FP8 and BF16 weights take f32 kernels of their own (`x86::avx2dot`: the FP8 block scale
+//!   applied to the activation in f32 instead of to each weight; `x86::avx2gemm` for prompt
+//!   chunks). Other weights, and CPUs with AVX-512 but without BF16, compute as `Exact`.
 //!
 //! Either way each token's result is the same whatever else is in the batch.
 
@@ -23,7 +25,8 @@ use crate::checkpoint::{Matrix, MatrixData};
 /// How matrix products round their inputs (the CLI's `--exact`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
-    /// Bfloat16 dot products for BF16 and FP8 weights where the CPU has them.
+    /// Bfloat16 dot products for BF16 and FP8 weights where the CPU has them; on AVX2 CPUs,
+    /// f32 kernels with the FP8 block scale on the activations.
     #[default]
     Fast,
     /// f32 activations and accumulation everywhere, weights as stored.
