@@ -10,7 +10,9 @@
 //! - `Fast`, blocked kernel (prompt-chunk tokens): Σ bf16(x)·w, FP8 weights times their
 //!   block's scale in f32 (never rounded into an input).
 //!
-//! Elsewhere `Fast` must equal `Exact`.
+//! Elsewhere `Fast` must equal `Exact` within the tolerance below, including the AVX2 kernels:
+//! their FP8 dot products round `s·x` once in f32 where `Exact` rounds `w·s` (one relative
+//! 2⁻²⁴ per term), and their blocked kernel sums in another order.
 //!
 //! Tolerance: both sides sum the same exact products (bfloat16 × bfloat16 is exact in f32);
 //! only the f32 accumulation order differs, ~1e-7 relative per addition over ≤ 4096 terms.
