@@ -234,9 +234,14 @@ fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round
             for hh in 0..group {
                 let qh = &q[(g * group + hh) * hd..(g * group + hh + 1) * hd];
                 let mut acc = [0.0f32; L];
-                for c in (0..lanes).step_by(L) {
+                // Whole chunks zipped, so no index is checked inside (the compiler then keeps
+                // the 16 lanes in vectors); the same sums in the same order.
+                for (qc, rc) in qh[..lanes]
+                    .chunks_exact(L)
+                    .zip(row[..lanes].chunks_exact(L))
+                {
                     for l in 0..L {
-                        acc[l] += qh[c + l] * row[c + l];
+                        acc[l] += qc[l] * rc[l];
                     }
                 }
                 let mut dot: f32 = acc.iter().sum();
