@@ -232,24 +232,8 @@ unsafe fn block_rows<S: Stored>(
             let o = out.skip(r - rows.start, j);
             // Only the first pass over the rows streams them in; the others read cache.
             let pf = (j == 0).then_some(pf);
-            macro_rules! go {
-                ($n:literal, $t:literal) => {
-                    // SAFETY: rows r..r+nr exist, x holds tokens j..j+nt, o covers them.
-                    unsafe { tile::<_, $n, $t>(&src, x.add(j * kp), kp, o, pf, factor) }
-                };
-            }
-            match (nr, nt) {
-                (6, _) => go!(6, 1),
-                (5, _) => go!(5, 1),
-                (4, 2) => go!(4, 2),
-                (4, _) => go!(4, 1),
-                (3, 2) => go!(3, 2),
-                (3, _) => go!(3, 1),
-                (2, 2) => go!(2, 2),
-                (2, _) => go!(2, 1),
-                (_, 2) => go!(1, 2),
-                _ => go!(1, 1),
-            }
+            // SAFETY: rows r..r+nr exist, x holds tokens j..j+nt, o covers them.
+            unsafe { shaped_tile(nr, nt, &src, x.add(j * kp), kp, o, pf, factor) };
             j += nt;
         }
         r += nr;
@@ -301,27 +285,50 @@ unsafe fn buffered<S: Stored>(
             while j < t {
                 let nt = TB.min(t - j);
                 let o = out.skip(r - rows.start + i, j);
-                macro_rules! go {
-                    ($n:literal, $t:literal) => {
-                        // SAFETY: the buffer holds rows i..i+nr, x tokens j..j+nt, o both.
-                        unsafe { tile::<_, $n, $t>(&src, x.add(j * kp), kp, o, None, factor) }
-                    };
-                }
-                match (nr, nt) {
-                    (4, 2) => go!(4, 2),
-                    (4, _) => go!(4, 1),
-                    (3, 2) => go!(3, 2),
-                    (3, _) => go!(3, 1),
-                    (2, 2) => go!(2, 2),
-                    (2, _) => go!(2, 1),
-                    (_, 2) => go!(1, 2),
-                    _ => go!(1, 1),
-                }
+                // SAFETY: the buffer holds rows i..i+nr, x tokens j..j+nt, o both.
+                unsafe { shaped_tile(nr, nt, &src, x.add(j * kp), kp, o, None, factor) };
                 j += nt;
             }
             i += nr;
         }
         r += np;
+    }
+}
+
+/// [`tile`] for `nr` rows (up to [`ONE_TOKEN_ROWS`] for one token, up to [`RB`] for more)
+/// and `nt` tokens (up to [`TB`]).
+///
+/// # Safety
+/// As for [`tile`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn shaped_tile<R: Rows>(
+    nr: usize,
+    nt: usize,
+    w: &R,
+    x: *const f32,
+    xs: usize,
+    out: OutRows,
+    prefetch: Option<*const u8>,
+    factor: f32,
+) {
+    macro_rules! go {
+        ($n:literal, $t:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe { tile::<R, $n, $t>(w, x, xs, out, prefetch, factor) }
+        };
+    }
+    match (nr, nt) {
+        (6, _) => go!(6, 1),
+        (5, _) => go!(5, 1),
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (3, 2) => go!(3, 2),
+        (3, _) => go!(3, 1),
+        (2, 2) => go!(2, 2),
+        (2, _) => go!(2, 1),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
     }
 }
 
