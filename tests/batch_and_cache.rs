@@ -143,9 +143,25 @@ fn snapshot_restore_resumes_exactly() {
         // Same computation except the chunking of the DeltaNet prefill: f32 rounding only.
         assert!(diff < 1e-4, "position {p}: max |Δ| {diff}");
     }
-    // A snapshot from the future cannot be restored.
-    let mut fresh = model.new_cache(10);
-    assert!(fresh.restore(&snap).is_err());
+    // Restored into another sequence (a shared prefix), the snapshot gives the same bits as
+    // in its own; its K/V blocks are shared, so the first sequence's later rows stay its own.
+    let mut other = model.new_cache(seq.len());
+    other.restore(&snap).unwrap();
+    let again = model
+        .forward(&mut [SeqInput {
+            tokens: &seq[100..],
+            cache: &mut other,
+            want: Want::All,
+        }])
+        .unwrap();
+    assert_eq!(bits(&again[0].logits), bits(&out[0].logits));
+    // A snapshot deeper than a sequence may grow cannot be restored into it.
+    let mut short = model.new_cache(10);
+    assert!(short.restore(&snap).is_err());
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
 }
 
 #[test]

@@ -62,6 +62,28 @@ impl Kv<'_> {
     }
 }
 
+/// A sequence's cache in blocks of [`CHUNK`] positions (`cache::blocks`), block `i` holding
+/// positions `i·CHUNK..`, of which the first `len` are read.
+#[derive(Clone, Copy)]
+pub struct Paged<'a> {
+    pub blocks: &'a [Kv<'a>],
+    pub len: usize,
+}
+
+impl<'a> Paged<'a> {
+    /// Per chunk of `0..len`: its block and the chunk's positions within it.
+    pub fn chunks(self) -> impl Iterator<Item = (Kv<'a>, Range<usize>)> {
+        chunks(self.len).map(move |r| {
+            let base = r.start / CHUNK * CHUNK;
+            let block = Kv {
+                len: r.end - base,
+                ..self.blocks[r.start / CHUNK]
+            };
+            (block, r.start - base..r.end - base)
+        })
+    }
+}
+
 /// The chunks of a context of `ctx` positions.
 pub fn chunks(ctx: usize) -> impl Iterator<Item = Range<usize>> {
     (0..ctx)
@@ -121,15 +143,18 @@ impl Part {
 
 /// Causal softmax attention of one token's query heads `q` (`[heads, hd]`) over positions
 /// `0..kv.len` of the cache, into `out` (`[heads, hd]`): its chunks in order, folded.
-pub fn attend(q: &[f32], kv: Kv, out: &mut [f32]) {
-    let heads = q.len() / kv.hd;
-    let mut acc = Part::new(heads, kv.hd);
-    let mut next = Part::new(heads, kv.hd);
-    for (i, range) in chunks(kv.len).enumerate() {
+pub fn attend(q: &[f32], kv: Paged, out: &mut [f32]) {
+    let Some(first) = kv.blocks.first() else {
+        return;
+    };
+    let heads = q.len() / first.hd;
+    let mut acc = Part::new(heads, first.hd);
+    let mut next = Part::new(heads, first.hd);
+    for (i, (block, range)) in kv.chunks().enumerate() {
         if i == 0 {
-            attend_chunk(q, kv, range, &mut acc);
+            attend_chunk(q, block, range, &mut acc);
         } else {
-            attend_chunk(q, kv, range, &mut next);
+            attend_chunk(q, block, range, &mut next);
             acc.fold(&next);
         }
     }
@@ -280,7 +305,29 @@ fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round
 
 #[cfg(test)]
 mod tests {
-    use super::{attend, attend_chunk, chunk_portable, chunk_with, chunks, Kv, Part, Rows, CHUNK};
+    use super::{
+        attend, attend_chunk, chunk_portable, chunk_with, chunks, Kv, Paged, Part, Rows, CHUNK,
+    };
+
+    /// `kv`'s rows cut into blocks of [`CHUNK`] positions, as the cache stores them.
+    fn blocks<'a>(kv: Kv<'a>) -> Vec<Kv<'a>> {
+        let w = kv.heads * kv.hd;
+        let cut = |rows: Rows<'a>, b: usize| {
+            let r = b * CHUNK * w..((b + 1) * CHUNK).min(kv.len) * w;
+            match rows {
+                Rows::F32(d) => Rows::F32(&d[r]),
+                Rows::Bf16(d) => Rows::Bf16(&d[r]),
+            }
+        };
+        (0..kv.len.div_ceil(CHUNK))
+            .map(|b| Kv {
+                k: cut(kv.k, b),
+                v: cut(kv.v, b),
+                len: (kv.len - b * CHUNK).min(CHUNK),
+                ..kv
+            })
+            .collect()
+    }
 
     fn rnd_vec(seed: &mut u64, n: usize) -> Vec<f32> {
         (0..n)
@@ -409,7 +456,15 @@ mod tests {
                 len: ctx,
             };
             let mut got = vec![0.0f32; q.len()];
-            attend(&q, kv, &mut got);
+            let paged = blocks(kv);
+            attend(
+                &q,
+                Paged {
+                    blocks: &paged,
+                    len: ctx,
+                },
+                &mut got,
+            );
             for h in 0..nkv * group {
                 let off = h / group * hd;
                 let s: Vec<f64> = (0..ctx)
@@ -440,7 +495,8 @@ mod tests {
 
     /// What the model relies on to split a token's chunks over the pool: each chunk's part
     /// computed on its own, into a part holding stale values from other work, then folded in
-    /// chunk order, gives the same bits as [`attend`].
+    /// chunk order, gives the same bits as [`attend`]; and reading the rows from the cache's
+    /// blocks gives the same bits as reading them from one contiguous array.
     #[test]
     fn parts_computed_apart_fold_to_the_same_bits() {
         let mut seed = 0x1234_5678u64;
@@ -457,7 +513,15 @@ mod tests {
         };
         let heads = nkv * group;
         let mut want = vec![0.0f32; heads * hd];
-        attend(&q, kv, &mut want);
+        let paged = blocks(kv);
+        attend(
+            &q,
+            Paged {
+                blocks: &paged,
+                len: ctx,
+            },
+            &mut want,
+        );
         // Later chunks first, each into a part left dirty by the one before.
         let ranges: Vec<_> = chunks(ctx).collect();
         let mut parts = vec![Part::new(heads, hd); ranges.len()];

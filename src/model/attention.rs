@@ -10,7 +10,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
-use crate::kernels::attention::{attend, attend_chunk, chunks, Kv, Part};
+use crate::kernels::attention::{attend, attend_chunk, Kv, Paged, Part};
 use crate::kernels::matmul::products;
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::pool;
@@ -100,7 +100,7 @@ impl Attention {
         // Queries: split from the gates, normed, rotated. Keys: normed, rotated, appended.
         let mut q = vec![0.0f32; t * nh * hd];
         for ((rows, state), &start) in seqs.iter_mut().zip(starts) {
-            let LayerState::Full { k: kc, v: vc } = &mut **state else {
+            let LayerState::Full(kv) = &mut **state else {
                 unreachable!("attention layer given a DeltaNet cache");
             };
             for (i, ti) in rows.clone().enumerate() {
@@ -110,8 +110,7 @@ impl Attention {
                 for head in kt.chunks_mut(hd) {
                     rope.apply(head, &cos, &sin);
                 }
-                kc.push(kt);
-                vc.push(&v_new[ti * kvw..(ti + 1) * kvw]);
+                kv.push(kt, &v_new[ti * kvw..(ti + 1) * kvw]);
                 let qt = &mut q[ti * nh * hd..(ti + 1) * nh * hd];
                 let src = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
                 for h in 0..nh {
@@ -130,23 +129,27 @@ impl Attention {
         // (`kernels::attention`), so a token's result does not depend on its batch.
         let mut o = vec![0.0f32; t * nh * hd];
         {
-            // Each token's view of its sequence's cache, by the token's row in the batch.
-            let mut token_kv: Vec<Option<Kv>> = vec![None; t];
-            for ((rows, st), &start) in seqs.iter().zip(starts) {
-                let LayerState::Full { k, v } = &**st else {
-                    unreachable!("attention layer given a DeltaNet cache")
-                };
+            // Each sequence's blocks, and each token's view of them, by the token's row in the
+            // batch.
+            let views: Vec<Vec<Kv>> = seqs
+                .iter()
+                .map(|(_, st)| match &**st {
+                    LayerState::Full(kv) => kv.views(),
+                    LayerState::Linear { .. } => {
+                        unreachable!("attention layer given a DeltaNet cache")
+                    }
+                })
+                .collect();
+            let mut token_kv: Vec<Option<Paged>> = vec![None; t];
+            for (((rows, _), &start), blocks) in seqs.iter().zip(starts).zip(&views) {
                 for (i, ti) in rows.clone().enumerate() {
-                    token_kv[ti] = Some(Kv {
-                        k: k.view(),
-                        v: v.view(),
-                        heads: nkv,
-                        hd,
+                    token_kv[ti] = Some(Paged {
+                        blocks,
                         len: start + i + 1,
                     });
                 }
             }
-            let token_kv: Vec<Kv> = token_kv
+            let token_kv: Vec<Paged> = token_kv
                 .into_iter()
                 .map(|kv| kv.expect("every row of the batch belongs to a sequence"))
                 .collect();
@@ -164,24 +167,24 @@ impl Attention {
             let lock = |ti: usize| outs[ti].lock().unwrap_or_else(|e| e.into_inner());
             let pool = pool::global();
             if t < 2 * pool.threads() {
-                let tasks: Vec<(usize, Range<usize>)> = (0..t)
-                    .flat_map(|ti| chunks(token_kv[ti].len).map(move |r| (ti, r)))
+                let tasks: Vec<(usize, Kv, Range<usize>)> = (0..t)
+                    .flat_map(|ti| token_kv[ti].chunks().map(move |(b, r)| (ti, b, r)))
                     .collect();
                 let parts: Vec<Mutex<Part>> = tasks
                     .iter()
                     .map(|_| Mutex::new(Part::new(nh, hd)))
                     .collect();
                 pool.run(tasks.len(), &|i| {
-                    let (ti, range) = tasks[i].clone();
+                    let (ti, block, range) = tasks[i].clone();
                     let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-                    attend_chunk(q_of(ti), token_kv[ti], range, &mut part);
+                    attend_chunk(q_of(ti), block, range, &mut part);
                 });
                 let mut parts = parts
                     .into_iter()
                     .map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner()));
                 for (ti, kv) in token_kv.iter().enumerate() {
                     let mut acc = parts.next().expect("one part per chunk");
-                    for _ in 1..chunks(kv.len).count() {
+                    for _ in 1..kv.chunks().count() {
                         acc.fold(&parts.next().expect("one part per chunk"));
                     }
                     let mut out = lock(ti);

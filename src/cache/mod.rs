@@ -1,0 +1,194 @@
+//! The hybrid cache of one sequence: per DeltaNet layer the conv state (last `Kc−1` raw
+//! inputs) and the f32 recurrent state; per attention layer the K/V of every past token, in
+//! f32 (`--exact`) or bfloat16 (the fast path: half the memory, and half the bytes decode
+//! reads per token at long contexts).
+//! K/V live in shared blocks (`blocks.rs`) and DeltaNet states are fixed-size, so a
+//! [`Snapshot`] is a copy of the states and a list of blocks, and restoring one into any
+//! sequence of the model is a copy back — the basis of prefix reuse (`prefix.rs`) and of
+//! speculative decoding's rollback.
+
+pub mod blocks;
+pub mod prefix;
+
+use anyhow::{bail, Result};
+use std::sync::Arc;
+
+pub use blocks::{KvBlock, KvDtype, PagedKv, BLOCK};
+
+use crate::config::{Config, LayerType};
+
+pub enum LayerState {
+    Linear {
+        /// `[Kc−1, conv_dim]`, oldest first.
+        conv: Vec<f32>,
+        /// `[HV, dk, dv]`.
+        ssm: Vec<f32>,
+    },
+    /// `[len, kv_heads · head_dim]` keys (post-norm, post-RoPE) and values.
+    Full(PagedKv),
+}
+
+pub struct SeqCache {
+    pos: usize,
+    max_len: usize,
+    pub(crate) layers: Vec<LayerState>,
+}
+
+/// A sequence's whole state at a position: copies of the DeltaNet states and, shared, the
+/// attention K/V blocks up to it. Immutable once taken; see [`SeqCache::restore`].
+#[derive(Clone)]
+pub struct Snapshot {
+    pos: usize,
+    linear: Vec<(Vec<f32>, Vec<f32>)>,
+    kv: Vec<Vec<Arc<KvBlock>>>,
+}
+
+impl Snapshot {
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes of the DeltaNet states it holds (its K/V blocks are shared and counted apart).
+    pub fn state_bytes(&self) -> usize {
+        self.linear
+            .iter()
+            .map(|(c, s)| 4 * (c.len() + s.len()))
+            .sum()
+    }
+
+    /// Per attention layer, its K/V blocks.
+    pub fn kv_blocks(&self) -> &[Vec<Arc<KvBlock>>] {
+        &self.kv
+    }
+}
+
+impl SeqCache {
+    /// An empty cache for a sequence of at most `max_len` tokens, K/V in f32.
+    pub fn new(cfg: &Config, max_len: usize) -> SeqCache {
+        SeqCache::with_kv(cfg, max_len, KvDtype::F32)
+    }
+
+    /// An empty cache for a sequence of at most `max_len` tokens, K/V stored as `kv`.
+    pub fn with_kv(cfg: &Config, max_len: usize, kv: KvDtype) -> SeqCache {
+        let conv_dim = cfg.linear_conv_dim();
+        let ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim;
+        let layers = cfg
+            .layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::Linear => LayerState::Linear {
+                    conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * conv_dim],
+                    ssm: vec![0.0; ssm],
+                },
+                LayerType::Full => {
+                    LayerState::Full(PagedKv::new(kv, cfg.num_key_value_heads, cfg.head_dim))
+                }
+            })
+            .collect();
+        SeqCache {
+            pos: 0,
+            max_len,
+            layers,
+        }
+    }
+
+    /// Tokens already processed (the position of the next token).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.pos += n;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut linear = Vec::new();
+        let mut kv = Vec::new();
+        for l in &self.layers {
+            match l {
+                LayerState::Linear { conv, ssm } => linear.push((conv.clone(), ssm.clone())),
+                LayerState::Full(p) => kv.push(p.blocks().to_vec()),
+            }
+        }
+        Snapshot {
+            pos: self.pos,
+            linear,
+            kv,
+        }
+    }
+
+    /// Puts the sequence in the state of `snap`, taken from any sequence of this model (an
+    /// earlier state of this one, or a shared prefix): DeltaNet states are copied, K/V blocks
+    /// shared.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        if snap.pos > self.max_len {
+            bail!(
+                "cannot restore a snapshot at position {} into a sequence of at most {} tokens",
+                snap.pos,
+                self.max_len
+            );
+        }
+        let linear = self
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerState::Linear { .. }))
+            .count();
+        if linear != snap.linear.len() || self.layers.len() - linear != snap.kv.len() {
+            bail!("snapshot does not belong to this model: its layers differ");
+        }
+        let live = self.layers.iter().filter_map(|l| match l {
+            LayerState::Linear { conv, ssm } => Some((conv.len(), ssm.len())),
+            LayerState::Full(_) => None,
+        });
+        if live
+            .zip(&snap.linear)
+            .any(|((c, s), (sc, ss))| c != sc.len() || s != ss.len())
+        {
+            bail!("snapshot does not belong to this model: state sizes differ");
+        }
+        let (mut lin, mut full) = (snap.linear.iter(), snap.kv.iter());
+        for l in &mut self.layers {
+            match l {
+                LayerState::Linear { conv, ssm } => {
+                    let (c, s) = lin.next().expect("counted above");
+                    conv.copy_from_slice(c);
+                    ssm.copy_from_slice(s);
+                }
+                LayerState::Full(p) => {
+                    p.share(full.next().expect("counted above"), snap.pos);
+                }
+            }
+        }
+        self.pos = snap.pos;
+        Ok(())
+    }
+
+    /// Bytes one decode step moves through this cache: each DeltaNet layer's conv history and
+    /// recurrent state read and written back, each attention layer's K/V rows read (the one
+    /// new row written is left out). Memory traffic on top of the weights, which the
+    /// bandwidth a decode step needs has to count.
+    pub fn decode_traffic(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Linear { conv, ssm } => 2 * 4 * (conv.len() + ssm.len()),
+                LayerState::Full(p) => p.row_bytes(),
+            })
+            .sum()
+    }
+
+    /// Bytes held by this cache.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Linear { conv, ssm } => 4 * (conv.len() + ssm.len()),
+                LayerState::Full(p) => p.bytes(),
+            })
+            .sum()
+    }
+}
