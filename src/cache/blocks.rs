@@ -81,6 +81,15 @@ impl KvBlock {
         }
     }
 
+    /// Bytes this block holds.
+    pub fn bytes_held(&self) -> usize {
+        let n = |r: &KvRows| match r {
+            KvRows::F32(d) => 4 * d.len(),
+            KvRows::Bf16(d) => 2 * d.len(),
+        };
+        n(&self.k) + n(&self.v)
+    }
+
     /// Bytes of one block of `width`-wide rows.
     pub fn bytes(dtype: KvDtype, width: usize) -> usize {
         2 * BLOCK * width * dtype.bytes()
