@@ -67,6 +67,7 @@ fn batched_greedy_equals_alone() {
         max_model_len: 512,
         prefill_chunk: 48,
         max_prefills_per_step: 2,
+        ..Default::default()
     };
     let lens = [3usize, 150, 17, 64, 1, 99, 33, 200, 8, 120];
     let reqs: Vec<GenRequest> = lens

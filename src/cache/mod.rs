@@ -92,6 +92,20 @@ impl SeqCache {
         }
     }
 
+    /// Back to an empty sequence: states zeroed, K/V let go.
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            match l {
+                LayerState::Linear { conv, ssm } => {
+                    conv.fill(0.0);
+                    ssm.fill(0.0);
+                }
+                LayerState::Full(p) => p.truncate(0),
+            }
+        }
+        self.pos = 0;
+    }
+
     /// Tokens already processed (the position of the next token).
     pub fn pos(&self) -> usize {
         self.pos

@@ -1,5 +1,6 @@
 //! Driving the model over sequences: scoring, and continuous batching for generation.
 
+pub mod chunking;
 pub mod scheduler;
 pub mod score;
 pub mod stats;

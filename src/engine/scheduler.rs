@@ -4,9 +4,17 @@
 //! sequence. Tokens go back to the requester over a channel; a requester that hangs up frees
 //! its slot at the next step.
 //!
-//! Results do not depend on the batch: every sequence's prompt is cut into the same chunks
-//! whatever else runs (chunk boundaries are fixed per sequence), and the model's kernels give
-//! a row the same value whatever the batch size.
+//! Results do not depend on the batch nor on the prefix cache: every prompt is cut into the
+//! same chunks whatever else runs and whatever was cached (`chunking.rs`), the model's kernels
+//! give a row the same value whatever the batch size, and a request resumes only from a
+//! state kept at one of its own cuts.
+//!
+//! With the prefix cache, a request starts from the deepest state kept for a prefix of its
+//! prompt (`cache::prefix`) and keeps its own at the cuts `Chunking::snapshot_points` names.
+//! After a chat answer, the server asks for the conversation as its next request will render
+//! it to be computed ahead (`Engine::warm`): a background job, run only when no request
+//! waits or prefills, that keeps the state after the answer computed as a prompt, as the
+//! next request would compute it.
 
 use anyhow::{bail, Result};
 use std::collections::VecDeque;
@@ -16,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::chunking::{Chunking, Markers};
 use super::stats::Stats;
+use crate::cache::prefix::PrefixCache;
 use crate::cache::SeqCache;
 use crate::model::{Model, SeqInput, Want};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
@@ -31,6 +41,24 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Sequences prefilling in the same step at most, so running streams keep flowing.
     pub max_prefills_per_step: usize,
+    /// The chat template's message markers, where prompts are cut besides every
+    /// `prefill_chunk` positions.
+    pub markers: Markers,
+    /// Bytes the prefix cache may hold; `None`: no prefix cache.
+    pub prefix_cache: Option<usize>,
+    /// Prompt positions between states kept during a long prefill (a multiple of
+    /// `prefill_chunk`).
+    pub snapshot_interval: usize,
+}
+
+impl EngineConfig {
+    pub fn chunking(&self) -> Chunking {
+        Chunking {
+            chunk: self.prefill_chunk,
+            markers: self.markers.clone(),
+            interval: self.snapshot_interval,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -40,6 +68,9 @@ impl Default for EngineConfig {
             max_model_len: 4096,
             prefill_chunk: 256,
             max_prefills_per_step: 2,
+            markers: Markers::default(),
+            prefix_cache: None,
+            snapshot_interval: 2048,
         }
     }
 }
@@ -80,6 +111,8 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens found in the prefix cache, not computed.
+        cached_tokens: usize,
     },
     Error(String),
 }
@@ -94,6 +127,7 @@ enum Cmd {
         at: Instant,
     },
     Cancel(RequestId),
+    Warm(Vec<u32>),
 }
 
 /// A handle to the scheduler thread; cheap to clone.
@@ -157,7 +191,19 @@ impl Engine {
     pub fn cancel(&self, id: RequestId) {
         let _ = self.tx.send(Cmd::Cancel(id));
     }
+
+    /// Asks for the state after `tokens` (a conversation as its next request will begin) to
+    /// be computed and kept, when the engine has nothing else to do. Without a prefix cache,
+    /// nothing happens.
+    pub fn warm(&self, tokens: Vec<u32>) {
+        if self.config.prefix_cache.is_some() && tokens.len() < self.config.max_model_len {
+            let _ = self.tx.send(Cmd::Warm(tokens));
+        }
+    }
 }
+
+/// Conversations waiting to be computed ahead at most; older ones are dropped.
+const MAX_WARM_QUEUE: usize = 8;
 
 struct Running {
     id: RequestId,
@@ -167,6 +213,12 @@ struct Running {
     sampler: Sampler,
     /// Prompt tokens already fed.
     fed: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+    /// Prompt positions after `fed` whose states go into the prefix cache, in order.
+    points: VecDeque<usize>,
+    /// A background job computing a conversation ahead: no output, no events.
+    warm: bool,
     output: Vec<u32>,
     max_new: usize,
     submitted: Instant,
@@ -181,6 +233,9 @@ struct Scheduler {
     free: Vec<usize>,
     waiting: VecDeque<(RequestId, GenRequest, UnboundedSender<Event>, Instant)>,
     running: Vec<Running>,
+    chunking: Chunking,
+    prefix: Option<PrefixCache>,
+    warming: VecDeque<Vec<u32>>,
 }
 
 impl Scheduler {
@@ -191,18 +246,21 @@ impl Scheduler {
         Scheduler {
             free: (0..cfg.max_num_seqs).rev().collect(),
             model,
+            chunking: cfg.chunking(),
+            prefix: cfg.prefix_cache.map(PrefixCache::new),
             cfg,
             stats,
             slots,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            warming: VecDeque::new(),
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         loop {
             // Block only when there is nothing to do.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.warming.is_empty() {
                 match rx.recv() {
                     Ok(c) => self.command(c),
                     Err(_) => return,
@@ -213,7 +271,7 @@ impl Scheduler {
                     Ok(c) => self.command(c),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        if self.running.is_empty() && self.waiting.is_empty() {
+                        if self.running.iter().all(|r| r.warm) && self.waiting.is_empty() {
                             return;
                         }
                         break;
@@ -243,19 +301,34 @@ impl Scheduler {
                             reason: FinishReason::Cancelled,
                             prompt_tokens: req.prompt.len(),
                             completion_tokens: 0,
+                            cached_tokens: 0,
                         });
                     }
                 }
-                if let Some(i) = self.running.iter().position(|r| r.id == id) {
+                if let Some(i) = self.running.iter().position(|r| r.id == id && !r.warm) {
                     let r = self.running.swap_remove(i);
                     self.finish(r, FinishReason::Cancelled);
                 }
+            }
+            Cmd::Warm(tokens) => {
+                if self.warming.len() == MAX_WARM_QUEUE {
+                    self.warming.pop_front();
+                }
+                self.warming.push_back(tokens);
             }
         }
     }
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
+            if self.free.is_empty() {
+                // A request waits: a background job gives its slot up.
+                let Some(i) = self.running.iter().position(|r| r.warm) else {
+                    break;
+                };
+                let r = self.running.swap_remove(i);
+                self.free.push(r.slot);
+            }
             let Some(slot) = self.free.pop() else { break };
             let Some((id, req, events, at)) = self.waiting.pop_front() else {
                 self.free.push(slot);
@@ -273,9 +346,20 @@ impl Scheduler {
                     continue;
                 }
             };
-            self.slots[slot] = self.model.new_cache(self.cfg.max_model_len);
             let room = self.cfg.max_model_len.saturating_sub(req.prompt.len());
             let max_new = req.max_tokens.min(room);
+            // The logits of the prompt's last token are computed, never cached.
+            let limit = req.prompt.len() - 1;
+            let points = self.chunking.snapshot_points(&req.prompt);
+            let cached = self.resume(slot, &req.prompt, limit);
+            if self.prefix.is_some() {
+                self.stats
+                    .prefix_queries
+                    .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hits
+                    .fetch_add(cached as u64, Ordering::Relaxed);
+            }
             self.running.push(Running {
                 id,
                 max_new,
@@ -283,11 +367,79 @@ impl Scheduler {
                 events,
                 slot,
                 sampler,
-                fed: 0,
+                fed: cached,
+                cached,
+                points: points.into_iter().filter(|&p| p > cached).collect(),
+                warm: false,
                 output: Vec::new(),
                 submitted: at,
                 last_token: None,
             });
+        }
+        // Background jobs, one at a time, when no request waits.
+        while self.waiting.is_empty() && !self.running.iter().any(|r| r.warm) {
+            let Some(tokens) = self.warming.pop_front() else {
+                break;
+            };
+            let points = self.chunking.snapshot_points(&tokens);
+            let Some(&last) = points.last() else { continue };
+            if self
+                .prefix
+                .as_mut()
+                .is_none_or(|c| c.contains(&tokens[..last]))
+            {
+                continue;
+            }
+            let Some(slot) = self.free.pop() else {
+                self.warming.push_front(tokens);
+                break;
+            };
+            let fed = self.resume(slot, &tokens, last);
+            let mut req = GenRequest {
+                prompt: tokens,
+                sampling: SamplingParams::default(),
+                max_tokens: 0,
+                stop_token_ids: Vec::new(),
+                logprobs: None,
+            };
+            req.prompt.truncate(last);
+            let Ok(sampler) = Sampler::new(req.sampling.clone()) else {
+                self.free.push(slot);
+                continue;
+            };
+            self.running.push(Running {
+                id: 0,
+                max_new: 0,
+                req,
+                events: unbounded_channel().0,
+                slot,
+                sampler,
+                fed,
+                cached: fed,
+                points: points.into_iter().filter(|&p| p > fed).collect(),
+                warm: true,
+                output: Vec::new(),
+                submitted: Instant::now(),
+                last_token: None,
+            });
+        }
+    }
+
+    /// Readies `slot` for `prompt`: from the deepest state the prefix cache holds for a
+    /// prefix of at most `limit` tokens, or from the start. Returns the position it resumes
+    /// at.
+    fn resume(&mut self, slot: usize, prompt: &[u32], limit: usize) -> usize {
+        let cache = &mut self.slots[slot];
+        cache.reset();
+        let Some(hit) = self.prefix.as_mut().and_then(|c| c.lookup(prompt, limit)) else {
+            return 0;
+        };
+        match cache.restore(&hit.snap) {
+            Ok(()) => hit.snap.pos(),
+            Err(_) => {
+                cache.reset();
+                0
+            }
         }
     }
 
@@ -296,7 +448,7 @@ impl Scheduler {
         // Drop sequences whose requester went away.
         let mut i = 0;
         while i < self.running.len() {
-            if self.running[i].events.is_closed() {
+            if !self.running[i].warm && self.running[i].events.is_closed() {
                 let r = self.running.swap_remove(i);
                 self.finish(r, FinishReason::Cancelled);
             } else {
@@ -312,14 +464,22 @@ impl Scheduler {
         for &i in &order {
             let r = &self.running[i];
             if r.fed < r.req.prompt.len() {
-                if prefills < self.cfg.max_prefills_per_step {
-                    let end = (r.fed + self.cfg.prefill_chunk).min(r.req.prompt.len());
+                // A background job only when no request prefills.
+                if prefills < self.cfg.max_prefills_per_step && !(r.warm && prefills > 0) {
+                    let end = self.chunking.chunk_end(&r.req.prompt, r.fed);
                     plan.push((i, r.fed..end));
                     prefills += 1;
                 }
             } else {
                 plan.push((i, 0..0));
             }
+        }
+        // ...and not beside them either, when they come later in the order.
+        if plan
+            .iter()
+            .any(|&(i, ref range)| !range.is_empty() && !self.running[i].warm)
+        {
+            plan.retain(|&(i, _)| !self.running[i].warm);
         }
         if plan.is_empty() {
             return;
@@ -340,7 +500,7 @@ impl Scheduler {
                     want: Want::Last,
                 });
             } else {
-                let last = range.end == r.req.prompt.len();
+                let last = range.end == r.req.prompt.len() && !r.warm;
                 batch.push(SeqInput {
                     tokens: &r.req.prompt[range.clone()],
                     cache,
@@ -371,10 +531,26 @@ impl Scheduler {
             let r = &mut self.running[i];
             if !range.is_empty() {
                 r.fed = range.end;
-                self.stats
-                    .prompt_tokens
-                    .fetch_add(range.len() as u64, Ordering::Relaxed);
+                let counter = if r.warm {
+                    &self.stats.warm_tokens
+                } else {
+                    &self.stats.prompt_tokens
+                };
+                counter.fetch_add(range.len() as u64, Ordering::Relaxed);
+                if r.points.front() == Some(&r.fed) {
+                    r.points.pop_front();
+                    if let Some(cache) = self.prefix.as_mut() {
+                        let tokens = &r.req.prompt[..r.fed];
+                        if !cache.contains(tokens) {
+                            cache.insert(tokens, Arc::new(self.slots[r.slot].snapshot()));
+                        }
+                    }
+                }
                 if r.fed < r.req.prompt.len() {
+                    continue;
+                }
+                if r.warm {
+                    done.push((i, FinishReason::Length));
                     continue;
                 }
             }
@@ -429,6 +605,7 @@ impl Scheduler {
             reason,
             prompt_tokens: r.req.prompt.len(),
             completion_tokens: r.output.len(),
+            cached_tokens: r.cached,
         });
         self.free.push(r.slot);
     }
@@ -437,12 +614,23 @@ impl Scheduler {
         self.stats
             .queued
             .store(self.waiting.len(), Ordering::Relaxed);
-        self.stats
-            .running
-            .store(self.running.len(), Ordering::Relaxed);
+        self.stats.running.store(
+            self.running.iter().filter(|r| !r.warm).count(),
+            Ordering::Relaxed,
+        );
         self.stats
             .free_slots
             .store(self.free.len(), Ordering::Relaxed);
+        if let Some(c) = &self.prefix {
+            let p = c.stats();
+            self.stats.prefix_bytes.store(p.bytes, Ordering::Relaxed);
+            self.stats
+                .prefix_snapshots
+                .store(p.snapshots, Ordering::Relaxed);
+            self.stats
+                .prefix_evictions
+                .store(p.evictions, Ordering::Relaxed);
+        }
     }
 }
 

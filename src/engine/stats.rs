@@ -46,6 +46,16 @@ pub struct Stats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub free_slots: AtomicUsize,
+    /// Prompt tokens of requests looked up in the prefix cache, and of those the tokens
+    /// found there (not computed).
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    /// What the prefix cache holds now, and has evicted so far.
+    pub prefix_bytes: AtomicUsize,
+    pub prefix_snapshots: AtomicUsize,
+    pub prefix_evictions: AtomicU64,
+    /// Tokens computed ahead of a conversation's next request (`Engine::warm`).
+    pub warm_tokens: AtomicU64,
     /// Time to first token.
     pub ttft: Histogram,
     /// Inter-token latency.

@@ -732,6 +732,7 @@ mod tests {
                     reason: FinishReason::Stop,
                     prompt_tokens: 5,
                     completion_tokens: ids.len() + 1,
+                    cached_tokens: 0,
                 },
             ]);
         for ev in events {
