@@ -173,7 +173,8 @@ fn stop_tokens_and_bad_requests() {
     let mut req = greedy(prompt(6, 5, v), 50);
     req.stop_token_ids = vec![first];
     let ev = collect(engine.submit(req).unwrap().1, WAIT);
-    assert!(matches!(ev[0], Event::Token { is_stop: true, .. }));
+    assert!(matches!(ev[0], Event::Started { cached_tokens: 0 }));
+    assert!(matches!(ev[1], Event::Token { is_stop: true, .. }));
     assert!(matches!(
         ev.last(),
         Some(Event::Done {

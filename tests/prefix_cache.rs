@@ -102,14 +102,16 @@ fn outcome(events: &[Event]) -> (Outcome, usize) {
                     .map(|&(t, l)| (t, l.to_bits()))
                     .collect(),
             )),
-            Event::Done { cached_tokens, .. } => {
+            Event::Started { cached_tokens } => {
                 cached = *cached_tokens;
                 None
             }
+            Event::Done { .. } => None,
             Event::Error(e) => panic!("request failed: {e}"),
         })
         .collect();
-    assert_ne!(cached, usize::MAX, "no Done event: {:?}", events.last());
+    assert_ne!(cached, usize::MAX, "no Started event: {events:?}");
+    assert!(matches!(events.last(), Some(Event::Done { .. })));
     (Outcome { tokens }, cached)
 }
 

@@ -193,6 +193,11 @@ impl PagedKv {
         self.blocks.len() * KvBlock::bytes(self.dtype, self.width())
     }
 
+    /// Bytes of one position's key and value rows.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.width() * self.dtype.bytes()
+    }
+
     /// Bytes of the rows held, what decode reads per token.
     pub fn row_bytes(&self) -> usize {
         2 * self.len * self.width() * self.dtype.bytes()

@@ -195,6 +195,17 @@ impl SeqCache {
             .sum()
     }
 
+    /// Bytes of K/V one more token adds (over all attention layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Full(p) => p.bytes_per_token(),
+                LayerState::Linear { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
         self.layers

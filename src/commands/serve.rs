@@ -47,10 +47,31 @@ pub struct Args {
     /// Chat template replacing the checkpoint's (.jinja, or JSON with `chat_template`).
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// Keep the states of prompts so that requests sharing a prefix with an earlier one (the
+    /// next turn of a chat, an agent's next step, a shared system prompt) compute only the
+    /// rest; `--no-enable-prefix-caching` turns it off. Outputs are the same either way.
+    #[arg(
+        long,
+        default_value_t = true,
+        overrides_with = "no_enable_prefix_caching"
+    )]
+    enable_prefix_caching: bool,
+    #[arg(long, hide = true, overrides_with = "enable_prefix_caching")]
+    no_enable_prefix_caching: bool,
+    /// Memory the prefix cache may hold, e.g. `4GiB`, `512MiB` (default: a quarter of the
+    /// memory available at start-up, at most 8 GiB).
+    #[arg(long, value_parser = parse_bytes)]
+    prefix_cache_memory: Option<usize>,
     #[command(flatten)]
     load: super::LoadArg,
     #[command(flatten)]
     precision: super::PrecisionArg,
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64() as usize)
+        .map_err(|e| format!("not a size such as 4GiB or 512MiB: {e}"))
 }
 
 pub fn main(a: Args, verbose: bool) -> Result<()> {
@@ -84,6 +105,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         load_mode: a.load.mode(),
         precision: a.precision.precision(),
         lm_head_q8: a.precision.lm_head == super::LmHeadChoice::Q8,
+        prefix_caching: a.enable_prefix_caching && !a.no_enable_prefix_caching,
+        prefix_cache_memory: a.prefix_cache_memory,
     };
     let handle = server::start(cfg)?;
     if verbose {

@@ -99,6 +99,11 @@ pub enum FinishReason {
 
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The request got a slot; `cached_tokens` of its prompt were found in the prefix cache
+    /// and are not computed.
+    Started {
+        cached_tokens: usize,
+    },
     Token {
         id: u32,
         /// Set when the request asked for log-probabilities.
@@ -111,8 +116,6 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
-        /// Prompt tokens found in the prefix cache, not computed.
-        cached_tokens: usize,
     },
     Error(String),
 }
@@ -213,8 +216,6 @@ struct Running {
     sampler: Sampler,
     /// Prompt tokens already fed.
     fed: usize,
-    /// Prompt tokens taken from the prefix cache.
-    cached: usize,
     /// Prompt positions after `fed` whose states go into the prefix cache, in order.
     points: VecDeque<usize>,
     /// A background job computing a conversation ahead: no output, no events.
@@ -301,7 +302,6 @@ impl Scheduler {
                             reason: FinishReason::Cancelled,
                             prompt_tokens: req.prompt.len(),
                             completion_tokens: 0,
-                            cached_tokens: 0,
                         });
                     }
                 }
@@ -360,6 +360,9 @@ impl Scheduler {
                     .prefix_hits
                     .fetch_add(cached as u64, Ordering::Relaxed);
             }
+            let _ = events.send(Event::Started {
+                cached_tokens: cached,
+            });
             self.running.push(Running {
                 id,
                 max_new,
@@ -368,7 +371,6 @@ impl Scheduler {
                 slot,
                 sampler,
                 fed: cached,
-                cached,
                 points: points.into_iter().filter(|&p| p > cached).collect(),
                 warm: false,
                 output: Vec::new(),
@@ -415,7 +417,6 @@ impl Scheduler {
                 slot,
                 sampler,
                 fed,
-                cached: fed,
                 points: points.into_iter().filter(|&p| p > fed).collect(),
                 warm: true,
                 output: Vec::new(),
@@ -605,7 +606,6 @@ impl Scheduler {
             reason,
             prompt_tokens: r.req.prompt.len(),
             completion_tokens: r.output.len(),
-            cached_tokens: r.cached,
         });
         self.free.push(r.slot);
     }

@@ -17,6 +17,7 @@ use super::generate::{
 };
 use super::params::{self, as_bool, Body, MAX_LOGPROBS};
 use super::{misc, read_body, sse, AppState, ReasoningParser, ToolCallParser};
+use crate::text::tool_calls::ParsedOutput;
 use crate::text::{parse_output, OutputDelta, OutputParsers, OutputStream, ToolCallIds};
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
@@ -25,6 +26,16 @@ const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 pub struct Rendered {
     pub text: String,
     pub parsers: OutputParsers,
+    /// What renders the conversation with this request's answer appended, as the next
+    /// request will send it; `None` when the prompt is not a new assistant turn.
+    pub next_turn: Option<NextTurn>,
+}
+
+/// The normalised messages, tools and template arguments of a request.
+pub struct NextTurn {
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    extra: Map<String, Value>,
 }
 
 /// Checks and normalises `messages` and `tools` as vLLM does, and renders the chat template.
@@ -111,6 +122,11 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
             ))
         }
     };
+    let next_turn = (add_generation_prompt && !continue_final).then(|| NextTurn {
+        messages: messages.clone(),
+        tools: tools.clone(),
+        extra: extra.clone(),
+    });
     let msgs = Value::Array(messages);
     let mut text = template
         .render(&msgs, tools.as_ref(), add_generation_prompt, &extra)
@@ -150,6 +166,7 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
     }
     Ok(Rendered {
         text,
+        next_turn,
         parsers: OutputParsers {
             reasoning: st.reasoning_parser == ReasoningParser::DeepseekR1,
             tool_calls: has_tools
@@ -157,6 +174,75 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
                 && st.tool_call_parser == ToolCallParser::Hermes,
         },
     })
+}
+
+/// Stands in for the next user message when the conversation is rendered ahead.
+const NEXT_USER: &str = "\u{1}qnext: the next user message\u{1}";
+
+/// Asks the engine to compute ahead the conversation as its next request will render it:
+/// the messages so far and `answer` (the assistant message of the response), so that the
+/// next request finds its state after the answer in the prefix cache (`Engine::warm`).
+/// Templates may render an answer differently depending on what follows (the Thinking
+/// template keeps the reasoning of an answer only while no user message follows it), so
+/// both continuations are rendered: followed by a user message (cut where it begins) and as
+/// the last message (a tool result follows). Where they agree the engine computes one.
+fn warm_next_turn(st: &AppState, next: &NextTurn, answer: Value) {
+    let Ok(template) = st.template.as_ref() else {
+        return;
+    };
+    let Ok(answer) = normalize_message(next.messages.len(), &answer) else {
+        return;
+    };
+    let calls_tools = answer.get("tool_calls").is_some();
+    let mut msgs = next.messages.clone();
+    msgs.push(answer);
+    let render = |msgs: Vec<Value>| {
+        template
+            .render(&Value::Array(msgs), next.tools.as_ref(), false, &next.extra)
+            .ok()
+    };
+    let last = render(msgs.clone());
+    msgs.push(json!({"role": "user", "content": NEXT_USER}));
+    let before_user = render(msgs).and_then(|text| {
+        let at = text.rfind(NEXT_USER)?;
+        // Back to where the user message begins: the template's header before the text.
+        let header = text[..at].rfind("<|im_start|>")?;
+        Some(text[..header].to_owned())
+    });
+    let mut texts = [before_user, last];
+    if calls_tools {
+        texts.reverse();
+    }
+    for text in texts.into_iter().flatten() {
+        if let Ok(tokens) = misc::encode(st, &text, false, "messages") {
+            st.engine.warm(tokens);
+        }
+    }
+}
+
+/// The assistant message of a response.
+fn assistant_message(parsed: &ParsedOutput, reasoning: bool) -> Map<String, Value> {
+    let mut message = Map::new();
+    message.insert("role".into(), json!("assistant"));
+    message.insert("content".into(), json!(parsed.content));
+    if reasoning {
+        message.insert("reasoning_content".into(), json!(parsed.reasoning));
+    }
+    if !parsed.tool_calls.is_empty() {
+        let calls: Vec<Value> = parsed
+            .tool_calls
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id,
+                    "type": "function",
+                    "function": {"name": t.name, "arguments": t.arguments},
+                })
+            })
+            .collect();
+        message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    message
 }
 
 fn normalize_messages(v: Option<&Value>) -> ApiResult<Vec<Value>> {
@@ -427,6 +513,7 @@ async fn run(
         created: super::unix_time(),
         prompt_tokens: prompt.len(),
         parsers: rendered.parsers,
+        next_turn: rendered.next_turn,
         sub,
         choices,
         want_logprobs: logprobs,
@@ -446,6 +533,7 @@ struct Job {
     created: u64,
     prompt_tokens: usize,
     parsers: OutputParsers,
+    next_turn: Option<NextTurn>,
     sub: Submitted,
     choices: Vec<Choice>,
     want_logprobs: bool,
@@ -489,25 +577,9 @@ async fn complete(mut job: Job) -> ApiResult<Response> {
             return Err(ApiError::internal(format!("generation failed: {msg}")));
         }
         let parsed = parse_output(&texts[i], job.parsers, &mut ToolCallIds::new());
-        let mut message = Map::new();
-        message.insert("role".into(), json!("assistant"));
-        message.insert("content".into(), json!(parsed.content));
-        if job.parsers.reasoning {
-            message.insert("reasoning_content".into(), json!(parsed.reasoning));
-        }
-        if !parsed.tool_calls.is_empty() {
-            let calls: Vec<Value> = parsed
-                .tool_calls
-                .iter()
-                .map(|t| {
-                    json!({
-                        "id": t.id,
-                        "type": "function",
-                        "function": {"name": t.name, "arguments": t.arguments},
-                    })
-                })
-                .collect();
-            message.insert("tool_calls".into(), Value::Array(calls));
+        let message = assistant_message(&parsed, job.parsers.reasoning);
+        if let (1, Some(next)) = (n, &job.next_turn) {
+            warm_next_turn(&job.st, next, Value::Object(message.clone()));
         }
         let reason = parsed.finish_reason(finish.reason());
         job.st.metrics.count_finish(finish.reason());
@@ -609,6 +681,8 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
             let mut parsers: Vec<OutputStream> = (0..n)
                 .map(|_| OutputStream::new(job.parsers, ToolCallIds::new()))
                 .collect();
+            // The whole text of a single choice, for the conversation's next turn.
+            let mut whole = String::new();
             loop {
                 let next = tokio::select! {
                     _ = tx.closed() => return,
@@ -618,6 +692,9 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                 let mut out = Vec::new();
                 if !step.text.is_empty() {
                     out.extend(deltas(parsers[i].push(&step.text)));
+                    if n == 1 && job.next_turn.is_some() {
+                        whole.push_str(&step.text);
+                    }
                 }
                 let finish = if step.finished {
                     let finish = job.choices[i].finish.clone().unwrap_or(Finish::Abort);
@@ -629,6 +706,11 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                     }
                     out.extend(deltas(parsers[i].finish()));
                     job.st.metrics.count_finish(finish.reason());
+                    if let (1, Some(next)) = (n, &job.next_turn) {
+                        let parsed = parse_output(&whole, job.parsers, &mut ToolCallIds::new());
+                        let message = assistant_message(&parsed, job.parsers.reasoning);
+                        warm_next_turn(&job.st, next, Value::Object(message));
+                    }
                     Some(finish)
                 } else {
                     None
@@ -732,7 +814,6 @@ mod tests {
                     reason: FinishReason::Stop,
                     prompt_tokens: 5,
                     completion_tokens: ids.len() + 1,
-                    cached_tokens: 0,
                 },
             ]);
         for ev in events {

@@ -211,6 +211,8 @@ pub struct Choice {
     stop: StopMatcher,
     /// Tokens generated so far (the stop token included, as vLLM counts them).
     pub completion_tokens: usize,
+    /// Prompt tokens the prefix cache held.
+    pub cached_tokens: usize,
     pub finish: Option<Finish>,
     user_stop_ids: Arc<Vec<u32>>,
     want_logprobs: bool,
@@ -229,6 +231,7 @@ impl Choice {
             decode: DecodeStream::new(settings.skip_special_tokens),
             stop: StopMatcher::new(settings.stop.clone(), settings.include_stop_str_in_output),
             completion_tokens: 0,
+            cached_tokens: 0,
             finish: None,
             user_stop_ids,
             want_logprobs: settings.logprobs.is_some(),
@@ -247,6 +250,7 @@ impl Choice {
             return step;
         }
         match event {
+            Event::Started { cached_tokens } => self.cached_tokens = cached_tokens,
             Event::Token {
                 id,
                 logprob,
@@ -458,13 +462,17 @@ pub fn lp_json(x: f32) -> serde_json::Value {
     serde_json::json!(v)
 }
 
-/// The `usage` object of a response: prompt tokens once, completion tokens of every choice.
+/// The `usage` object of a response: prompt tokens once, completion tokens of every choice;
+/// as cached prompt tokens, the fewest any choice found in the prefix cache (each choice
+/// runs as its own sequence).
 pub fn usage(prompt: usize, choices: &[Choice]) -> serde_json::Value {
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    let cached = choices.iter().map(|c| c.cached_tokens).min().unwrap_or(0);
     serde_json::json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 

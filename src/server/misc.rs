@@ -109,6 +109,42 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         s.generated_tokens.load(Ordering::Relaxed).to_string(),
     );
     metric(
+        "prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+        s.prefix_queries.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (not computed).",
+        s.prefix_hits.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prefix_cache_bytes",
+        "gauge",
+        "Bytes the prefix cache holds (DeltaNet states and distinct K/V blocks).",
+        s.prefix_bytes.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prefix_cache_snapshots",
+        "gauge",
+        "Sequence states the prefix cache holds.",
+        s.prefix_snapshots.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prefix_cache_evictions_total",
+        "counter",
+        "Sequence states evicted from the prefix cache.",
+        s.prefix_evictions.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prefix_cache_warm_tokens_total",
+        "counter",
+        "Tokens of conversations computed ahead of their next request.",
+        s.warm_tokens.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
         "request_errors_total",
         "counter",
         "HTTP requests answered with an error status.",

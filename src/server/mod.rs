@@ -35,6 +35,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::checkpoint::LoadMode;
+use crate::engine::chunking::Markers;
 use crate::engine::stats::Histogram;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::Model;
@@ -91,6 +92,34 @@ pub struct ServerConfig {
     pub precision: Precision,
     /// An 8-bit copy of `lm_head` (`--lm-head q8`).
     pub lm_head_q8: bool,
+    /// Keep states of prompts for later requests that share a prefix.
+    pub prefix_caching: bool,
+    /// Bytes the prefix cache may hold; `None`: [`default_prefix_cache_bytes`].
+    pub prefix_cache_memory: Option<usize>,
+}
+
+/// The prefix cache's default budget: a quarter of the memory available at start-up, at
+/// most 8 GiB (llama.cpp's `--cache-ram` default); 1 GiB where that is unknown.
+pub fn default_prefix_cache_bytes() -> usize {
+    let available = crate::procfs::kb_field("/proc/meminfo", "MemAvailable:");
+    available.map_or(1 << 30, |b| (b as usize / 4).min(8 << 30))
+}
+
+/// Where chat prompts are cut (`engine::chunking`): after the template's end-of-message token
+/// and after its assistant header, if the tokenizer has them (ChatML, as Qwen's templates).
+pub fn chat_markers(tok: &Tokenizer) -> Markers {
+    let mut m = Markers::default();
+    if let Some(end) = tok.token_to_id("<|im_end|>") {
+        m.after_token.push(end);
+    }
+    if let (Some(start), Ok(rest)) = (
+        tok.token_to_id("<|im_start|>"),
+        tok.encode("assistant\n", false),
+    ) {
+        m.after_seq
+            .push(std::iter::once(start).chain(rest).collect());
+    }
+    m
 }
 
 impl Default for ServerConfig {
@@ -111,6 +140,8 @@ impl Default for ServerConfig {
             load_mode: LoadMode::Mmap,
             precision: Precision::default(),
             lm_head_q8: false,
+            prefix_caching: true,
+            prefix_cache_memory: None,
         }
     }
 }
@@ -161,6 +192,34 @@ pub struct AppState {
     pub metrics: ServerMetrics,
 }
 
+/// What the server's memory goes to, planned at start-up: weights, per token of K/V, per
+/// sequence of DeltaNet state, and the prefix cache's budget.
+fn memory_plan(model: &Model, e: &EngineConfig) -> String {
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let (weights, _) = model.weight_bytes();
+    let cache = model.new_cache(1);
+    let kv = cache.kv_bytes_per_token();
+    let state = cache.snapshot().state_bytes();
+    let cache = match e.prefix_cache {
+        Some(b) => format!(
+            "prefix cache {:.2} GiB (a snapshot every {} prompt tokens and at message ends)",
+            gib(b),
+            e.snapshot_interval
+        ),
+        None => "prefix cache off".into(),
+    };
+    format!(
+        "memory plan: weights {:.2} GiB; K/V {} KiB per token ({:.2} GiB per sequence of \
+         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {cache}",
+        gib(weights),
+        kv as f64 / 1024.0,
+        gib(kv * e.max_model_len),
+        e.max_model_len,
+        state as f64 / (1u64 << 20) as f64,
+        e.max_num_seqs,
+    )
+}
+
 impl AppState {
     /// Loads the checkpoint of `dir` and starts the engine.
     pub fn load(cfg: &ServerConfig, dir: PathBuf) -> Result<AppState> {
@@ -203,14 +262,19 @@ impl AppState {
         default_sampling
             .validate()
             .context("the sampling defaults of generation_config.json")?;
-        let engine = Engine::start(
-            Arc::new(model),
-            EngineConfig {
-                max_num_seqs: cfg.max_num_seqs,
-                max_model_len,
-                ..EngineConfig::default()
-            },
-        );
+        let prefix_cache = cfg.prefix_caching.then(|| {
+            cfg.prefix_cache_memory
+                .unwrap_or_else(default_prefix_cache_bytes)
+        });
+        let engine_cfg = EngineConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_model_len,
+            markers: chat_markers(&tokenizer),
+            prefix_cache,
+            ..EngineConfig::default()
+        };
+        eprintln!("{}", memory_plan(&model, &engine_cfg));
+        let engine = Engine::start(Arc::new(model), engine_cfg);
         let served_names = if cfg.served_model_name.is_empty() {
             vec![cfg.model.clone()]
         } else {
