@@ -40,6 +40,48 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
+/// Changes to config.json given on the command line, as vLLM takes them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    /// `--hf-overrides`: merged into the file, objects key by key, other values replaced.
+    pub hf: Option<Map<String, Value>>,
+    /// `--rope-scaling`: the `rope_scaling` object (merged into `rope_parameters` where the
+    /// file keeps its rope settings there, transformers v5's layout).
+    pub rope_scaling: Option<Map<String, Value>>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self.hf.is_none() && self.rope_scaling.is_none()
+    }
+
+    fn apply(&self, o: &mut Map<String, Value>) {
+        if let Some(hf) = &self.hf {
+            merge(o, hf);
+        }
+        if let Some(rs) = &self.rope_scaling {
+            match o.get_mut("rope_parameters").and_then(Value::as_object_mut) {
+                Some(nested) => merge(nested, rs),
+                None => {
+                    o.insert("rope_scaling".into(), Value::Object(rs.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// `over` merged into `base`: objects key by key, anything else replaced.
+fn merge(base: &mut Map<String, Value>, over: &Map<String, Value>) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(Value::Object(b)), Value::Object(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 /// `quantization_config` of the fine-grained FP8 checkpoints (spec §4.1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fp8Config {
@@ -82,9 +124,44 @@ pub struct Config {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
+        Config::from_file_with(path, &Overrides::default())
+    }
+
+    /// `path` read with `overrides` applied.
+    pub fn from_file_with(path: &Path, overrides: &Overrides) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        Config::from_json_str(&text).with_context(|| format!("invalid {}", path.display()))
+        let mut v: Value = serde_json::from_str(&text)
+            .context("not valid JSON")
+            .with_context(|| format!("invalid {}", path.display()))?;
+        if let Some(o) = v.as_object_mut() {
+            overrides.apply(o);
+        }
+        let obj = v
+            .as_object()
+            .ok_or_else(|| anyhow!("expected a JSON object at the top level"))
+            .with_context(|| format!("invalid {}", path.display()))?;
+        let what = if overrides.is_empty() {
+            format!("invalid {}", path.display())
+        } else {
+            format!("invalid {} with the overrides given", path.display())
+        };
+        Config::from_json(obj).context(what)
+    }
+
+    /// Positions a sequence may hold: `max_position_embeddings`, or with YaRN the original
+    /// context times the factor (as vLLM derives it; 1,048,576 for Qwen3-Next with factor 4).
+    pub fn context_length(&self) -> usize {
+        match self.rope.scaling {
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            } => self
+                .max_position_embeddings
+                .max((original_max_position_embeddings as f64 * factor) as usize),
+            RopeScaling::None => self.max_position_embeddings,
+        }
     }
 
     pub fn from_json_str(text: &str) -> Result<Config> {

@@ -296,3 +296,64 @@ fn qwen_vocab_real_tokenizer() {
         eprintln!("qwen-vocab feed {feed:?}: max |Δ logprob| = {worst:.2e}");
     }
 }
+
+/// `--rope-scaling` and `--hf-overrides` on a checkpoint whose config.json lacks the YaRN
+/// settings give the reference's logits of the one that has them (the yarn-f32 fixture's
+/// weights, its config without `rope_scaling`); without them, the logits are not the
+/// reference's, and the context is the original one.
+#[test]
+fn yarn_from_overrides() {
+    use qnext::config::Overrides;
+    let src = fixture("yarn-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let scaling = cfg["rope_scaling"].as_object().unwrap().clone();
+    cfg["rope_scaling"] = serde_json::Value::Null;
+    cfg["max_position_embeddings"] = serde_json::json!(2048);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let r = reference(&src);
+    let max_diff = |model: &Model| {
+        let ours = all_logprobs(model, &r.ids, Feed::All).unwrap();
+        ours.iter()
+            .zip(&r.logprobs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let load = |o: Overrides| {
+        let mut m = Model::load_overridden(dir.path(), LoadMode::Mmap, &o).unwrap();
+        m.precision = Precision::Exact;
+        m
+    };
+    let plain = load(Overrides::default());
+    assert_eq!(plain.cfg.context_length(), 2048);
+    assert!(
+        max_diff(&plain) > 100.0 * MAX_ABS,
+        "YaRN makes no difference?"
+    );
+    for o in [
+        Overrides {
+            rope_scaling: Some(scaling.clone()),
+            ..Overrides::default()
+        },
+        Overrides {
+            hf: Some(
+                serde_json::json!({ "rope_scaling": scaling })
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+            ..Overrides::default()
+        },
+    ] {
+        let m = load(o);
+        assert_eq!(m.cfg.context_length(), 8192);
+        let d = max_diff(&m);
+        assert!(d <= MAX_ABS, "max |Δ logprob| {d}");
+    }
+}

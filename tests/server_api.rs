@@ -816,3 +816,44 @@ fn metrics_text() {
     ));
     assert!(t.contains("# TYPE qnext:inter_token_latency_seconds histogram"));
 }
+
+/// A K/V budget for 1024 positions (the fixture's 64 bytes per position): requests that could
+/// never fit are refused with a 400 naming the parameter, an unasked `max_tokens` is cut to
+/// what fits, and the server keeps serving.
+#[test]
+fn requests_beyond_the_kv_budget_are_refused() {
+    let server = start(|c| c.kv_cache_memory = Some(1024 * 64));
+    let a = server.addr();
+    let long = "alpha ".repeat(1100);
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": long, "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "kv_cache_exceeded");
+    assert_eq!(r.json()["error"]["param"], "prompt");
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 1500}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "max_tokens");
+    assert!(r.text().contains("K/V cache"), "{}", r.text());
+    // Unasked, the output may take what is left of the budget, not of the context (2048).
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "alpha ".repeat(1000), "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let u = &r.json()["usage"];
+    assert!(u["total_tokens"].as_u64() <= Some(1024), "{u}");
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200);
+}

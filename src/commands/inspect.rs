@@ -56,7 +56,7 @@ pub fn main(dir: &Path) -> Result<()> {
         cfg.shared_expert_intermediate_size,
         cfg.norm_topk_prob
     );
-    println!("context          {}", cfg.max_position_embeddings);
+    println!("context          {}", cfg.context_length());
     if let Some(q) = &cfg.quantization {
         println!(
             "quantization     fp8 e4m3, blocks {}x{}",

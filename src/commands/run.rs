@@ -78,7 +78,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     }
     let mut model = super::load_model(&args.model, verbose, args.load.mode())?;
     args.precision.apply(&mut model);
-    let ctx = model.cfg.max_position_embeddings;
+    let ctx = model.cfg.context_length();
     if ids.len() >= ctx {
         bail!(
             "the prompt has {} tokens, the context length is {ctx}",

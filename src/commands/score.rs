@@ -66,11 +66,11 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     }
     let mut model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
     args.precision.apply(&mut model);
-    if ids.len() > model.cfg.max_position_embeddings {
+    if ids.len() > model.cfg.context_length() {
         bail!(
             "{} tokens exceed the model's context length {}",
             ids.len(),
-            model.cfg.max_position_embeddings
+            model.cfg.context_length()
         );
     }
     let t0 = std::time::Instant::now();

@@ -62,10 +62,35 @@ pub struct Args {
     /// memory available at start-up, at most 8 GiB).
     #[arg(long, value_parser = parse_bytes)]
     prefix_cache_memory: Option<usize>,
+    /// Memory for the K/V cache of the running sequences together, e.g. `16GiB`: a request
+    /// is admitted when what its prompt and max_tokens can need fits, and refused (400) if
+    /// it never could (default: the memory available once the model is loaded, less the
+    /// prefix cache's budget and 10 %).
+    #[arg(long, value_parser = parse_bytes)]
+    kv_cache_memory: Option<usize>,
+    /// JSON merged into the checkpoint's config.json, as vLLM's (objects key by key), e.g.
+    /// `{"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+    /// "original_max_position_embeddings": 262144}}` for contexts beyond 262,144 tokens.
+    #[arg(long, value_parser = parse_object)]
+    hf_overrides: Option<serde_json::Map<String, serde_json::Value>>,
+    /// JSON of a `rope_scaling` to use instead of the checkpoint's, e.g.
+    /// `{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":262144}`: YaRN
+    /// then allows the original context times the factor (use it only for contexts that need
+    /// it: static YaRN costs some quality on short texts).
+    #[arg(long, value_parser = parse_object)]
+    rope_scaling: Option<serde_json::Map<String, serde_json::Value>>,
     #[command(flatten)]
     load: super::LoadArg,
     #[command(flatten)]
     precision: super::PrecisionArg,
+}
+
+fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(other) => Err(format!("expected a JSON object, got {other}")),
+        Err(e) => Err(format!("not valid JSON: {e}")),
+    }
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -107,6 +132,11 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         lm_head_q8: a.precision.lm_head == super::LmHeadChoice::Q8,
         prefix_caching: a.enable_prefix_caching && !a.no_enable_prefix_caching,
         prefix_cache_memory: a.prefix_cache_memory,
+        kv_cache_memory: a.kv_cache_memory,
+        overrides: qnext::config::Overrides {
+            hf: a.hf_overrides,
+            rope_scaling: a.rope_scaling,
+        },
     };
     let handle = server::start(cfg)?;
     if verbose {

@@ -27,7 +27,12 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::chunking::{Chunking, Markers};
 use super::stats::Stats;
 use crate::cache::prefix::PrefixCache;
-use crate::cache::SeqCache;
+use crate::cache::{SeqCache, BLOCK};
+
+/// K/V bytes of a sequence of `tokens` positions, in whole blocks.
+fn kv_bytes(per_token: usize, tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK) * BLOCK * per_token
+}
 use crate::model::{Model, SeqInput, Want};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 
@@ -49,6 +54,10 @@ pub struct EngineConfig {
     /// Prompt positions between states kept during a long prefill (a multiple of
     /// `prefill_chunk`).
     pub snapshot_interval: usize,
+    /// Bytes of attention K/V the running sequences may hold together; `None`: no limit.
+    /// Each sequence reserves what its prompt and its `max_tokens` can need when admitted,
+    /// so a running sequence never runs out; a request that could never fit is refused.
+    pub kv_cache_memory: Option<usize>,
 }
 
 impl EngineConfig {
@@ -71,6 +80,7 @@ impl Default for EngineConfig {
             markers: Markers::default(),
             prefix_cache: None,
             snapshot_interval: 2048,
+            kv_cache_memory: None,
         }
     }
 }
@@ -140,10 +150,13 @@ pub struct Engine {
     next_id: Arc<AtomicU64>,
     pub stats: Arc<Stats>,
     pub config: EngineConfig,
+    /// K/V bytes per position of a sequence (all attention layers).
+    kv_per_token: usize,
 }
 
 impl Engine {
     pub fn start(model: Arc<Model>, config: EngineConfig) -> Engine {
+        let kv_per_token = model.new_cache(1).kv_bytes_per_token();
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats
@@ -160,13 +173,38 @@ impl Engine {
             next_id: Arc::new(AtomicU64::new(1)),
             stats,
             config,
+            kv_per_token,
         }
+    }
+
+    /// K/V bytes a sequence of `tokens` positions holds at most (whole blocks).
+    pub fn kv_bytes(&self, tokens: usize) -> usize {
+        kv_bytes(self.kv_per_token, tokens)
+    }
+
+    /// Positions one sequence can hold within the K/V budget (`usize::MAX`: no budget).
+    pub fn kv_capacity(&self) -> usize {
+        self.config.kv_cache_memory.map_or(usize::MAX, |b| {
+            b / (self.kv_per_token * BLOCK).max(1) * BLOCK
+        })
     }
 
     /// Queues a request; events arrive on the returned receiver until `Done` or `Error`.
     pub fn submit(&self, req: GenRequest) -> Result<(RequestId, UnboundedReceiver<Event>)> {
         if req.prompt.is_empty() {
             bail!("the prompt is empty");
+        }
+        let room = self.config.max_model_len.saturating_sub(req.prompt.len());
+        let positions = req.prompt.len() + req.max_tokens.min(room);
+        if positions > self.kv_capacity() {
+            bail!(
+                "{} prompt and output tokens need {:.2} GiB of K/V cache; this server holds {} \
+                 positions per sequence ({:.2} GiB)",
+                positions,
+                self.kv_bytes(positions) as f64 / (1u64 << 30) as f64,
+                self.kv_capacity(),
+                self.config.kv_cache_memory.unwrap_or(0) as f64 / (1u64 << 30) as f64
+            );
         }
         if req.prompt.len() >= self.config.max_model_len {
             bail!(
@@ -220,6 +258,8 @@ struct Running {
     points: VecDeque<usize>,
     /// A background job computing a conversation ahead: no output, no events.
     warm: bool,
+    /// K/V bytes reserved for it.
+    kv: usize,
     output: Vec<u32>,
     max_new: usize,
     submitted: Instant,
@@ -237,10 +277,14 @@ struct Scheduler {
     chunking: Chunking,
     prefix: Option<PrefixCache>,
     warming: VecDeque<Vec<u32>>,
+    /// K/V bytes per position, and reserved by the running sequences.
+    kv_per_token: usize,
+    kv_reserved: usize,
 }
 
 impl Scheduler {
     fn new(model: Arc<Model>, cfg: EngineConfig, stats: Arc<Stats>) -> Scheduler {
+        let model_kv = model.new_cache(1).kv_bytes_per_token();
         let slots = (0..cfg.max_num_seqs)
             .map(|_| model.new_cache(cfg.max_model_len))
             .collect();
@@ -255,6 +299,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             warming: VecDeque::new(),
+            kv_per_token: model_kv,
+            kv_reserved: 0,
         }
     }
 
@@ -319,15 +365,36 @@ impl Scheduler {
         }
     }
 
+    fn kv_fits(&self, need: usize) -> bool {
+        self.cfg
+            .kv_cache_memory
+            .is_none_or(|b| self.kv_reserved + need <= b)
+    }
+
+    /// Frees what a sequence held: its slot and its K/V reservation.
+    fn release(&mut self, r: &Running) {
+        self.free.push(r.slot);
+        self.kv_reserved -= r.kv;
+    }
+
     fn admit(&mut self) {
-        while !self.waiting.is_empty() {
-            if self.free.is_empty() {
-                // A request waits: a background job gives its slot up.
+        while let Some((_, head, _, _)) = self.waiting.front() {
+            let room = self.cfg.max_model_len.saturating_sub(head.prompt.len());
+            let kv = kv_bytes(
+                self.kv_per_token,
+                head.prompt.len() + head.max_tokens.min(room),
+            );
+            // A waiting request takes the slot and memory of background jobs.
+            while self.free.is_empty() || !self.kv_fits(kv) {
                 let Some(i) = self.running.iter().position(|r| r.warm) else {
                     break;
                 };
                 let r = self.running.swap_remove(i);
-                self.free.push(r.slot);
+                self.release(&r);
+            }
+            // Otherwise it waits for running requests to finish (oldest first).
+            if self.free.is_empty() || !self.kv_fits(kv) {
+                break;
             }
             let Some(slot) = self.free.pop() else { break };
             let Some((id, req, events, at)) = self.waiting.pop_front() else {
@@ -346,8 +413,8 @@ impl Scheduler {
                     continue;
                 }
             };
-            let room = self.cfg.max_model_len.saturating_sub(req.prompt.len());
             let max_new = req.max_tokens.min(room);
+            self.kv_reserved += kv;
             // The logits of the prompt's last token are computed, never cached.
             let limit = req.prompt.len() - 1;
             let points = self.chunking.snapshot_points(&req.prompt);
@@ -373,6 +440,7 @@ impl Scheduler {
                 fed: cached,
                 points: points.into_iter().filter(|&p| p > cached).collect(),
                 warm: false,
+                kv,
                 output: Vec::new(),
                 submitted: at,
                 last_token: None,
@@ -392,10 +460,15 @@ impl Scheduler {
             {
                 continue;
             }
+            let kv = kv_bytes(self.kv_per_token, last);
+            if !self.kv_fits(kv) {
+                continue;
+            }
             let Some(slot) = self.free.pop() else {
                 self.warming.push_front(tokens);
                 break;
             };
+            self.kv_reserved += kv;
             let fed = self.resume(slot, &tokens, last);
             let mut req = GenRequest {
                 prompt: tokens,
@@ -407,6 +480,7 @@ impl Scheduler {
             req.prompt.truncate(last);
             let Ok(sampler) = Sampler::new(req.sampling.clone()) else {
                 self.free.push(slot);
+                self.kv_reserved -= kv;
                 continue;
             };
             self.running.push(Running {
@@ -419,6 +493,7 @@ impl Scheduler {
                 fed,
                 points: points.into_iter().filter(|&p| p > fed).collect(),
                 warm: true,
+                kv,
                 output: Vec::new(),
                 submitted: Instant::now(),
                 last_token: None,
@@ -521,7 +596,7 @@ impl Scheduler {
                 for i in idx {
                     let r = self.running.swap_remove(i);
                     let _ = r.events.send(Event::Error(msg.clone()));
-                    self.free.push(r.slot);
+                    self.release(&r);
                 }
                 return;
             }
@@ -607,7 +682,7 @@ impl Scheduler {
             prompt_tokens: r.req.prompt.len(),
             completion_tokens: r.output.len(),
         });
-        self.free.push(r.slot);
+        self.release(&r);
     }
 
     fn publish(&self) {
@@ -621,6 +696,9 @@ impl Scheduler {
         self.stats
             .free_slots
             .store(self.free.len(), Ordering::Relaxed);
+        self.stats
+            .kv_reserved
+            .store(self.kv_reserved, Ordering::Relaxed);
         if let Some(c) = &self.prefix {
             let p = c.stats();
             self.stats.prefix_bytes.store(p.bytes, Ordering::Relaxed);

@@ -46,6 +46,8 @@ pub struct Stats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub free_slots: AtomicUsize,
+    /// K/V bytes the running sequences have reserved (`EngineConfig::kv_cache_memory`).
+    pub kv_reserved: AtomicUsize,
     /// Prompt tokens of requests looked up in the prefix cache, and of those the tokens
     /// found there (not computed).
     pub prefix_queries: AtomicU64,

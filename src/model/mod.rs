@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::cache::{KvDtype, LayerState, SeqCache};
 use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
-use crate::config::{Config, LayerType};
+use crate::config::{Config, LayerType, Overrides};
 use crate::kernels::matmul::{products, Job, Precision};
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::profile::{time, Kind};
@@ -181,10 +181,15 @@ impl Model {
 
     /// Like [`Model::load`], placing the weights as `mode` says.
     pub fn load_with(dir: &Path, mode: LoadMode) -> Result<Model> {
+        Model::load_overridden(dir, mode, &Overrides::default())
+    }
+
+    /// Like [`Model::load_with`], with `overrides` applied to config.json.
+    pub fn load_overridden(dir: &Path, mode: LoadMode, overrides: &Overrides) -> Result<Model> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
-        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let cfg = Config::from_file_with(&dir.join("config.json"), overrides)?;
         let ck = Checkpoint::open_with(dir, mode)?;
         Model::from_checkpoint(cfg, &ck)
     }
@@ -256,7 +261,7 @@ impl Model {
             Precision::Fast => KvDtype::Bf16,
             Precision::Exact => KvDtype::F32,
         };
-        SeqCache::with_kv(&self.cfg, max_len.min(self.cfg.max_position_embeddings), kv)
+        SeqCache::with_kv(&self.cfg, max_len.min(self.cfg.context_length()), kv)
     }
 
     /// Replaces a 16- or 32-bit `lm_head` by an 8-bit copy ([`Matrix::to_q8`], 128×128

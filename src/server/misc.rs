@@ -87,8 +87,15 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     metric(
         "kv_cache_usage_perc",
         "gauge",
-        "Fraction of sequence slots in use (1 = all).",
-        format!("{}", (max.saturating_sub(free)) as f64 / max.max(1) as f64),
+        "Fraction of the K/V budget the running sequences reserved (of the slots in use, \
+         without a budget; 1 = all).",
+        match st.engine.config.kv_cache_memory {
+            Some(b) => format!(
+                "{}",
+                s.kv_reserved.load(Ordering::Relaxed) as f64 / b.max(1) as f64
+            ),
+            None => format!("{}", (max.saturating_sub(free)) as f64 / max.max(1) as f64),
+        },
     );
     metric(
         "request_total",

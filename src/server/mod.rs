@@ -35,6 +35,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::checkpoint::LoadMode;
+use crate::config::Overrides;
 use crate::engine::chunking::Markers;
 use crate::engine::stats::Histogram;
 use crate::engine::{Engine, EngineConfig};
@@ -96,6 +97,11 @@ pub struct ServerConfig {
     pub prefix_caching: bool,
     /// Bytes the prefix cache may hold; `None`: [`default_prefix_cache_bytes`].
     pub prefix_cache_memory: Option<usize>,
+    /// Changes to config.json (`--hf-overrides`, `--rope-scaling`).
+    pub overrides: Overrides,
+    /// Bytes of K/V the running sequences may hold; `None`: what is left of the memory
+    /// available once the model is loaded, less the prefix cache's budget and a margin.
+    pub kv_cache_memory: Option<usize>,
 }
 
 /// The prefix cache's default budget: a quarter of the memory available at start-up, at
@@ -142,6 +148,8 @@ impl Default for ServerConfig {
             lm_head_q8: false,
             prefix_caching: true,
             prefix_cache_memory: None,
+            kv_cache_memory: None,
+            overrides: Overrides::default(),
         }
     }
 }
@@ -208,9 +216,22 @@ fn memory_plan(model: &Model, e: &EngineConfig) -> String {
         ),
         None => "prefix cache off".into(),
     };
+    let budget = match e.kv_cache_memory {
+        Some(b) => format!(
+            "K/V budget {:.2} GiB ({} tokens over all running sequences{})",
+            gib(b),
+            b / kv.max(1),
+            if b / kv.max(1) < e.max_model_len {
+                ": less than --max-model-len; longer requests are refused"
+            } else {
+                ""
+            }
+        ),
+        None => "no K/V budget".into(),
+    };
     format!(
-        "memory plan: weights {:.2} GiB; K/V {} KiB per token ({:.2} GiB per sequence of \
-         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {cache}",
+        "memory plan: weights {:.2} GiB; K/V {} KiB per token ({:.2} GiB for a sequence of \
+         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {budget}; {cache}",
         gib(weights),
         kv as f64 / 1024.0,
         gib(kv * e.max_model_len),
@@ -229,12 +250,12 @@ impl AppState {
             None => ChatTemplate::from_checkpoint_dir(&dir).map_err(|e| format!("{e:#}")),
         };
         let gen = GenerationConfig::from_dir(&dir)?;
-        let mut model = Model::load_with(&dir, cfg.load_mode)?;
+        let mut model = Model::load_overridden(&dir, cfg.load_mode, &cfg.overrides)?;
         model.precision = cfg.precision;
         if cfg.lm_head_q8 {
             model.quantize_lm_head();
         }
-        let ctx = model.cfg.max_position_embeddings;
+        let ctx = model.cfg.context_length();
         let max_model_len = cfg.max_model_len.unwrap_or(ctx);
         if max_model_len < 2 || max_model_len > ctx {
             bail!(
@@ -266,11 +287,19 @@ impl AppState {
             cfg.prefix_cache_memory
                 .unwrap_or_else(default_prefix_cache_bytes)
         });
+        // Whatever memory is left once the weights are in, less the prefix cache's budget,
+        // the sequences' DeltaNet states and 10 % for everything else.
+        let kv_cache_memory = cfg.kv_cache_memory.or_else(|| {
+            let available = crate::procfs::kb_field("/proc/meminfo", "MemAvailable:")? as usize;
+            let states = cfg.max_num_seqs * model.new_cache(1).bytes();
+            Some((available.saturating_sub(prefix_cache.unwrap_or(0) + states)) / 10 * 9)
+        });
         let engine_cfg = EngineConfig {
             max_num_seqs: cfg.max_num_seqs,
             max_model_len,
             markers: chat_markers(&tokenizer),
             prefix_cache,
+            kv_cache_memory,
             ..EngineConfig::default()
         };
         eprintln!("{}", memory_plan(&model, &engine_cfg));
@@ -348,6 +377,25 @@ impl AppState {
             .with_param(prompt_param));
         }
         let room = self.max_model_len - prompt_len;
+        // What one sequence may hold within the K/V budget.
+        let capacity = self.engine.kv_capacity();
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let kv_exceeded = |total: usize| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "kv_cache_exceeded",
+                format!(
+                    "{total} tokens ({prompt_len} in the prompt) need {:.2} GiB of K/V cache, \
+                     but this server holds at most {capacity} tokens per sequence ({:.2} GiB, \
+                     --kv-cache-memory). Please reduce the prompt or '{asked_param}'.",
+                    gib(self.engine.kv_bytes(total)),
+                    gib(self.engine.config.kv_cache_memory.unwrap_or(0)),
+                ),
+            )
+        };
+        if prompt_len >= capacity {
+            return Err(kv_exceeded(prompt_len + 1).with_param(prompt_param));
+        }
         match asked {
             Some(m) if m > room => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -361,8 +409,15 @@ impl AppState {
                 ),
             )
             .with_param(asked_param)),
+            Some(m) if prompt_len + m > capacity => {
+                Err(kv_exceeded(prompt_len + m).with_param(asked_param))
+            }
             Some(m) => Ok(m),
-            None => Ok(self.default_max_tokens.unwrap_or(room).clamp(1, room)),
+            // Unasked, the output may fill the context or the K/V budget, whichever is less.
+            None => Ok(self
+                .default_max_tokens
+                .unwrap_or(room)
+                .clamp(1, room.min(capacity - prompt_len))),
         }
     }
 }

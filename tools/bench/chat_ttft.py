@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Time to first token of each turn of a growing conversation, served by `qnext serve` with
+and without the prefix cache (standard library only).
+
+A chat: per turn a user message of about --turn-tokens tokens, an answer of --answer tokens
+sent back in the next turn. An agent: one user message, then after each answer a tool result
+of about --turn-tokens tokens, as an agent loop sends them. Both servers
+get the same conversation (the same seeded answers: outputs do not depend on the cache).
+
+  python3 tools/bench/chat_ttft.py --model /path/to/checkpoint --turns 10 --turn-tokens 800
+  python3 tools/bench/chat_ttft.py --model DIR --mode agent --out results.json
+
+The checkpoint needs tokenizer files; if it has none (a `qnext synth` checkpoint), the real
+Qwen tokenizer and chat template of tests/fixtures/qwen-vocab are copied into it. Prints one
+line per turn and server (prompt tokens, cached tokens, TTFT) and a table of the ratios."""
+
+import argparse
+import json
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+def words(n, seed):
+    return " ".join(WORDS[(seed * 7 + i * i * 3 + i) % len(WORDS)] for i in range(n))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, binary, model, extra, max_model_len):
+        self.port = free_port()
+        args = [binary, "serve", str(model), "--port", str(self.port), "--max-num-seqs", "2",
+                "--max-model-len", str(max_model_len), "--served-model-name", "m", *extra]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        self.log = []
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                sys.exit("server exited:\n" + "".join(self.log))
+            self.log.append(line)
+            if "listening on" in line:
+                break
+
+    def post_stream(self, body):
+        """(seconds to the first token, the answer text, usage) of a streamed chat request."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions",
+            data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        first, text, usage = None, [], None
+        with urllib.request.urlopen(req, timeout=7200) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if ev.get("usage"):
+                    usage = ev["usage"]
+                for c in ev.get("choices", []):
+                    # Every token's chunk carries its log-probability, also when its text is
+                    # empty (the first chunk, the role, carries none).
+                    if c.get("logprobs") and first is None:
+                        first = time.perf_counter() - t0
+                    text.append(c.get("delta", {}).get("content") or "")
+        return first, "".join(text), usage
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def conversation(server, a, label):
+    messages = [{"role": "system", "content": "You are a helpful assistant. " + words(200, 0)}]
+    rows = []
+    for turn in range(a.turns):
+        if a.mode == "chat" or turn == 0:
+            messages.append({"role": "user", "content": words(a.turn_tokens, turn + 1)})
+        body = {"model": "m", "messages": messages, "max_tokens": a.answer, "temperature": 0.7,
+                "seed": turn, "stream": True, "logprobs": True,
+                "stream_options": {"include_usage": True}}
+        ttft, text, usage = server.post_stream(body)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        rows.append({"turn": turn + 1, "prompt_tokens": usage["prompt_tokens"],
+                     "cached_tokens": cached, "ttft_s": ttft})
+        print(f"{label:9} turn {turn + 1:2}: prompt {usage['prompt_tokens']:6} tokens, "
+              f"cached {cached:6}, TTFT {ttft:8.2f} s", flush=True)
+        messages.append({"role": "assistant", "content": text})
+        if a.mode == "agent":
+            # A tool result follows every answer, as in an agent loop. (Random weights make
+            # no tool calls of their own, and calls written in here would not be what the
+            # model said, which a real loop sends back.)
+            messages.append({"role": "tool", "tool_call_id": f"call_{turn}",
+                             "content": words(a.turn_tokens, 100 + turn)})
+        # The pause a person or a tool takes before the next request.
+        time.sleep(a.think)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=pathlib.Path)
+    p.add_argument("--qnext", default=str(ROOT / "target" / "release" / "qnext"))
+    p.add_argument("--mode", choices=["chat", "agent"], default="chat")
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--turn-tokens", type=int, default=780)
+    p.add_argument("--answer", type=int, default=20)
+    p.add_argument("--think", type=float, default=2.0, help="seconds between a response and the next request")
+    p.add_argument("--max-model-len", type=int, default=32768)
+    p.add_argument("--only", choices=["cache", "nocache"], help="run one server only")
+    p.add_argument("--extra", default="", help="more `qnext serve` arguments, space-separated")
+    p.add_argument("--out", type=pathlib.Path)
+    a = p.parse_args()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if not (a.model / f).exists():
+            shutil.copy(ROOT / "tests" / "fixtures" / "qwen-vocab" / f, a.model / f)
+    results = {}
+    for label, flags in [("cache", []), ("nocache", ["--no-enable-prefix-caching"])]:
+        if a.only and a.only != label:
+            continue
+        s = Server(a.qnext, a.model, flags + a.extra.split(), a.max_model_len)
+        try:
+            results[label] = conversation(s, a, label)
+        finally:
+            s.stop()
+    if len(results) == 2:
+        print("\n| turn | prompt tokens | cached | TTFT with cache (s) | without (s) | ratio |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for c, n in zip(results["cache"], results["nocache"]):
+            print(f"| {c['turn']} | {c['prompt_tokens']} | {c['cached_tokens']} | {c['ttft_s']:.2f} "
+                  f"| {n['ttft_s']:.2f} | {n['ttft_s'] / c['ttft_s']:.1f}× |")
+    if a.out:
+        a.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
