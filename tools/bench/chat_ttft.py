@@ -83,6 +83,10 @@ class Server:
 
 
 def conversation(server, a, label):
+    # One small request first, so that the weights are in memory before the first turn.
+    server.post_stream({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                        "stream": True, "logprobs": True, "seed": 0,
+                        "stream_options": {"include_usage": True}})
     messages = [{"role": "system", "content": "You are a helpful assistant. " + words(200, 0)}]
     rows = []
     for turn in range(a.turns):
