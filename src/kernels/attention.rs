@@ -256,45 +256,24 @@ fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round
         };
         for (jj, j) in range.clone().enumerate() {
             widen(kv.k, j, &mut row);
-            // Four query heads at a time: their dot products are independent chains the
-            // core overlaps (one head's 16-lane chain alone waits on each add's latency).
-            // Each head's sum keeps its order, so the bits do not change.
-            let mut hh = 0;
-            while hh < group {
-                let heads = (group - hh).min(4);
-                let qh = |u: usize| &q[(g * group + hh + u) * hd..(g * group + hh + u + 1) * hd];
-                let mut acc = [[0.0f32; L]; 4];
-                if heads == 4 {
-                    let qs = [qh(0), qh(1), qh(2), qh(3)];
-                    for (c, rc) in row[..lanes].chunks_exact(L).enumerate() {
-                        for (a, qu) in acc.iter_mut().zip(&qs) {
-                            let qc = &qu[c * L..(c + 1) * L];
-                            for l in 0..L {
-                                a[l] += qc[l] * rc[l];
-                            }
-                        }
-                    }
-                } else {
-                    for (u, a) in acc.iter_mut().enumerate().take(heads) {
-                        for (qc, rc) in qh(u)[..lanes]
-                            .chunks_exact(L)
-                            .zip(row[..lanes].chunks_exact(L))
-                        {
-                            for l in 0..L {
-                                a[l] += qc[l] * rc[l];
-                            }
-                        }
+            for hh in 0..group {
+                let qh = &q[(g * group + hh) * hd..(g * group + hh + 1) * hd];
+                let mut acc = [0.0f32; L];
+                // Whole chunks zipped, so no index is checked inside (the compiler then keeps
+                // the 16 lanes in vectors); the same sums in the same order.
+                for (qc, rc) in qh[..lanes]
+                    .chunks_exact(L)
+                    .zip(row[..lanes].chunks_exact(L))
+                {
+                    for l in 0..L {
+                        acc[l] += qc[l] * rc[l];
                     }
                 }
-                for (u, a) in acc.iter().enumerate().take(heads) {
-                    let qu = qh(u);
-                    let mut dot: f32 = a.iter().sum();
-                    for c in lanes..hd {
-                        dot += qu[c] * row[c];
-                    }
-                    scores[(hh + u) * n + jj] = dot * scale;
+                let mut dot: f32 = acc.iter().sum();
+                for c in lanes..hd {
+                    dot += qh[c] * row[c];
                 }
-                hh += heads;
+                scores[hh * n + jj] = dot * scale;
             }
         }
         for hh in 0..group {
