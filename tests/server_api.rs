@@ -795,7 +795,10 @@ fn metrics_text() {
     chat(json!({"messages": user("metrics"), "max_tokens": 3}));
     let m = request(addr(), "GET", "/metrics", &[], None);
     assert_eq!(m.status, 200);
-    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(m
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     let t = m.text();
     for name in [
         "qnext:num_requests_running",
@@ -815,6 +818,18 @@ fn metrics_text() {
         "qnext:time_to_first_token_seconds_bucket{model_name=\"qwen-test\",le=\"+Inf\"}"
     ));
     assert!(t.contains("# TYPE qnext:inter_token_latency_seconds histogram"));
+    // Buckets are cumulative: the last holds every observation.
+    let inf = t
+        .lines()
+        .find(|l| l.starts_with("qnext:time_to_first_token_seconds_bucket") && l.contains("+Inf"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(
+        inf,
+        Some(metric(&t, "qnext:time_to_first_token_seconds_count"))
+    );
+    assert!(metric(&t, "qnext:prefix_cache_queries_total") >= 1.0);
+    assert!(t.ends_with("# EOF\n"));
 }
 
 /// A K/V budget for 1024 positions (the fixture's 64 bytes per position): requests that could

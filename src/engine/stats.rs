@@ -14,7 +14,7 @@ pub struct Histogram {
     inner: Mutex<HistState>,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default, Clone, Debug)]
 pub struct HistState {
     /// Observations ≤ each bucket bound (cumulative counts are formed when rendered).
     pub counts: [u64; BUCKETS.len()],

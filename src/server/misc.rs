@@ -1,7 +1,7 @@
 //! The small endpoints: models, health, version, metrics, tokenize, detokenize.
 
-use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -10,6 +10,13 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use prometheus_client::encoding::text::encode as encode_text;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
@@ -54,180 +61,169 @@ pub async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
-/// Prometheus text format, with vLLM's metric names under `qnext:`.
+/// A histogram of the engine's, as prometheus-client encodes one.
+#[derive(Debug)]
+struct Buckets(HistState);
+
+impl EncodeMetric for Buckets {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        // Per-bucket counts (the encoder sums them up), the last bucket (f64::MAX, written
+        // as +Inf) holding what lies above the largest bound.
+        let finite: u64 = self.0.counts.iter().sum();
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .copied()
+            .zip(self.0.counts.iter().copied())
+            .chain([(f64::MAX, self.0.count - finite)])
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum, self.0.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// OpenMetrics text (prometheus-client), with vLLM's metric names under `qnext:`, each
+/// labelled with the model name.
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let s = &st.engine.stats;
-    let model = escape_label(st.model_name());
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP qnext:{name} {help}");
-        let _ = writeln!(out, "# TYPE qnext:{name} {kind}");
-        let _ = writeln!(out, "qnext:{name}{{model_name=\"{model}\"}} {value}");
-    };
+    let mut reg = Registry::with_labels(
+        [(
+            Cow::Borrowed("model_name"),
+            Cow::Owned(st.model_name().to_owned()),
+        )]
+        .into_iter(),
+    );
+    let load = |a: &AtomicUsize| a.load(Ordering::Relaxed) as i64;
+    let count = |a: &AtomicU64| ConstCounter::new(a.load(Ordering::Relaxed));
     let max = st.engine.config.max_num_seqs;
     let free = s.free_slots.load(Ordering::Relaxed);
-    metric(
-        "num_requests_running",
-        "gauge",
-        "Number of requests in the running batch.",
-        s.running.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "num_requests_waiting",
-        "gauge",
-        "Number of requests waiting for a slot.",
-        s.queued.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "num_free_slots",
-        "gauge",
-        "Sequence slots (caches) not in use.",
-        free.to_string(),
-    );
-    metric(
-        "kv_cache_usage_perc",
-        "gauge",
-        "Fraction of the K/V budget the running sequences reserved (of the slots in use, \
-         without a budget; 1 = all).",
-        match st.engine.config.kv_cache_memory {
-            Some(b) => format!(
-                "{}",
-                s.kv_reserved.load(Ordering::Relaxed) as f64 / b.max(1) as f64
-            ),
-            None => format!("{}", (max.saturating_sub(free)) as f64 / max.max(1) as f64),
-        },
-    );
-    metric(
-        "request_total",
-        "counter",
-        "Generation requests submitted to the engine (one per choice).",
-        s.requests_total.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prompt_tokens_total",
-        "counter",
-        "Prompt tokens processed.",
-        s.prompt_tokens.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "generation_tokens_total",
-        "counter",
-        "Tokens generated.",
-        s.generated_tokens.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_queries_total",
-        "counter",
-        "Prompt tokens looked up in the prefix cache.",
-        s.prefix_queries.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_hits_total",
-        "counter",
-        "Prompt tokens found in the prefix cache (not computed).",
-        s.prefix_hits.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_bytes",
-        "gauge",
-        "Bytes the prefix cache holds (DeltaNet states and distinct K/V blocks).",
-        s.prefix_bytes.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_snapshots",
-        "gauge",
-        "Sequence states the prefix cache holds.",
-        s.prefix_snapshots.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_evictions_total",
-        "counter",
-        "Sequence states evicted from the prefix cache.",
-        s.prefix_evictions.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "prefix_cache_warm_tokens_total",
-        "counter",
-        "Tokens of conversations computed ahead of their next request.",
-        s.warm_tokens.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "request_errors_total",
-        "counter",
-        "HTTP requests answered with an error status.",
-        st.metrics.errors.load(Ordering::Relaxed).to_string(),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP qnext:request_success_total Finished choices by finish reason.\n\
-         # TYPE qnext:request_success_total counter"
-    );
-    for (i, reason) in ["stop", "length", "abort"].iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "qnext:request_success_total{{model_name=\"{model}\",finished_reason=\"{reason}\"}} {}",
-            st.metrics.finished[i].load(Ordering::Relaxed)
-        );
+    let gauges: [(&str, &str, i64); 6] = [
+        (
+            "num_requests_running",
+            "Number of requests in the running batch",
+            load(&s.running),
+        ),
+        (
+            "num_requests_waiting",
+            "Number of requests waiting for a slot",
+            load(&s.queued),
+        ),
+        (
+            "num_free_slots",
+            "Sequence slots (caches) not in use",
+            free as i64,
+        ),
+        (
+            "prefix_cache_bytes",
+            "Bytes the prefix cache holds (DeltaNet states and distinct K/V blocks)",
+            load(&s.prefix_bytes),
+        ),
+        (
+            "prefix_cache_snapshots",
+            "Sequence states the prefix cache holds",
+            load(&s.prefix_snapshots),
+        ),
+        (
+            "kv_cache_reserved_bytes",
+            "K/V bytes the running sequences reserved",
+            load(&s.kv_reserved),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        reg.register(format!("qnext:{name}"), help, ConstGauge::new(v));
     }
-    histogram(
-        &mut out,
-        "time_to_first_token_seconds",
-        "Time from submission to the first generated token.",
-        &model,
-        &s.ttft.snapshot(),
+    let usage = match st.engine.config.kv_cache_memory {
+        Some(b) => s.kv_reserved.load(Ordering::Relaxed) as f64 / b.max(1) as f64,
+        None => max.saturating_sub(free) as f64 / max.max(1) as f64,
+    };
+    reg.register(
+        "qnext:kv_cache_usage_perc",
+        "Fraction of the K/V budget the running sequences reserved (of the slots in use, \
+         without a budget; 1 = all)",
+        ConstGauge::new(usage),
     );
-    histogram(
-        &mut out,
-        "inter_token_latency_seconds",
-        "Time between consecutive generated tokens of a sequence.",
-        &model,
-        &s.itl.snapshot(),
+    let counters = [
+        (
+            "request",
+            "Generation requests submitted to the engine (one per choice)",
+            &s.requests_total,
+        ),
+        ("prompt_tokens", "Prompt tokens processed", &s.prompt_tokens),
+        ("generation_tokens", "Tokens generated", &s.generated_tokens),
+        (
+            "request_errors",
+            "HTTP requests answered with an error status",
+            &st.metrics.errors,
+        ),
+        (
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            &s.prefix_queries,
+        ),
+        (
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed)",
+            &s.prefix_hits,
+        ),
+        (
+            "prefix_cache_evictions",
+            "Sequence states evicted from the prefix cache",
+            &s.prefix_evictions,
+        ),
+        (
+            "prefix_cache_warm_tokens",
+            "Tokens of conversations computed ahead of their next request",
+            &s.warm_tokens,
+        ),
+    ];
+    for (name, help, c) in counters {
+        reg.register(format!("qnext:{name}"), help, count(c));
+    }
+    let finished = Family::<Vec<(String, String)>, Counter>::default();
+    for (i, reason) in ["stop", "length", "abort"].iter().enumerate() {
+        finished
+            .get_or_create(&vec![("finished_reason".into(), (*reason).into())])
+            .inc_by(st.metrics.finished[i].load(Ordering::Relaxed));
+    }
+    reg.register(
+        "qnext:request_success",
+        "Finished choices by finish reason",
+        finished,
     );
-    histogram(
-        &mut out,
-        "e2e_request_latency_seconds",
-        "Time from receiving a generation request to its last byte.",
-        &model,
-        &st.metrics.e2e.snapshot(),
-    );
+    let histograms = [
+        (
+            "time_to_first_token_seconds",
+            "Time from submission to the first generated token",
+            s.ttft.snapshot(),
+        ),
+        (
+            "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a sequence",
+            s.itl.snapshot(),
+        ),
+        (
+            "e2e_request_latency_seconds",
+            "Time from receiving a generation request to its last byte",
+            st.metrics.e2e.snapshot(),
+        ),
+    ];
+    for (name, help, h) in histograms {
+        reg.register(format!("qnext:{name}"), help, Buckets(h));
+    }
+    let mut out = String::new();
+    if let Err(e) = encode_text(&mut out, &reg) {
+        return ApiError::internal(format!("encoding the metrics: {e}")).into_response();
+    }
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         out,
     )
         .into_response()
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, model: &str, h: &HistState) {
-    let _ = writeln!(out, "# HELP qnext:{name} {help}");
-    let _ = writeln!(out, "# TYPE qnext:{name} histogram");
-    let mut cumulative = 0;
-    for (bound, count) in BUCKETS.iter().zip(h.counts.iter()) {
-        cumulative += count;
-        let _ = writeln!(
-            out,
-            "qnext:{name}_bucket{{model_name=\"{model}\",le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "qnext:{name}_bucket{{model_name=\"{model}\",le=\"+Inf\"}} {}",
-        h.count
-    );
-    let _ = writeln!(out, "qnext:{name}_sum{{model_name=\"{model}\"}} {}", h.sum);
-    let _ = writeln!(
-        out,
-        "qnext:{name}_count{{model_name=\"{model}\"}} {}",
-        h.count
-    );
-}
-
-fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// vLLM's `/tokenize`: a `prompt`, or chat `messages` rendered through the chat template.

@@ -77,6 +77,13 @@ class Server:
                     text.append(c.get("delta", {}).get("content") or "")
         return first, "".join(text), usage
 
+    def rss_gib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / (1 << 20)
+        return float("nan")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=60)
@@ -91,16 +98,18 @@ def conversation(server, a, label):
     rows = []
     for turn in range(a.turns):
         if a.mode == "chat" or turn == 0:
-            messages.append({"role": "user", "content": words(a.turn_tokens, turn + 1)})
+            n = a.first_tokens if turn == 0 and a.first_tokens else a.turn_tokens
+            messages.append({"role": "user", "content": words(n, turn + 1)})
         body = {"model": "m", "messages": messages, "max_tokens": a.answer, "temperature": 0.7,
                 "seed": turn, "stream": True, "logprobs": True,
                 "stream_options": {"include_usage": True}}
         ttft, text, usage = server.post_stream(body)
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        rss = server.rss_gib()
         rows.append({"turn": turn + 1, "prompt_tokens": usage["prompt_tokens"],
-                     "cached_tokens": cached, "ttft_s": ttft})
+                     "cached_tokens": cached, "ttft_s": ttft, "rss_gib": rss})
         print(f"{label:9} turn {turn + 1:2}: prompt {usage['prompt_tokens']:6} tokens, "
-              f"cached {cached:6}, TTFT {ttft:8.2f} s", flush=True)
+              f"cached {cached:6}, TTFT {ttft:8.2f} s, RSS {rss:.2f} GiB", flush=True)
         messages.append({"role": "assistant", "content": text})
         if a.mode == "agent":
             # A tool result follows every answer, as in an agent loop. (Random weights make
@@ -120,6 +129,7 @@ def main():
     p.add_argument("--mode", choices=["chat", "agent"], default="chat")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--turn-tokens", type=int, default=780)
+    p.add_argument("--first-tokens", type=int, help="words of the first user message (default: --turn-tokens)")
     p.add_argument("--answer", type=int, default=20)
     p.add_argument("--think", type=float, default=2.0, help="seconds between a response and the next request")
     p.add_argument("--max-model-len", type=int, default=32768)
@@ -135,6 +145,7 @@ def main():
         if a.only and a.only != label:
             continue
         s = Server(a.qnext, a.model, flags + a.extra.split(), a.max_model_len)
+        print("".join(l for l in s.log if l.startswith("memory plan")), end="", flush=True)
         try:
             results[label] = conversation(s, a, label)
         finally:
