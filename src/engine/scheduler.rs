@@ -12,9 +12,9 @@
 //! With the prefix cache, a request starts from the deepest state kept for a prefix of its
 //! prompt (`cache::prefix`) and keeps its own at the cuts `Chunking::snapshot_points` names.
 //! After a chat answer, the server asks for the conversation as its next request will render
-//! it to be computed ahead (`Engine::warm`): a background job, run only when no request
-//! waits or prefills, that keeps the state after the answer computed as a prompt, as the
-//! next request would compute it.
+//! it to be computed ahead (`Engine::warm`): a background job, run only while no request
+//! waits or runs, that keeps the state after the answer computed as a prompt, as the next
+//! request would compute it.
 
 use anyhow::{bail, Result};
 use std::collections::VecDeque;
@@ -537,11 +537,16 @@ impl Scheduler {
         order.sort_by_key(|&i| self.running[i].submitted);
         let mut prefills = 0;
         let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new(); // (running idx, prompt range) or decode
+                                                                         // A background job runs only while no request does: beside a decode its prompt
+                                                                         // chunk would hold every running stream up for the length of a chunk.
+        let idle = self.running.iter().all(|r| r.warm);
         for &i in &order {
             let r = &self.running[i];
+            if r.warm && !idle {
+                continue;
+            }
             if r.fed < r.req.prompt.len() {
-                // A background job only when no request prefills.
-                if prefills < self.cfg.max_prefills_per_step && !(r.warm && prefills > 0) {
+                if prefills < self.cfg.max_prefills_per_step {
                     let end = self.chunking.chunk_end(&r.req.prompt, r.fed);
                     plan.push((i, r.fed..end));
                     prefills += 1;
@@ -549,13 +554,6 @@ impl Scheduler {
             } else {
                 plan.push((i, 0..0));
             }
-        }
-        // ...and not beside them either, when they come later in the order.
-        if plan
-            .iter()
-            .any(|&(i, ref range)| !range.is_empty() && !self.running[i].warm)
-        {
-            plan.retain(|&(i, _)| !self.running[i].warm);
         }
         if plan.is_empty() {
             return;
