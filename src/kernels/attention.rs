@@ -309,6 +309,20 @@ mod tests {
         attend, attend_chunk, chunk_portable, chunk_with, chunks, Kv, Paged, Part, Rows, CHUNK,
     };
 
+    /// [`attend`] over `kv`'s rows stored in blocks, as the cache stores them.
+    fn attend_stored(q: &[f32], kv: Kv, out: &mut [f32]) {
+        let paged = blocks(kv);
+        let len = kv.len;
+        attend(
+            q,
+            Paged {
+                blocks: &paged,
+                len,
+            },
+            out,
+        );
+    }
+
     /// `kv`'s rows cut into blocks of [`CHUNK`] positions, as the cache stores them.
     fn blocks<'a>(kv: Kv<'a>) -> Vec<Kv<'a>> {
         let w = kv.heads * kv.hd;
@@ -456,15 +470,7 @@ mod tests {
                 len: ctx,
             };
             let mut got = vec![0.0f32; q.len()];
-            let paged = blocks(kv);
-            attend(
-                &q,
-                Paged {
-                    blocks: &paged,
-                    len: ctx,
-                },
-                &mut got,
-            );
+            attend_stored(&q, kv, &mut got);
             for h in 0..nkv * group {
                 let off = h / group * hd;
                 let s: Vec<f64> = (0..ctx)
@@ -513,15 +519,7 @@ mod tests {
         };
         let heads = nkv * group;
         let mut want = vec![0.0f32; heads * hd];
-        let paged = blocks(kv);
-        attend(
-            &q,
-            Paged {
-                blocks: &paged,
-                len: ctx,
-            },
-            &mut want,
-        );
+        attend_stored(&q, kv, &mut want);
         // Later chunks first, each into a part left dirty by the one before.
         let ranges: Vec<_> = chunks(ctx).collect();
         let mut parts = vec![Part::new(heads, hd); ranges.len()];
