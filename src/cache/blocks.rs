@@ -58,6 +58,14 @@ impl KvRows {
         }
     }
 
+    /// The bits of the first `n` values.
+    fn hash_prefix(&self, n: usize, h: &mut impl std::hash::Hasher) {
+        match self {
+            KvRows::F32(d) => d[..n].iter().for_each(|x| h.write_u32(x.to_bits())),
+            KvRows::Bf16(d) => d[..n].iter().for_each(|&x| h.write_u16(x)),
+        }
+    }
+
     fn view(&self) -> Rows<'_> {
         match self {
             KvRows::F32(d) => Rows::F32(d),
@@ -119,6 +127,17 @@ impl PagedKv {
 
     fn width(&self) -> usize {
         self.heads * self.hd
+    }
+
+    /// Feeds the bits of the rows held to `h` (tests compare states with it).
+    pub fn hash_rows(&self, h: &mut impl std::hash::Hasher) {
+        h.write_usize(self.len);
+        let w = self.width();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let rows = (self.len - i * BLOCK).min(BLOCK);
+            b.k.hash_prefix(rows * w, h);
+            b.v.hash_prefix(rows * w, h);
+        }
     }
 
     /// Rows held.

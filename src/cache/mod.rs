@@ -6,14 +6,20 @@
 //! [`Snapshot`] is a copy of the states and a list of blocks, and restoring one into any
 //! sequence of the model is a copy back — the basis of prefix reuse (`prefix.rs`) and of
 //! speculative decoding's rollback.
+//!
+//! With speculative decoding a cache also holds the MTP draft layer's K/V (`MtpCache`) and,
+//! for the step being verified, what it takes to end that step after any of its tokens
+//! (`rollback.rs`).
 
 pub mod blocks;
 pub mod prefix;
+mod rollback;
 
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
 pub use blocks::{KvBlock, KvDtype, PagedKv, BLOCK};
+pub(crate) use rollback::{HeadRecord, MtpCache, Replay, Speculation};
 
 use crate::config::{Config, LayerType};
 
@@ -23,6 +29,8 @@ pub enum LayerState {
         conv: Vec<f32>,
         /// `[HV, dk, dv]`.
         ssm: Vec<f32>,
+        /// The step being verified, kept to end it after any of its tokens.
+        replay: Replay,
     },
     /// `[len, kv_heads · head_dim]` keys (post-norm, post-RoPE) and values.
     Full(PagedKv),
@@ -32,6 +40,12 @@ pub struct SeqCache {
     pos: usize,
     max_len: usize,
     pub(crate) layers: Vec<LayerState>,
+    /// The MTP layer's state, when the sequence drafts tokens (`Model::enable_mtp`).
+    pub(crate) mtp: Option<MtpCache>,
+    /// Whether the next forward step is a speculative one ([`SeqCache::speculate`]), and
+    /// then what it recorded.
+    pub(crate) armed: bool,
+    pub(crate) spec: Option<Speculation>,
 }
 
 /// A sequence's whole state at a position: copies of the DeltaNet states and, shared, the
@@ -40,7 +54,10 @@ pub struct SeqCache {
 pub struct Snapshot {
     pos: usize,
     linear: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per attention layer its blocks, then the MTP layer's if `mtp` is set.
     kv: Vec<Vec<Arc<KvBlock>>>,
+    /// The MTP layer's K/V length and pending hidden state.
+    mtp: Option<(usize, Vec<f32>)>,
 }
 
 impl Snapshot {
@@ -53,10 +70,11 @@ impl Snapshot {
         self.linear
             .iter()
             .map(|(c, s)| 4 * (c.len() + s.len()))
-            .sum()
+            .sum::<usize>()
+            + self.mtp.as_ref().map_or(0, |(_, h)| 4 * h.len())
     }
 
-    /// Per attention layer, its K/V blocks.
+    /// Per attention layer (and the MTP layer's last), its K/V blocks.
     pub fn kv_blocks(&self) -> &[Vec<Arc<KvBlock>>] {
         &self.kv
     }
@@ -79,6 +97,7 @@ impl SeqCache {
                 LayerType::Linear => LayerState::Linear {
                     conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * conv_dim],
                     ssm: vec![0.0; ssm],
+                    replay: Replay::default(),
                 },
                 LayerType::Full => {
                     LayerState::Full(PagedKv::new(kv, cfg.num_key_value_heads, cfg.head_dim))
@@ -89,20 +108,34 @@ impl SeqCache {
             pos: 0,
             max_len,
             layers,
+            mtp: None,
+            armed: false,
+            spec: None,
         }
+    }
+
+    /// Whether the sequence keeps the MTP layer's state (it drafts tokens).
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
     }
 
     /// Back to an empty sequence: states zeroed, K/V let go.
     pub fn reset(&mut self) {
         for l in &mut self.layers {
             match l {
-                LayerState::Linear { conv, ssm } => {
+                LayerState::Linear { conv, ssm, replay } => {
                     conv.fill(0.0);
                     ssm.fill(0.0);
+                    replay.disarm();
                 }
                 LayerState::Full(p) => p.truncate(0),
             }
         }
+        if let Some(m) = &mut self.mtp {
+            m.reset();
+        }
+        self.armed = false;
+        self.spec = None;
         self.pos = 0;
     }
 
@@ -124,14 +157,22 @@ impl SeqCache {
         let mut kv = Vec::new();
         for l in &self.layers {
             match l {
-                LayerState::Linear { conv, ssm } => linear.push((conv.clone(), ssm.clone())),
+                LayerState::Linear { conv, ssm, .. } => {
+                    linear.push((conv.clone(), ssm.clone()))
+                }
                 LayerState::Full(p) => kv.push(p.blocks().to_vec()),
             }
         }
+        let mtp = self.mtp.as_ref().map(|m| {
+            let p = m.kv();
+            kv.push(p.blocks().to_vec());
+            (p.len(), m.pending.clone())
+        });
         Snapshot {
             pos: self.pos,
             linear,
             kv,
+            mtp,
         }
     }
 
@@ -151,11 +192,15 @@ impl SeqCache {
             .iter()
             .filter(|l| matches!(l, LayerState::Linear { .. }))
             .count();
-        if linear != snap.linear.len() || self.layers.len() - linear != snap.kv.len() {
+        let full = self.layers.len() - linear;
+        if linear != snap.linear.len() || full + snap.mtp.is_some() as usize != snap.kv.len() {
             bail!("snapshot does not belong to this model: its layers differ");
         }
+        if self.mtp.is_some() && snap.mtp.is_none() {
+            bail!("snapshot was taken without the MTP layer's state, which this sequence needs");
+        }
         let live = self.layers.iter().filter_map(|l| match l {
-            LayerState::Linear { conv, ssm } => Some((conv.len(), ssm.len())),
+            LayerState::Linear { conv, ssm, .. } => Some((conv.len(), ssm.len())),
             LayerState::Full(_) => None,
         });
         if live
@@ -167,16 +212,22 @@ impl SeqCache {
         let (mut lin, mut full) = (snap.linear.iter(), snap.kv.iter());
         for l in &mut self.layers {
             match l {
-                LayerState::Linear { conv, ssm } => {
+                LayerState::Linear { conv, ssm, replay } => {
                     let (c, s) = lin.next().expect("counted above");
                     conv.copy_from_slice(c);
                     ssm.copy_from_slice(s);
+                    replay.disarm();
                 }
                 LayerState::Full(p) => {
                     p.share(full.next().expect("counted above"), snap.pos);
                 }
             }
         }
+        if let (Some(m), Some((len, pending))) = (&mut self.mtp, &snap.mtp) {
+            m.restore(full.next().expect("counted above"), *len, pending);
+        }
+        self.armed = false;
+        self.spec = None;
         self.pos = snap.pos;
         Ok(())
     }
@@ -189,7 +240,7 @@ impl SeqCache {
         self.layers
             .iter()
             .map(|l| match l {
-                LayerState::Linear { conv, ssm } => 2 * 4 * (conv.len() + ssm.len()),
+                LayerState::Linear { conv, ssm, .. } => 2 * 4 * (conv.len() + ssm.len()),
                 LayerState::Full(p) => p.row_bytes(),
             })
             .sum()
@@ -211,9 +262,12 @@ impl SeqCache {
         self.layers
             .iter()
             .map(|l| match l {
-                LayerState::Linear { conv, ssm } => 4 * (conv.len() + ssm.len()),
+                LayerState::Linear { conv, ssm, replay } => {
+                    4 * (conv.len() + ssm.len()) + replay.bytes()
+                }
                 LayerState::Full(p) => p.bytes(),
             })
-            .sum()
+            .sum::<usize>()
+            + self.mtp.as_ref().map_or(0, MtpCache::bytes)
     }
 }

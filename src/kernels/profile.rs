@@ -20,9 +20,10 @@ pub enum Kind {
     MoeDown,
     MoeCopies,
     LmHead,
+    Mtp,
 }
 
-pub const KINDS: [Kind; 14] = [
+pub const KINDS: [Kind; 15] = [
     Kind::Embed,
     Kind::Norms,
     Kind::DeltaNetProj,
@@ -37,6 +38,7 @@ pub const KINDS: [Kind; 14] = [
     Kind::MoeDown,
     Kind::MoeCopies,
     Kind::LmHead,
+    Kind::Mtp,
 ];
 
 impl Kind {
@@ -56,6 +58,7 @@ impl Kind {
             Kind::MoeDown => "MoE experts' down (routed + shared)",
             Kind::MoeCopies => "MoE gather, SwiGLU, combine",
             Kind::LmHead => "final norm + lm_head",
+            Kind::Mtp => "MTP embedding, norms and fc",
         }
     }
 }

@@ -67,6 +67,58 @@ impl Attention {
         self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
     }
 
+    /// Only the keys and values of `x` (normed input `[t, hidden]`), appended to each
+    /// sequence's cache: all the MTP layer needs of the tokens it will not draft from.
+    pub fn append_kv(
+        &self,
+        x: &[f32],
+        t: usize,
+        seqs: &mut [(Range<usize>, &mut LayerState)],
+        starts: &[usize],
+        rope: &Rope,
+        step: Step,
+    ) {
+        let mut kv = time(Kind::AttnProj, || {
+            products(
+                &[step.job(x, t, &self.k_proj), step.job(x, t, &self.v_proj)],
+                step.precision,
+            )
+        });
+        let v_new = kv.pop().unwrap_or_default();
+        let mut k_new = kv.pop().unwrap_or_default();
+        let _core = Span::new(Kind::AttnCore);
+        self.push_kv(&mut k_new, &v_new, seqs, starts, rope);
+    }
+
+    /// Keys normed and rotated, then keys and values appended to each sequence's cache.
+    fn push_kv(
+        &self,
+        k_new: &mut [f32],
+        v_new: &[f32],
+        seqs: &mut [(Range<usize>, &mut LayerState)],
+        starts: &[usize],
+        rope: &Rope,
+    ) {
+        let hd = self.head_dim;
+        let kvw = self.kv_heads * hd;
+        let half = rope.rotary_dim / 2;
+        let (mut cos, mut sin) = (vec![0.0f32; half], vec![0.0f32; half]);
+        for ((rows, state), &start) in seqs.iter_mut().zip(starts) {
+            let LayerState::Full(kv) = &mut **state else {
+                unreachable!("attention layer given a DeltaNet cache");
+            };
+            for (i, ti) in rows.clone().enumerate() {
+                rope.cos_sin(start + i, &mut cos, &mut sin);
+                let kt = &mut k_new[ti * kvw..(ti + 1) * kvw];
+                rms_norm_zc(kt, &self.k_norm, self.eps);
+                for head in kt.chunks_mut(hd) {
+                    rope.apply(head, &cos, &sin);
+                }
+                kv.push(kt, &v_new[ti * kvw..(ti + 1) * kvw]);
+            }
+        }
+    }
+
     /// `x` is the normed input `[t, hidden]`; `seqs` gives each sequence's rows, its cache and
     /// the position of its first new token. Returns `[t, hidden]`.
     pub fn forward(
@@ -78,7 +130,7 @@ impl Attention {
         rope: &Rope,
         step: Step,
     ) -> Vec<f32> {
-        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let (nh, hd) = (self.heads, self.head_dim);
         let mut qkv = time(Kind::AttnProj, || {
             products(
                 &[
@@ -93,24 +145,15 @@ impl Attention {
         let mut k_new = qkv.pop().unwrap_or_default();
         let qg = qkv.pop().unwrap_or_default();
         let core = Span::new(Kind::AttnCore);
-        let kvw = nkv * hd;
         let half = rope.rotary_dim / 2;
         let (mut cos, mut sin) = (vec![0.0f32; half], vec![0.0f32; half]);
 
-        // Queries: split from the gates, normed, rotated. Keys: normed, rotated, appended.
+        self.push_kv(&mut k_new, &v_new, seqs, starts, rope);
+        // Queries: split from the gates, normed, rotated.
         let mut q = vec![0.0f32; t * nh * hd];
-        for ((rows, state), &start) in seqs.iter_mut().zip(starts) {
-            let LayerState::Full(kv) = &mut **state else {
-                unreachable!("attention layer given a DeltaNet cache");
-            };
+        for ((rows, _), &start) in seqs.iter().zip(starts) {
             for (i, ti) in rows.clone().enumerate() {
                 rope.cos_sin(start + i, &mut cos, &mut sin);
-                let kt = &mut k_new[ti * kvw..(ti + 1) * kvw];
-                rms_norm_zc(kt, &self.k_norm, self.eps);
-                for head in kt.chunks_mut(hd) {
-                    rope.apply(head, &cos, &sin);
-                }
-                kv.push(kt, &v_new[ti * kvw..(ti + 1) * kvw]);
                 let qt = &mut q[ti * nh * hd..(ti + 1) * nh * hd];
                 let src = &qg[ti * 2 * nh * hd..(ti + 1) * 2 * nh * hd];
                 for h in 0..nh {

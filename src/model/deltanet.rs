@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 use super::Step;
-use crate::cache::LayerState;
+use crate::cache::{HeadRecord, LayerState};
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::{sigmoid, silu, silu_in_place, softplus};
@@ -132,7 +132,7 @@ impl DeltaNet {
         let vd = self.hv * self.dv;
         let mut y = vec![0.0f32; t * vd];
         for (rows, state) in seqs.iter_mut() {
-            let LayerState::Linear { conv, ssm } = &mut **state else {
+            let LayerState::Linear { conv, ssm, replay } = &mut **state else {
                 unreachable!("DeltaNet layer given an attention cache");
             };
             let n = rows.len();
@@ -142,8 +142,8 @@ impl DeltaNet {
                 &p[rows.start * pw..rows.end * pw],
                 &ba[rows.start * bw..rows.end * bw],
                 n,
-                conv,
-                ssm,
+                (conv, ssm),
+                replay,
                 &mut y[rows.start * vd..rows.end * vd],
             );
         }
@@ -153,13 +153,14 @@ impl DeltaNet {
     }
 
     /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.
+    /// An armed `replay` records the step (`cache::rollback`).
     fn sequence(
         &self,
         p: &[f32],
         ba: &[f32],
         n: usize,
-        conv: &mut [f32],
-        ssm: &mut [f32],
+        (conv, ssm): (&mut [f32], &mut [f32]),
+        replay: &mut crate::cache::Replay,
         y: &mut [f32],
     ) {
         let (hk, hv, dk, dv, kc) = (self.hk, self.hv, self.dk, self.dv, self.kc);
@@ -197,6 +198,19 @@ impl DeltaNet {
         // take ranges of them (for all tokens), and each moves its channels of the carried
         // inputs on by n: a decode step's conv reads 224 KiB per layer (history and taps),
         // which one thread would read while the other waits.
+        let mut records: Vec<Option<HeadRecord>> = if replay.armed {
+            replay
+                .record(n, (dk, dv, hv), conv, &mixed)
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            (0..hv).map(|_| None).collect()
+        };
+        // Token by token, a step's result does not depend on how many tokens it has, so a
+        // verification step gives decode's bits; the chunked form pays from a prompt chunk on.
+        let token_by_token =
+            n < super::PROMPT_CHUNK_TOKENS || records.first().is_some_and(Option::is_some);
         let seg = conv_dim
             .div_ceil(2 * pool::global().threads())
             .next_multiple_of(16);
@@ -251,10 +265,12 @@ impl DeltaNet {
         let scale = 1.0 / (dk as f32).sqrt();
         let mut o_all = vec![0.0f32; hv * n * dv];
         {
-            let work: Vec<Mutex<(&mut [f32], &mut [f32])>> = ssm
+            type HeadWork<'a, 'b> = (&'a mut [f32], &'a mut [f32], Option<HeadRecord<'b>>);
+            let work: Vec<Mutex<HeadWork>> = ssm
                 .chunks_mut(dk * dv)
                 .zip(o_all.chunks_mut(n * dv))
-                .map(Mutex::new)
+                .zip(records.drain(..))
+                .map(|((s, o), r)| Mutex::new((s, o, r)))
                 .collect();
             let heads = |run: Range<usize>| {
                 let (mut q, mut k) = (vec![0.0f32; n * dk], vec![0.0f32; n * dk]);
@@ -262,7 +278,7 @@ impl DeltaNet {
                 let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
                 for h in run {
                     let mut w = work[h].lock().unwrap_or_else(|e| e.into_inner());
-                    let (s, o) = &mut *w;
+                    let (s, o, record) = &mut *w;
                     let j = h / r; // value head h reads key head h div r (spec §14.2)
                     for t in 0..n {
                         let ct = &c[t * conv_dim..(t + 1) * conv_dim];
@@ -286,7 +302,10 @@ impl DeltaNet {
                         dk,
                         dv,
                     };
-                    if n == 1 {
+                    if let Some(r) = record {
+                        r.keep(s, &inputs);
+                    }
+                    if token_by_token {
                         delta_rule::recurrent(&inputs, s, o);
                     } else {
                         delta_rule::chunked(&inputs, s, o);

@@ -6,12 +6,13 @@ mod attention;
 mod deltanet;
 mod mlp;
 mod moe;
+mod mtp;
 
 use anyhow::{bail, Context, Result};
 use std::ops::Range;
 use std::path::Path;
 
-use crate::cache::{KvDtype, LayerState, SeqCache};
+use crate::cache::{KvDtype, LayerState, SeqCache, Speculation};
 use crate::checkpoint::{Checkpoint, LoadMode, Matrix};
 use crate::config::{Config, LayerType, Overrides};
 use crate::kernels::matmul::{products, Job, Precision};
@@ -22,6 +23,7 @@ use attention::Attention;
 use deltanet::DeltaNet;
 use mlp::SwiGlu;
 use moe::Moe;
+use mtp::Mtp;
 
 /// Tokens a sequence must feed in one step for them to count as a prompt chunk, whose
 /// products take the blocked kernel (worth its weight packing from about this many tokens
@@ -60,16 +62,6 @@ struct Layer {
     post_norm: Vec<f32>,
     mixer: Mixer,
     ffn: Ffn,
-}
-
-/// The MTP draft head's weights (spec §11); loaded and checked, used by speculative decoding.
-#[allow(dead_code)]
-struct Mtp {
-    fc: Matrix,
-    pre_fc_norm_embedding: Vec<f32>,
-    pre_fc_norm_hidden: Vec<f32>,
-    norm: Vec<f32>,
-    layer: Layer,
 }
 
 pub struct Model {
@@ -159,6 +151,41 @@ impl Layer {
         })
     }
 
+    /// The residual block over the batch's `t` rows of `x`: `x += mixer(norm(x))`, then
+    /// `x += ffn(norm(x))`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &mut [f32],
+        t: usize,
+        seqs: &mut [(Range<usize>, &mut LayerState)],
+        starts: &[usize],
+        rope: &Rope,
+        step: Step,
+        eps: f32,
+    ) {
+        let xn = time(Kind::Norms, || {
+            let mut xn = x.to_vec();
+            rms_norm_zc(&mut xn, &self.input_norm, eps);
+            xn
+        });
+        let y = match &self.mixer {
+            Mixer::Linear(d) => d.forward(&xn, t, seqs, step),
+            Mixer::Full(a) => a.forward(&xn, t, seqs, starts, rope, step),
+        };
+        let xn = time(Kind::Norms, || {
+            add(x, &y);
+            let mut xn = x.to_vec();
+            rms_norm_zc(&mut xn, &self.post_norm, eps);
+            xn
+        });
+        let y = match &self.ffn {
+            Ffn::Moe(m) => m.forward(&xn, t, step),
+            Ffn::Dense(d) => d.forward(&xn, t, step),
+        };
+        time(Kind::Norms, || add(x, &y));
+    }
+
     /// (bytes of all weights, bytes read per token).
     fn bytes(&self) -> (usize, usize) {
         let mixer = match &self.mixer {
@@ -219,24 +246,7 @@ impl Model {
             pb.inc(1);
         }
         pb.finish_and_clear();
-        let mtp = if ck.contains("mtp.fc.weight") {
-            Some(Mtp {
-                fc: Matrix::load(ck, "mtp.fc.weight", h, 2 * h, fp8)?,
-                pre_fc_norm_embedding: load_norm(ck, "mtp.pre_fc_norm_embedding.weight", h)?,
-                pre_fc_norm_hidden: load_norm(ck, "mtp.pre_fc_norm_hidden.weight", h)?,
-                norm: load_norm(ck, "mtp.norm.weight", h)?,
-                layer: Layer::load(
-                    ck,
-                    "mtp.layers.0.",
-                    &cfg,
-                    LayerType::Full,
-                    cfg.num_experts > 0,
-                )
-                .context("loading the MTP layer")?,
-            })
-        } else {
-            None
-        };
+        let mtp = Mtp::load(ck, &cfg)?;
         let rope = Rope::new(&cfg.rope, cfg.head_dim);
         Ok(Model {
             cfg,
@@ -254,14 +264,32 @@ impl Model {
         self.mtp.is_some()
     }
 
-    /// A fresh cache for a sequence of at most `max_len` tokens (clamped to the model's context).
-    pub fn new_cache(&self, max_len: usize) -> SeqCache {
-        // The fast path keeps K/V in bfloat16; `--exact` keeps the reference's f32.
-        let kv = match self.precision {
+    /// How attention K/V is stored: bfloat16 on the fast path, the reference's f32 with
+    /// `--exact`.
+    fn kv_dtype(&self) -> KvDtype {
+        match self.precision {
             Precision::Fast => KvDtype::Bf16,
             Precision::Exact => KvDtype::F32,
-        };
-        SeqCache::with_kv(&self.cfg, max_len.min(self.cfg.context_length()), kv)
+        }
+    }
+
+    /// A fresh cache for a sequence of at most `max_len` tokens (clamped to the model's context).
+    pub fn new_cache(&self, max_len: usize) -> SeqCache {
+        SeqCache::with_kv(
+            &self.cfg,
+            max_len.min(self.cfg.context_length()),
+            self.kv_dtype(),
+        )
+    }
+
+    /// (bytes of all the MTP head's weights, bytes one draft token reads besides `lm_head`).
+    pub fn mtp_bytes(&self) -> Option<(usize, usize)> {
+        self.mtp.as_ref().map(Mtp::bytes)
+    }
+
+    /// Bytes of `lm_head`, which every draft token reads too.
+    pub fn lm_head_bytes(&self) -> usize {
+        self.lm_head.bytes()
     }
 
     /// Replaces a 16- or 32-bit `lm_head` by an 8-bit copy ([`Matrix::to_q8`], 128×128
@@ -324,6 +352,26 @@ impl Model {
             spans.push(t..t + s.tokens.len());
             t += s.tokens.len();
         }
+        if let Some(i) = batch
+            .iter()
+            .position(|s| s.cache.armed && s.tokens.is_empty())
+        {
+            bail!("sequence {i}: a speculative step needs tokens");
+        }
+        for (s, span) in batch.iter_mut().zip(&spans) {
+            let c = &mut *s.cache;
+            let pos = c.pos();
+            if let Some(m) = &mut c.mtp {
+                m.end_draft(pos);
+            }
+            c.spec = std::mem::take(&mut c.armed).then(|| Speculation {
+                start: pos,
+                n: span.len(),
+                mtp_len: c.mtp.as_ref().map_or(0, |m| m.kv().len()),
+                had_pending: c.mtp.as_ref().is_some_and(|m| !m.pending.is_empty()),
+                hidden: Vec::new(),
+            });
+        }
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.pos()).collect();
         // Prompt chunks go through the blocked products; decode and speculative tokens through
         // the dot-product kernels. Decided per sequence, so its results never depend on what
@@ -348,32 +396,26 @@ impl Model {
         });
 
         for (l, layer) in self.layers.iter().enumerate() {
-            let xn = time(Kind::Norms, || {
-                let mut xn = x.clone();
-                rms_norm_zc(&mut xn, &layer.input_norm, self.cfg.rms_norm_eps);
-                xn
-            });
             let mut seqs: Vec<(Range<usize>, &mut LayerState)> = batch
                 .iter_mut()
                 .zip(&spans)
                 .map(|(s, span)| (span.clone(), &mut s.cache.layers[l]))
                 .collect();
-            let y = match &layer.mixer {
-                Mixer::Linear(d) => d.forward(&xn, t, &mut seqs, step),
-                Mixer::Full(a) => a.forward(&xn, t, &mut seqs, &starts, &self.rope, step),
-            };
-            let xn = time(Kind::Norms, || {
-                add(&mut x, &y);
-                let mut xn = x.clone();
-                rms_norm_zc(&mut xn, &layer.post_norm, self.cfg.rms_norm_eps);
-                xn
-            });
-            let y = match &layer.ffn {
-                Ffn::Moe(m) => m.forward(&xn, t, step),
-                Ffn::Dense(d) => d.forward(&xn, t, step),
-            };
-            time(Kind::Norms, || add(&mut x, &y));
+            layer.forward(
+                &mut x,
+                t,
+                &mut seqs,
+                &starts,
+                &self.rope,
+                step,
+                self.cfg.rms_norm_eps,
+            );
         }
+
+        // Sequences that draft or speculate need the post-norm hidden state of every new
+        // token: the MTP layer's K/V covers them all, and a speculative step may end after
+        // any of them.
+        self.after_layers(batch, &spans, &x, &bulk);
 
         // Wanted rows of every sequence go through the final norm and lm_head together, so
         // the head's weights are read once per step, not once per sequence.
@@ -415,6 +457,44 @@ impl Model {
             r0 += rows;
         }
         Ok(out)
+    }
+}
+
+impl Model {
+    /// For sequences that draft (MTP state) or speculate: keeps the post-norm hidden states
+    /// of their new tokens (`x` after the last layer) and runs the MTP layer's K/V over them.
+    fn after_layers(&self, batch: &mut [SeqInput], spans: &[Range<usize>], x: &[f32], bulk: &[bool]) {
+        let h = self.cfg.hidden_size;
+        let mut caches = Vec::new();
+        let (mut tokens, mut hidden, mut seq_bulk) = (Vec::new(), Vec::new(), Vec::new());
+        let normed: Vec<Vec<f32>> = batch
+            .iter()
+            .zip(spans)
+            .map(|(s, span)| {
+                if s.cache.mtp.is_none() && s.cache.spec.is_none() {
+                    return Vec::new();
+                }
+                time(Kind::Norms, || {
+                    let mut n = x[span.start * h..span.end * h].to_vec();
+                    rms_norm_zc(&mut n, &self.norm, self.cfg.rms_norm_eps);
+                    n
+                })
+            })
+            .collect();
+        for ((s, span), n) in batch.iter_mut().zip(spans).zip(&normed) {
+            if let Some(spec) = &mut s.cache.spec {
+                spec.hidden.clone_from(n);
+            }
+            if s.cache.mtp.is_some() {
+                caches.push(&mut *s.cache);
+                tokens.push(s.tokens);
+                hidden.push(n.as_slice());
+                seq_bulk.push(bulk.get(span.start).copied().unwrap_or(false));
+            }
+        }
+        if !caches.is_empty() {
+            self.mtp_fill(&mut caches, &tokens, &hidden, &seq_bulk);
+        }
     }
 }
 
