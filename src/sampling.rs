@@ -298,6 +298,81 @@ impl Sampler {
         Ok(self.draw(max, all))
     }
 
+    /// The distribution [`Sampler::sample`] draws from, after bias, penalties, temperature,
+    /// min-p, top-k and top-p: a probability per vocabulary entry (one-hot at the argmax when
+    /// greedy). Speculative decoding compares the draft's and the target's through it.
+    pub fn distribution(
+        &mut self,
+        logits: &[f32],
+        prompt_tokens: &[u32],
+        output_tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        if logits.is_empty() {
+            bail!("sampling: empty logits");
+        }
+        self.process(logits, prompt_tokens, output_tokens)?;
+        let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            bail!("sampling: every token has probability zero (all logits -inf or NaN)");
+        }
+        let mut p = vec![0.0f32; logits.len()];
+        if self.params.is_greedy() {
+            p[argmax(&self.work) as usize] = 1.0;
+            return Ok(p);
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        for l in &mut self.work {
+            *l *= inv_t;
+        }
+        let max = max * inv_t;
+        let all = self.select_candidates(max);
+        let work = &self.work;
+        let mut fill = |ids: &mut dyn Iterator<Item = u32>| {
+            let mut total = 0.0f64;
+            for i in ids {
+                let w = weight(work[i as usize], max);
+                p[i as usize] = w as f32;
+                total += w;
+            }
+            total
+        };
+        let total = if all {
+            fill(&mut (0..work.len() as u32))
+        } else {
+            fill(&mut self.cand.iter().copied())
+        };
+        let inv = (1.0 / total) as f32;
+        p.iter_mut().for_each(|x| *x *= inv);
+        Ok(p)
+    }
+
+    /// A uniform draw from [0, 1) of this sequence's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// Draws an id in proportion to the non-negative `weights` (inverse CDF); `None` when
+    /// they are all zero.
+    pub fn draw_weighted(&mut self, weights: &[f32]) -> Option<u32> {
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut u = self.rng.next_f64() * total;
+        let mut last = None;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                last = Some(i as u32);
+                let w = f64::from(w);
+                if u < w {
+                    return last;
+                }
+                u -= w;
+            }
+        }
+        last
+    }
+
     /// The logits after logit bias and penalties (before temperature): what [`Sampler::sample`]
     /// draws from, e.g. for reporting processed logprobs.
     pub fn processed_logits(

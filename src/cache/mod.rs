@@ -157,9 +157,7 @@ impl SeqCache {
         let mut kv = Vec::new();
         for l in &self.layers {
             match l {
-                LayerState::Linear { conv, ssm, .. } => {
-                    linear.push((conv.clone(), ssm.clone()))
-                }
+                LayerState::Linear { conv, ssm, .. } => linear.push((conv.clone(), ssm.clone())),
                 LayerState::Full(p) => kv.push(p.blocks().to_vec()),
             }
         }

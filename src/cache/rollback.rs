@@ -302,9 +302,10 @@ impl SeqCache {
         h.write_usize(self.pos);
         for l in &self.layers {
             match l {
-                LayerState::Linear { conv, ssm, .. } => {
-                    conv.iter().chain(ssm).for_each(|x| h.write_u32(x.to_bits()))
-                }
+                LayerState::Linear { conv, ssm, .. } => conv
+                    .iter()
+                    .chain(ssm)
+                    .for_each(|x| h.write_u32(x.to_bits())),
                 LayerState::Full(p) => p.hash_rows(&mut h),
             }
         }

@@ -3,6 +3,7 @@
 pub mod chunking;
 pub mod scheduler;
 pub mod score;
+pub mod speculative;
 pub mod stats;
 
 pub use scheduler::{Engine, EngineConfig, Event, FinishReason, GenRequest, RequestId};

@@ -463,7 +463,13 @@ impl Model {
 impl Model {
     /// For sequences that draft (MTP state) or speculate: keeps the post-norm hidden states
     /// of their new tokens (`x` after the last layer) and runs the MTP layer's K/V over them.
-    fn after_layers(&self, batch: &mut [SeqInput], spans: &[Range<usize>], x: &[f32], bulk: &[bool]) {
+    fn after_layers(
+        &self,
+        batch: &mut [SeqInput],
+        spans: &[Range<usize>],
+        x: &[f32],
+        bulk: &[bool],
+    ) {
         let h = self.cfg.hidden_size;
         let mut caches = Vec::new();
         let (mut tokens, mut hidden, mut seq_bulk) = (Vec::new(), Vec::new(), Vec::new());

@@ -43,8 +43,14 @@ impl Mtp {
             pre_fc_norm_embedding: norm("pre_fc_norm_embedding")?,
             pre_fc_norm_hidden: norm("pre_fc_norm_hidden")?,
             norm: norm("norm")?,
-            layer: Layer::load(ck, "mtp.layers.0.", cfg, LayerType::Full, cfg.num_experts > 0)
-                .context("loading the MTP layer")?,
+            layer: Layer::load(
+                ck,
+                "mtp.layers.0.",
+                cfg,
+                LayerType::Full,
+                cfg.num_experts > 0,
+            )
+            .context("loading the MTP layer")?,
         }))
     }
 
@@ -74,7 +80,10 @@ impl Model {
     pub fn enable_mtp(&self, cache: &mut SeqCache) -> Result<()> {
         self.mtp()?;
         if cache.pos() != 0 {
-            bail!("the MTP state must start with the sequence (it is at position {})", cache.pos());
+            bail!(
+                "the MTP state must start with the sequence (it is at position {})",
+                cache.pos()
+            );
         }
         let kv = PagedKv::new(
             self.kv_dtype(),
