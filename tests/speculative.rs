@@ -200,3 +200,180 @@ fn accept_without_a_speculative_step_is_an_error() {
     assert!(c.accept(0).is_err());
     assert!(c.accept(3).is_err());
 }
+
+/// The target's logits after `prompt` + `ctx`, computed plainly.
+fn plain_logits(model: &Model, prompt: &[u32], ctx: &[u32]) -> Vec<f32> {
+    let mut all = prompt.to_vec();
+    all.extend_from_slice(ctx);
+    let mut c = model.new_cache(all.len());
+    let out = model
+        .forward(&mut [SeqInput {
+            tokens: &all,
+            cache: &mut c,
+            want: Want::Last,
+        }])
+        .unwrap();
+    out.into_iter().next().unwrap().logits
+}
+
+/// Pearson's χ² of `counts` against probabilities `expected` (cells expected below 5
+/// samples pooled into one), and its degrees of freedom.
+fn chi_square(
+    counts: &std::collections::HashMap<Vec<u32>, u64>,
+    expected: &[(Vec<u32>, f64)],
+    n: u64,
+) -> (f64, usize) {
+    let (mut chi, mut cells) = (0.0, 0);
+    let (mut pool_obs, mut pool_exp) = (0.0, 0.0);
+    let mut seen = 0;
+    for (cell, p) in expected {
+        let e = p * n as f64;
+        let o = *counts.get(cell).unwrap_or(&0) as f64;
+        seen += o as u64;
+        if e < 5.0 {
+            pool_obs += o;
+            pool_exp += e;
+        } else {
+            chi += (o - e).powi(2) / e;
+            cells += 1;
+        }
+    }
+    // Outcomes of probability zero must never occur.
+    assert_eq!(seen, n, "tokens outside the target's support were emitted");
+    if pool_exp >= 5.0 {
+        chi += (pool_obs - pool_exp).powi(2) / pool_exp;
+        cells += 1;
+    }
+    (chi, cells - 1)
+}
+
+/// Upper tail of χ²(df) beyond `x` is below 1e-4 when this is above 3.719 (Wilson–Hilferty:
+/// (x/df)^⅓ is close to normal with mean 1 − 2/(9df) and variance 2/(9df)).
+fn wilson_hilferty_z(x: f64, df: usize) -> f64 {
+    let d = df as f64;
+    ((x / d).powf(1.0 / 3.0) - (1.0 - 2.0 / (9.0 * d))) / (2.0 / (9.0 * d)).sqrt()
+}
+
+/// With sampling, speculation must leave the distribution of the generated tokens that of the
+/// target. For the first three tokens after a prompt (the first sampled from the prompt's
+/// logits, the next two through speculative rounds), the joint distribution is computed
+/// exactly from the target (top-k 4: at most 64 outcomes), and N = 3000 seeded runs with
+/// speculation are tested against it with Pearson's χ²: each check fails by chance with
+/// probability about 1e-4 (z > 3.719), 4 checks, so about 4e-4 per run of this test, and the
+/// seeds are fixed, so a pass or fail is reproducible. Sampling applies temperature,
+/// top-k, a repetition and a presence penalty and a logit bias, identically to target and
+/// draft. Drafts come from a stand-in drafter whose distribution differs from the target's
+/// (a higher temperature, more candidates) so that drafts are accepted and rejected in
+/// about equal measure, and, for k=2, from the real MTP head.
+#[test]
+fn sampled_tokens_follow_the_target_distribution() {
+    use std::collections::HashMap;
+    let model = load("bf16-interval2", Precision::Exact);
+    let vocab = model.cfg.vocab_size;
+    let p = prompt(6, vocab, 4);
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 4,
+        repetition_penalty: 1.3,
+        presence_penalty: 0.4,
+        logit_bias: vec![(17, 1.5)],
+        ..SamplingParams::default()
+    };
+    let dist = |ctx: &[u32]| {
+        let mut s = Sampler::new(params.clone()).unwrap();
+        s.distribution(&plain_logits(&model, &p, ctx), &p, ctx)
+            .unwrap()
+    };
+    // Exact joint of the first three tokens.
+    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
+    let p1 = dist(&[]);
+    for (a, &pa) in p1.iter().enumerate().filter(|(_, &x)| x > 0.0) {
+        let p2 = dist(&[a as u32]);
+        for (b, &pb) in p2.iter().enumerate().filter(|(_, &x)| x > 0.0) {
+            let p3 = dist(&[a as u32, b as u32]);
+            for (c, &pc) in p3.iter().enumerate().filter(|(_, &x)| x > 0.0) {
+                expected.push((
+                    vec![a as u32, b as u32, c as u32],
+                    f64::from(pa) * f64::from(pb) * f64::from(pc),
+                ));
+            }
+        }
+    }
+    let total: f64 = expected.iter().map(|e| e.1).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
+
+    let draft_params = SamplingParams {
+        temperature: 1.6,
+        top_k: 6,
+        ..params.clone()
+    };
+    let mut stand_in = |model: &Model, s: &mut qnext::engine::speculative::DraftSeq| {
+        let mut d = qnext::engine::speculative::Drafts::default();
+        let mut ctx = s.output.to_vec();
+        for _ in 0..s.k {
+            let mut q_sampler = Sampler::new(draft_params.clone()).unwrap();
+            let q = q_sampler
+                .distribution(&plain_logits(model, s.prompt, &ctx), s.prompt, &ctx)
+                .unwrap();
+            let t = s.sampler.draw_weighted(&q).unwrap();
+            d.tokens.push(t);
+            d.q.push(q);
+            ctx.push(t);
+        }
+        Ok(d)
+    };
+    const N: u64 = 3000;
+    for (k, mtp) in [(1, false), (2, false), (3, false), (2, true)] {
+        let mut counts: HashMap<Vec<u32>, u64> = HashMap::new();
+        let mut acc = qnext::engine::speculative::Acceptance::default();
+        for seed in 0..N {
+            let mut cache = model.new_cache(p.len() + 8);
+            let mut sampler = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..params.clone()
+            })
+            .unwrap();
+            let mut toks = Vec::new();
+            // Room for a whole round after the first token; the first three are kept.
+            let emit = |t: u32, _: &[f32]| {
+                toks.push(t);
+                toks.len() < 3
+            };
+            let a = if mtp {
+                generate(&model, &mut cache, &p, &mut sampler, (3 + k, k), &[], emit).unwrap()
+            } else {
+                model.enable_mtp(&mut cache).unwrap();
+                qnext::engine::speculative::generate_with(
+                    &model,
+                    &mut cache,
+                    &p,
+                    &mut sampler,
+                    (3 + k, k),
+                    &[],
+                    emit,
+                    &mut stand_in,
+                )
+                .unwrap()
+            };
+            assert_eq!(toks.len(), 3);
+            *counts.entry(toks).or_default() += 1;
+            acc.accepted += a.accepted;
+            acc.drafts += a.drafts;
+        }
+        let (chi, df) = chi_square(&counts, &expected, N);
+        let z = wilson_hilferty_z(chi, df);
+        eprintln!(
+            "k={k} ({}): χ² = {chi:.1} on {df} df (z = {z:.2}); drafts accepted {}/{}",
+            if mtp { "MTP head" } else { "stand-in drafter" },
+            acc.accepted,
+            acc.drafts
+        );
+        if !mtp {
+            assert!(
+                acc.accepted > acc.drafts / 10 && acc.accepted < acc.drafts * 9 / 10,
+                "the stand-in drafter should be accepted sometimes, not always"
+            );
+        }
+        assert!(z < 3.719, "k={k}: χ² = {chi} on {df} df: the distribution with speculation differs from the target's");
+    }
+}

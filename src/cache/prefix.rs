@@ -317,6 +317,7 @@ mod tests {
             pos,
             linear: vec![(vec![0.0; 1], vec![pos as f32; state - 1])],
             kv: vec![k.blocks().to_vec()],
+            mtp: None,
         })
     }
 
