@@ -377,3 +377,88 @@ fn sampled_tokens_follow_the_target_distribution() {
         assert!(z < 3.719, "k={k}: χ² = {chi} on {df} df: the distribution with speculation differs from the target's");
     }
 }
+
+/// Through the engine, under concurrent load (more requests than slots, prompt chunks of
+/// others in the same steps, a stop token, the prefix cache on): greedy tokens and their
+/// log-probabilities with 1–4 drafts per step equal those without speculation, and the
+/// acceptance counters add up.
+#[test]
+fn engine_greedy_output_equals_without_speculation_under_load() {
+    use qnext::engine::scheduler::{collect, in_use};
+    use qnext::engine::{Engine, EngineConfig, Event, GenRequest};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+    let model = Arc::new(load("fp8-f32scale", Precision::Fast));
+    let vocab = model.cfg.vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| prompt(5 + 19 * i, vocab, i as u32 + 11))
+        .collect();
+    let run_all = |k: usize| {
+        let engine = Engine::start(
+            model.clone(),
+            EngineConfig {
+                max_num_seqs: 3,
+                max_model_len: 256,
+                prefill_chunk: 16,
+                prefix_cache: Some(64 << 20),
+                speculative_tokens: k,
+                ..EngineConfig::default()
+            },
+        );
+        let rxs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let req = GenRequest {
+                    prompt: p.clone(),
+                    sampling: greedy(),
+                    max_tokens: 24 + i,
+                    stop_token_ids: if i == 2 { vec![7] } else { vec![] },
+                    logprobs: Some(2),
+                };
+                engine.submit(req).unwrap().1
+            })
+            .collect();
+        let outs: Vec<Vec<(u32, Option<f32>, Vec<(u32, f32)>)>> = rxs
+            .into_iter()
+            .map(|rx| {
+                collect(rx, Duration::from_secs(120))
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Event::Token {
+                            id,
+                            logprob,
+                            top_logprobs,
+                            ..
+                        } => Some((id, logprob, top_logprobs)),
+                        Event::Error(e) => panic!("{e}"),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let s = &engine.stats;
+        let counts = (
+            s.spec_rounds.load(Ordering::Relaxed),
+            s.spec_draft_tokens.load(Ordering::Relaxed),
+            s.spec_accepted_tokens.load(Ordering::Relaxed),
+            s.spec_accepted_per_position.lock().unwrap().clone(),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(in_use(s), 0);
+        (outs, counts)
+    };
+    let (base, none) = run_all(0);
+    assert_eq!(none.0, 0);
+    for k in 1..=4 {
+        let (outs, (rounds, drafts, accepted, per)) = run_all(k);
+        assert_eq!(outs, base, "k={k}: tokens or log-probabilities changed");
+        assert!(rounds > 0 && drafts >= rounds && drafts <= k as u64 * rounds);
+        assert_eq!(per.iter().sum::<u64>(), accepted);
+        assert!(
+            per.windows(2).all(|w| w[0] >= w[1]),
+            "a later position accepted more often: {per:?}"
+        );
+    }
+}

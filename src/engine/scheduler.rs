@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::chunking::{Chunking, Markers};
+use super::speculative::{self, DraftSeq, Drafts};
 use super::stats::Stats;
 use crate::cache::prefix::PrefixCache;
 use crate::cache::{SeqCache, BLOCK};
@@ -58,6 +59,9 @@ pub struct EngineConfig {
     /// Each sequence reserves what its prompt and its `max_tokens` can need when admitted,
     /// so a running sequence never runs out; a request that could never fit is refused.
     pub kv_cache_memory: Option<usize>,
+    /// Tokens the MTP head drafts per decode step (0: no speculative decoding). The model
+    /// must have an MTP head.
+    pub speculative_tokens: usize,
 }
 
 impl EngineConfig {
@@ -81,6 +85,7 @@ impl Default for EngineConfig {
             prefix_cache: None,
             snapshot_interval: 2048,
             kv_cache_memory: None,
+            speculative_tokens: 0,
         }
     }
 }
@@ -285,8 +290,16 @@ struct Scheduler {
 impl Scheduler {
     fn new(model: Arc<Model>, cfg: EngineConfig, stats: Arc<Stats>) -> Scheduler {
         let model_kv = model.new_cache(1).kv_bytes_per_token();
+        let mut cfg = cfg;
         let slots = (0..cfg.max_num_seqs)
-            .map(|_| model.new_cache(cfg.max_model_len))
+            .map(|_| {
+                let mut c = model.new_cache(cfg.max_model_len);
+                // Callers check for an MTP head first (`serve` refuses to start without).
+                if cfg.speculative_tokens > 0 && model.enable_mtp(&mut c).is_err() {
+                    cfg.speculative_tokens = 0;
+                }
+                c
+            })
             .collect();
         Scheduler {
             free: (0..cfg.max_num_seqs).rev().collect(),
@@ -558,9 +571,63 @@ impl Scheduler {
         if plan.is_empty() {
             return;
         }
-        let decode_tokens: Vec<[u32; 1]> = plan
+        // Decoding sequences draft with the MTP head first, all together; their step then
+        // feeds the last token and the drafts, and ends after the accepted ones.
+        let k = self.cfg.speculative_tokens;
+        let mut drafts: Vec<Option<Drafts>> = plan.iter().map(|_| None).collect();
+        if k > 0 {
+            let mut want: Vec<(usize, usize)> = Vec::new(); // (plan index, drafts)
+            for (p, &(i, ref range)) in plan.iter().enumerate() {
+                let r = &self.running[i];
+                if !range.is_empty() || r.warm || r.output.is_empty() {
+                    continue;
+                }
+                let c = &self.slots[r.slot];
+                let room = c.max_len().saturating_sub(c.pos() + 1);
+                let kk = k
+                    .min(r.max_new.saturating_sub(r.output.len() + 1))
+                    .min(room);
+                if kk > 0 {
+                    want.push((p, kk));
+                }
+            }
+            if !want.is_empty() {
+                let mut caches: Vec<Option<&mut SeqCache>> =
+                    self.slots.iter_mut().map(Some).collect();
+                let mut runs: Vec<Option<&mut Running>> =
+                    self.running.iter_mut().map(Some).collect();
+                let mut seqs: Vec<DraftSeq> = Vec::with_capacity(want.len());
+                for &(p, kk) in &want {
+                    let r = runs[plan[p].0].take().expect("one plan entry per sequence");
+                    seqs.push(DraftSeq {
+                        cache: caches[r.slot].take().expect("one sequence per slot"),
+                        sampler: &mut r.sampler,
+                        prompt: &r.req.prompt,
+                        output: &r.output,
+                        k: kk,
+                    });
+                }
+                match speculative::draft(&self.model, &mut seqs) {
+                    Ok(d) => {
+                        for (&(p, _), d) in want.iter().zip(d) {
+                            drafts[p] = Some(d);
+                        }
+                    }
+                    // Speculation is an optimisation: without drafts the step decodes plainly.
+                    Err(e) => tracing::warn!("drafting failed, decoding without drafts: {e:#}"),
+                }
+            }
+        }
+        let decode_tokens: Vec<Vec<u32>> = plan
             .iter()
-            .map(|&(i, _)| [self.running[i].output.last().copied().unwrap_or(0)])
+            .zip(&drafts)
+            .map(|(&(i, _), d)| {
+                let mut t = vec![self.running[i].output.last().copied().unwrap_or(0)];
+                if let Some(d) = d {
+                    t.extend(&d.tokens);
+                }
+                t
+            })
             .collect();
         let mut slot_refs: Vec<Option<&mut SeqCache>> = self.slots.iter_mut().map(Some).collect();
         let mut batch: Vec<SeqInput> = Vec::with_capacity(plan.len());
@@ -568,10 +635,14 @@ impl Scheduler {
             let r = &self.running[i];
             let cache = slot_refs[r.slot].take().expect("one sequence per slot");
             if range.is_empty() {
+                let speculating = drafts[p].is_some();
+                if speculating {
+                    cache.speculate();
+                }
                 batch.push(SeqInput {
                     tokens: &decode_tokens[p],
                     cache,
-                    want: Want::Last,
+                    want: if speculating { Want::All } else { Want::Last },
                 });
             } else {
                 let last = range.end == r.req.prompt.len() && !r.warm;
@@ -600,8 +671,9 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
+        let vocab = self.model.cfg.vocab_size;
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
-        for ((i, range), out) in plan.into_iter().zip(outs) {
+        for (((i, range), out), drafts) in plan.into_iter().zip(outs).zip(drafts) {
             let r = &mut self.running[i];
             if !range.is_empty() {
                 r.fed = range.end;
@@ -632,39 +704,65 @@ impl Scheduler {
                 done.push((i, FinishReason::Length));
                 continue;
             }
-            let next = match r.sampler.sample(&out.logits, &r.req.prompt, &r.output) {
-                Ok(t) => t,
+            // The tokens this step yields, each with the logits row it was chosen from.
+            let chosen: Result<Vec<(u32, usize)>> = match &drafts {
+                None => r
+                    .sampler
+                    .sample(&out.logits, &r.req.prompt, &r.output)
+                    .map(|t| vec![(t, 0)]),
+                Some(d) => {
+                    speculative::accept(&mut r.sampler, &r.req.prompt, &r.output, d, &out.logits)
+                        .and_then(|a| {
+                            self.slots[r.slot].accept(a.tokens.len())?;
+                            self.stats.speculated(d.tokens.len(), a.drafts);
+                            Ok(a.tokens.into_iter().zip(0..).collect())
+                        })
+                }
+            };
+            let chosen = match chosen {
+                Ok(c) => c,
                 Err(e) => {
                     let _ = r.events.send(Event::Error(format!("{e:#}")));
                     done.push((i, FinishReason::Cancelled));
                     continue;
                 }
             };
-            let (logprob, top) = match r.req.logprobs {
-                Some(n) => {
-                    let lp = crate::sampling::logprobs(&out.logits);
-                    (Some(lp[next as usize]), top_logprobs(&lp, n))
+            let since = r.last_token;
+            let n = chosen.len() as u32;
+            for (next, row) in chosen {
+                let logits = &out.logits[row * vocab..(row + 1) * vocab];
+                let (logprob, top) = match r.req.logprobs {
+                    Some(n) => {
+                        let lp = crate::sampling::logprobs(logits);
+                        (Some(lp[next as usize]), top_logprobs(&lp, n))
+                    }
+                    None => (None, Vec::new()),
+                };
+                let is_stop = r.req.stop_token_ids.contains(&next);
+                r.output.push(next);
+                self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                // Tokens of one step arrive together: each counts an equal share of the wait.
+                match since {
+                    None if r.last_token.is_none() => {
+                        self.stats.ttft.observe(now.duration_since(r.submitted))
+                    }
+                    None => self.stats.itl.observe(Duration::ZERO),
+                    Some(t) => self.stats.itl.observe(now.duration_since(t) / n),
                 }
-                None => (None, Vec::new()),
-            };
-            let is_stop = r.req.stop_token_ids.contains(&next);
-            r.output.push(next);
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            match r.last_token {
-                None => self.stats.ttft.observe(now.duration_since(r.submitted)),
-                Some(t) => self.stats.itl.observe(now.duration_since(t)),
-            }
-            r.last_token = Some(now);
-            let _ = r.events.send(Event::Token {
-                id: next,
-                logprob,
-                top_logprobs: top,
-                is_stop,
-            });
-            if is_stop {
-                done.push((i, FinishReason::Stop));
-            } else if r.output.len() >= r.max_new {
-                done.push((i, FinishReason::Length));
+                r.last_token = Some(now);
+                let _ = r.events.send(Event::Token {
+                    id: next,
+                    logprob,
+                    top_logprobs: top,
+                    is_stop,
+                });
+                if is_stop {
+                    done.push((i, FinishReason::Stop));
+                    break;
+                } else if r.output.len() >= r.max_new {
+                    done.push((i, FinishReason::Length));
+                    break;
+                }
             }
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));

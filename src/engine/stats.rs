@@ -58,6 +58,12 @@ pub struct Stats {
     pub prefix_evictions: AtomicU64,
     /// Tokens computed ahead of a conversation's next request (`Engine::warm`).
     pub warm_tokens: AtomicU64,
+    /// Speculative decoding: verification steps, drafts proposed and accepted, and per draft
+    /// position the drafts accepted there.
+    pub spec_rounds: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    pub spec_accepted_per_position: Mutex<Vec<u64>>,
     /// Time to first token.
     pub ttft: Histogram,
     /// Inter-token latency.
@@ -67,5 +73,24 @@ pub struct Stats {
 impl Stats {
     pub fn get(&self, c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Counts one verification step that proposed `proposed` drafts and accepted `accepted`.
+    pub fn speculated(&self, proposed: usize, accepted: usize) {
+        self.spec_rounds.fetch_add(1, Ordering::Relaxed);
+        self.spec_draft_tokens
+            .fetch_add(proposed as u64, Ordering::Relaxed);
+        self.spec_accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        let mut per = self
+            .spec_accepted_per_position
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if per.len() < proposed {
+            per.resize(proposed, 0);
+        }
+        for a in &mut per[..accepted] {
+            *a += 1;
+        }
     }
 }

@@ -376,9 +376,14 @@ impl Model {
         // Prompt chunks go through the blocked products; decode and speculative tokens through
         // the dot-product kernels. Decided per sequence, so its results never depend on what
         // else is batched.
+        // A speculative step is decode work, whatever its length.
         let bulk: Vec<bool> = spans
             .iter()
-            .flat_map(|s| std::iter::repeat_n(s.len() >= PROMPT_CHUNK_TOKENS, s.len()))
+            .zip(batch.iter())
+            .flat_map(|(span, s)| {
+                let bulk = span.len() >= PROMPT_CHUNK_TOKENS && s.cache.spec.is_none();
+                std::iter::repeat_n(bulk, span.len())
+            })
             .collect();
         let step = Step {
             precision: p,
@@ -431,7 +436,7 @@ impl Model {
             };
             hidden.extend_from_slice(&x[rows.start * h..rows.end * h]);
             head_bulk.extend(std::iter::repeat_n(
-                span.len() >= PROMPT_CHUNK_TOKENS,
+                bulk.get(span.start).copied().unwrap_or(false),
                 rows.len(),
             ));
             rows_of.push(rows.len());
