@@ -27,7 +27,7 @@ enum Command {
     Run(commands::run::Args),
     /// OpenAI-compatible HTTP server with continuous batching.
     #[cfg(feature = "serve")]
-    Serve(commands::serve::Args),
+    Serve(Box<commands::serve::Args>),
     /// Present without the server, to say so instead of "unrecognized subcommand".
     #[cfg(not(feature = "serve"))]
     #[command(hide = true)]
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => commands::synth::main(a),
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
         #[cfg(feature = "serve")]
-        Command::Serve(a) => commands::serve::main(a, cli.verbose),
+        Command::Serve(a) => commands::serve::main(*a, cli.verbose),
         #[cfg(not(feature = "serve"))]
         Command::Serve { .. } => Err(anyhow::anyhow!(
             "this qnext was built without the server (cargo feature `serve`); build it with the \

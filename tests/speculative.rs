@@ -378,6 +378,9 @@ fn sampled_tokens_follow_the_target_distribution() {
     }
 }
 
+/// A token event: id, log-probability, top log-probabilities.
+type Emitted = (u32, Option<f32>, Vec<(u32, f32)>);
+
 /// Through the engine, under concurrent load (more requests than slots, prompt chunks of
 /// others in the same steps, a stop token, the prefix cache on): greedy tokens and their
 /// log-probabilities with 1–4 drafts per step equal those without speculation, and the
@@ -420,7 +423,7 @@ fn engine_greedy_output_equals_without_speculation_under_load() {
                 engine.submit(req).unwrap().1
             })
             .collect();
-        let outs: Vec<Vec<(u32, Option<f32>, Vec<(u32, f32)>)>> = rxs
+        let outs: Vec<Vec<Emitted>> = rxs
             .into_iter()
             .map(|rx| {
                 collect(rx, Duration::from_secs(120))

@@ -49,9 +49,15 @@ pub struct Args {
     /// plain read of the same bytes.
     #[arg(long)]
     kernels: bool,
+    /// Measure speculative decoding with the MTP head instead: verification steps of 1 + k
+    /// tokens for k = 1..K against a decode step, the draft's cost, the speedup they give
+    /// by acceptance rate, and generation with K drafts per step (at --depth, --repeat
+    /// times, --gen-tokens generated).
+    #[arg(long, default_value_t = 0)]
+    speculative_tokens: usize,
 }
 
-fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub(super) fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     (0..n)
         .map(|_| {
@@ -64,7 +70,7 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn argmax(x: &[f32]) -> u32 {
+pub(super) fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -134,7 +140,7 @@ fn decode(model: &Model, p: &mut Prefilled, n: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if !n.is_multiple_of(2) {
@@ -254,6 +260,22 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     let mut model = Model::load_with(&a.model, mode)?;
     a.precision.apply(&mut model);
     let load_s = t0.elapsed().as_secs_f64();
+    if a.speculative_tokens > 0 {
+        let settings = super::bench_speculation::Settings {
+            k: a.speculative_tokens,
+            depth: a.depth,
+            gen_tokens: a.gen_tokens.max(2),
+            repeat: a.repeat,
+        };
+        let out = super::bench_speculation::run(&model, &settings)?;
+        if a.json {
+            let mut out = out;
+            out["model"] = serde_json::json!(a.model.display().to_string());
+            out["isa"] = serde_json::json!(format!("{:?}", qnext::kernels::isa::isa()));
+            println!("{out}");
+        }
+        return Ok(());
+    }
     let (all_bytes, token_bytes) = model.weight_bytes();
     let threads = qnext::kernels::parallel::threads();
     // One untimed round warms caches and the thread pool.

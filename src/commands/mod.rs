@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+mod bench_speculation;
 pub mod inspect;
 pub mod run;
 pub mod score;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use qnext::model::{SeqInput, Want};
+use qnext::engine::speculative::generate;
 use qnext::sampling::{GenerationConfig, Sampler};
 use qnext::text::chat_template::ChatTemplate;
 use qnext::text::detokenizer::DecodeStream;
@@ -45,6 +45,10 @@ pub struct Args {
     /// Seed for sampling (same seed, same output).
     #[arg(long)]
     seed: Option<u64>,
+    /// Speculative decoding: draft this many tokens per step with the checkpoint's MTP head
+    /// and verify them in one step (the output is unchanged; acceptance is reported at the end).
+    #[arg(long, default_value_t = 0)]
+    speculative_tokens: usize,
     #[command(flatten)]
     load: super::LoadArg,
     #[command(flatten)]
@@ -114,54 +118,68 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     eos.extend(&model.cfg.eos_token_ids);
     let mut sampler = Sampler::new(params)?;
 
+    if args.speculative_tokens > 0 && !model.has_mtp() {
+        bail!(
+            "--speculative-tokens {}: {} has no MTP head (mtp.* tensors), which drafts the tokens",
+            args.speculative_tokens,
+            args.model.display()
+        );
+    }
     let mut cache = model.new_cache(ids.len() + max_new);
     let t0 = Instant::now();
-    let out = model.forward(&mut [SeqInput {
-        tokens: &ids,
-        cache: &mut cache,
-        want: Want::Last,
-    }])?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let mut logits = out.into_iter().next().map(|o| o.logits).unwrap_or_default();
-
-    let t1 = Instant::now();
-    let mut output: Vec<u32> = Vec::new();
+    let mut first: Option<Instant> = None;
     let mut stream = DecodeStream::new(true);
     let mut stdout = std::io::stdout().lock();
-    let mut generated = 0;
+    let mut generated: usize = 0;
     let mut stop = "length";
-    while generated < max_new {
-        let next = sampler.sample(&logits, &ids, &output)?;
-        generated += 1;
-        if eos.contains(&next) {
-            stop = "eos";
-            break;
-        }
-        output.push(next);
-        if let Some(piece) = stream.step(&tok, next)? {
-            stdout.write_all(piece.as_bytes())?;
-            stdout.flush()?;
-        }
-        if generated == max_new {
-            break;
-        }
-        let out = model.forward(&mut [SeqInput {
-            tokens: &[next],
-            cache: &mut cache,
-            want: Want::Last,
-        }])?;
-        logits = out.into_iter().next().map(|o| o.logits).unwrap_or_default();
+    let mut failed: Option<anyhow::Error> = None;
+    let acceptance = generate(
+        &model,
+        &mut cache,
+        &ids,
+        &mut sampler,
+        (max_new, args.speculative_tokens),
+        &eos,
+        |t, _| {
+            first.get_or_insert_with(Instant::now);
+            generated += 1;
+            if eos.contains(&t) {
+                stop = "eos";
+                return false;
+            }
+            let piece = stream.step(&tok, t).and_then(|p| {
+                if let Some(p) = p {
+                    stdout.write_all(p.as_bytes())?;
+                    stdout.flush()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = piece {
+                failed = Some(e);
+                return false;
+            }
+            true
+        },
+    )?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     if let Some(rest) = stream.flush(&tok)? {
         stdout.write_all(rest.as_bytes())?;
     }
     writeln!(stdout)?;
-    let decode = t1.elapsed().as_secs_f64();
+    let first = first.unwrap_or_else(Instant::now);
+    let prefill = first.duration_since(t0).as_secs_f64();
+    let decode = first.elapsed().as_secs_f64();
+    // The first token comes with the prompt's step; the rate counts the steps after it.
     eprintln!(
         "prompt {} tokens in {prefill:.2}s ({:.1} tokens/s); generated {generated} tokens in {decode:.2}s ({:.2} tokens/s); stop: {stop}",
         ids.len(),
         ids.len() as f64 / prefill,
-        generated as f64 / decode.max(1e-9),
+        generated.saturating_sub(1) as f64 / decode.max(1e-9),
     );
+    if args.speculative_tokens > 0 {
+        eprintln!("{}", acceptance.summary());
+    }
     Ok(())
 }

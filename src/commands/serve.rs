@@ -1,6 +1,6 @@
 //! `qnext serve`: the OpenAI-compatible server, with vLLM's flag names.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use qnext::server::{self, ReasoningParser, ServerConfig, ToolCallParser};
 use std::path::PathBuf;
@@ -79,10 +79,47 @@ pub struct Args {
     /// it: static YaRN costs some quality on short texts).
     #[arg(long, value_parser = parse_object)]
     rope_scaling: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Speculative decoding: draft this many tokens per decode step with the checkpoint's MTP
+    /// head and verify them in one step of the model (output unchanged; 0: off).
+    #[arg(long, default_value_t = 0)]
+    speculative_tokens: usize,
+    /// vLLM's spelling of the same, e.g. `{"method":"qwen3_next_mtp","num_speculative_tokens":2}`
+    /// (method `qwen3_next_mtp` or `mtp`).
+    #[arg(long, value_parser = parse_object)]
+    speculative_config: Option<serde_json::Map<String, serde_json::Value>>,
     #[command(flatten)]
     load: super::LoadArg,
     #[command(flatten)]
     precision: super::PrecisionArg,
+}
+
+/// Drafts per step from `--speculative-tokens` and `--speculative-config`.
+fn speculative_tokens(a: &Args) -> Result<usize> {
+    let Some(c) = &a.speculative_config else {
+        return Ok(a.speculative_tokens);
+    };
+    for key in c.keys() {
+        if key != "method" && key != "num_speculative_tokens" {
+            bail!("--speculative-config: unsupported key {key:?} (supported: method, num_speculative_tokens)");
+        }
+    }
+    match c.get("method").and_then(|m| m.as_str()) {
+        Some("qwen3_next_mtp" | "mtp") | None => {}
+        Some(m) => {
+            bail!("--speculative-config: method {m:?} is not supported (qwen3_next_mtp, mtp)")
+        }
+    }
+    let Some(k) = c.get("num_speculative_tokens").and_then(|k| k.as_u64()) else {
+        bail!("--speculative-config: num_speculative_tokens must be a non-negative integer");
+    };
+    let k = k as usize;
+    if a.speculative_tokens != 0 && a.speculative_tokens != k {
+        bail!(
+            "--speculative-tokens {} and --speculative-config's num_speculative_tokens {k} disagree",
+            a.speculative_tokens
+        );
+    }
+    Ok(k)
 }
 
 fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -108,7 +145,9 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    let speculative_tokens = speculative_tokens(&a)?;
     let cfg = ServerConfig {
+        speculative_tokens,
         model: a.model,
         host: a.host,
         port: a.port,

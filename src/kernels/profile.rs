@@ -70,10 +70,24 @@ pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }
 
+static EXPERT_BYTES: AtomicU64 = AtomicU64::new(0);
+
 pub fn reset() {
     for n in &NANOS {
         n.store(0, Ordering::Relaxed);
     }
+    EXPERT_BYTES.store(0, Ordering::Relaxed);
+}
+
+/// Counts the bytes of routed experts a MoE layer reads (once per layer and step: free).
+pub fn add_expert_bytes(n: usize) {
+    EXPERT_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Bytes of routed experts read since the last reset: what more tokens in a step cost in
+/// weights (`bench --speculative-tokens`).
+pub fn expert_bytes() -> u64 {
+    EXPERT_BYTES.load(Ordering::Relaxed)
 }
 
 /// Nanoseconds recorded per kind since the last reset.

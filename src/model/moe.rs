@@ -131,6 +131,9 @@ impl Moe {
         // Gather each selected expert's tokens, then run every gate/up projection (and the
         // shared expert's) in one dispatch, and every down projection in a second.
         let active: Vec<usize> = (0..e_count).filter(|&e| !routes[e].is_empty()).collect();
+        crate::kernels::profile::add_expert_bytes(
+            active.iter().map(|&e| self.experts[e].bytes()).sum(),
+        );
         // Prompt chunks gather, activate and combine on every thread: at hundreds of tokens
         // these copies are a tenth of the layer, and on one thread the others would wait.
         // Decode keeps them on the calling thread (a dispatch costs more than the work).

@@ -177,10 +177,52 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             "Tokens of conversations computed ahead of their next request",
             &s.warm_tokens,
         ),
+        (
+            "spec_decode_num_drafts",
+            "Speculative verification steps (one per sequence and step)",
+            &s.spec_rounds,
+        ),
+        (
+            "spec_decode_num_draft_tokens",
+            "Tokens drafted by the MTP head",
+            &s.spec_draft_tokens,
+        ),
+        (
+            "spec_decode_num_accepted_tokens",
+            "Drafted tokens accepted",
+            &s.spec_accepted_tokens,
+        ),
     ];
     for (name, help, c) in counters {
         reg.register(format!("qnext:{name}"), help, count(c));
     }
+    let per_position = Family::<Vec<(String, String)>, Counter>::default();
+    let accepted = s
+        .spec_accepted_per_position
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (pos, n) in accepted.iter().enumerate() {
+        per_position
+            .get_or_create(&vec![("position".into(), pos.to_string())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "qnext:spec_decode_num_accepted_tokens_per_pos",
+        "Drafted tokens accepted, by draft position (0: the first draft of a step)",
+        per_position,
+    );
+    let rounds = s.spec_rounds.load(Ordering::Relaxed);
+    reg.register(
+        "qnext:spec_decode_mean_accepted_length",
+        "Tokens a speculative verification step yields on average (accepted drafts + 1; \
+         0 before the first)",
+        ConstGauge::new(if rounds == 0 {
+            0.0
+        } else {
+            1.0 + s.spec_accepted_tokens.load(Ordering::Relaxed) as f64 / rounds as f64
+        }),
+    );
     let finished = Family::<Vec<(String, String)>, Counter>::default();
     for (i, reason) in ["stop", "length", "abort"].iter().enumerate() {
         finished

@@ -102,6 +102,8 @@ pub struct ServerConfig {
     /// Bytes of K/V the running sequences may hold; `None`: what is left of the memory
     /// available once the model is loaded, less the prefix cache's budget and a margin.
     pub kv_cache_memory: Option<usize>,
+    /// Tokens the MTP head drafts per decode step (`--speculative-tokens`); 0: none.
+    pub speculative_tokens: usize,
 }
 
 /// The prefix cache's default budget: a quarter of the memory available at start-up, at
@@ -128,6 +130,25 @@ pub fn chat_markers(tok: &Tokenizer) -> Markers {
     m
 }
 
+/// Drafts per step allowed: verification steps stay decode-sized (the dot-product kernels),
+/// and past a few drafts acceptance falls off (each needs all before it accepted).
+pub const MAX_SPECULATIVE_TOKENS: usize = 8;
+
+/// `--speculative-tokens k` needs the checkpoint's MTP head and `k` ≤
+/// [`MAX_SPECULATIVE_TOKENS`].
+pub fn check_speculative_tokens(model: &Model, k: usize) -> Result<()> {
+    if k > MAX_SPECULATIVE_TOKENS {
+        bail!("--speculative-tokens {k}: at most {MAX_SPECULATIVE_TOKENS} drafts per step");
+    }
+    if k > 0 && !model.has_mtp() {
+        bail!(
+            "--speculative-tokens {k}: this checkpoint has no MTP head (mtp.* tensors), which \
+             drafts the tokens; run without --speculative-tokens"
+        );
+    }
+    Ok(())
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -150,6 +171,7 @@ impl Default for ServerConfig {
             prefix_cache_memory: None,
             kv_cache_memory: None,
             overrides: Overrides::default(),
+            speculative_tokens: 0,
         }
     }
 }
@@ -266,6 +288,7 @@ impl AppState {
         if cfg.max_num_seqs == 0 {
             bail!("--max-num-seqs must be at least 1");
         }
+        check_speculative_tokens(&model, cfg.speculative_tokens)?;
         let mut eos = gen.eos_token_ids.clone();
         eos.extend(&model.cfg.eos_token_ids);
         if let Some(id) = template
@@ -300,6 +323,7 @@ impl AppState {
             markers: chat_markers(&tokenizer),
             prefix_cache,
             kv_cache_memory,
+            speculative_tokens: cfg.speculative_tokens,
             ..EngineConfig::default()
         };
         eprintln!("{}", memory_plan(&model, &engine_cfg));
