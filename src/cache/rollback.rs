@@ -4,9 +4,10 @@
 //! Verification feeds the last sampled token and k drafts in one forward step; afterwards the
 //! sequence must be exactly where feeding only the accepted ones would have left it. Attention
 //! K/V is simply cut back. A DeltaNet layer's state cannot be cut back, so a speculative step
-//! keeps, per DeltaNet layer, the state it started from and the recurrence's per-token inputs
-//! (q, k, v, g, β after the conv, and the conv's raw inputs); ending the step early restores
-//! the start and replays the recurrence over the kept tokens only. The replay reads no weights:
+//! keeps, per DeltaNet layer, the state it started from (its heads write their new states to a
+//! second buffer instead of in place: no extra memory traffic) and the recurrence's per-token
+//! inputs (q, k, v, g, β after the conv, and the conv's raw inputs); ending the step early
+//! replays the recurrence over the kept tokens only, from the state it started from. The replay reads no weights:
 //! it is the `recurrent` kernel over a few tokens, the same function on the same inputs as in
 //! the step, so the states are bit for bit those of a sequence that never saw the rejected
 //! tokens. The alternative, a copy of the state after every position of the step (vLLM's
@@ -31,9 +32,11 @@ pub struct Replay {
     dk: usize,
     dv: usize,
     conv_dim: usize,
-    /// The conv history and the recurrent state the step started from.
+    /// The conv history the step started from.
     conv: Vec<f32>,
-    ssm: Vec<f32>,
+    /// During a recorded step, where the heads write their new states; after it (swapped
+    /// with the layer's, see [`Replay::finish`]), the state the step started from.
+    pub(crate) ssm: Vec<f32>,
     /// `[n, conv_dim]`: the conv's raw inputs.
     mixed: Vec<f32>,
     /// Per value head, `[n, dk]` q, `[n, dk]` k, `[n, dv]` v, `[n]` g, `[n]` β.
@@ -63,7 +66,8 @@ impl HeadLayout {
     }
 }
 
-/// A value head's share of a recording: where its starting state and its inputs go.
+/// A value head's share of a recording: where its updated state goes (the state it starts
+/// from stays where it is) and where its inputs are kept.
 pub(crate) struct HeadRecord<'a> {
     pub ssm: &'a mut [f32],
     pub inputs: &'a mut [f32],
@@ -71,9 +75,8 @@ pub(crate) struct HeadRecord<'a> {
 }
 
 impl HeadRecord<'_> {
-    /// Keeps the state a head starts from and its inputs for `n` tokens.
-    pub fn keep(&mut self, state: &[f32], x: &HeadInputs) {
-        self.ssm.copy_from_slice(state);
+    /// Keeps a head's inputs for `n` tokens.
+    pub fn keep(&mut self, x: &HeadInputs) {
         let (n, dk, dv) = (self.layout.n, self.layout.dk, self.layout.dv);
         let (q, rest) = self.inputs.split_at_mut(n * dk);
         let (k, rest) = rest.split_at_mut(n * dk);
@@ -133,6 +136,12 @@ impl Replay {
             .collect()
     }
 
+    /// After the recorded step: the heads' new states become the layer's, and the layer's
+    /// old one is kept here.
+    pub(crate) fn finish(&mut self, ssm: &mut Vec<f32>) {
+        std::mem::swap(ssm, &mut self.ssm);
+    }
+
     /// Puts `conv` and `ssm` in the state after the first `keep` recorded tokens.
     fn rewind(&self, keep: usize, conv: &mut [f32], ssm: &mut [f32]) {
         let (cd, dk, dv) = (self.conv_dim, self.dk, self.dv);
@@ -146,7 +155,6 @@ impl Replay {
                 &self.mixed[(j - hist) * cd..(j - hist + 1) * cd]
             });
         }
-        ssm.copy_from_slice(&self.ssm);
         let layout = HeadLayout { n: self.n, dk, dv };
         let heads: Vec<Mutex<&mut [f32]>> = ssm.chunks_mut(dk * dv).map(Mutex::new).collect();
         split::for_each_run(heads.len(), &|run| {
@@ -164,7 +172,8 @@ impl Replay {
                     dv,
                 };
                 let mut s = heads[h].lock().unwrap_or_else(|e| e.into_inner());
-                delta_rule::recurrent(&inputs, &mut s, &mut o);
+                let start = &self.ssm[h * dk * dv..(h + 1) * dk * dv];
+                delta_rule::recurrent_from(&inputs, Some(start), &mut s, &mut o);
             }
         });
     }

@@ -266,6 +266,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             depth: a.depth,
             gen_tokens: a.gen_tokens.max(2),
             repeat: a.repeat,
+            profile: a.profile,
         };
         let out = super::bench_speculation::run(&model, &settings)?;
         if a.json {

@@ -29,6 +29,9 @@ pub struct Settings {
     pub depth: usize,
     pub gen_tokens: usize,
     pub repeat: usize,
+    /// Also print the time per kind of work of a decode step next to a verification step of
+    /// 1 + K tokens.
+    pub profile: bool,
 }
 
 pub fn run(model: &Model, s: &Settings) -> Result<serde_json::Value> {
@@ -96,6 +99,45 @@ pub fn run(model: &Model, s: &Settings) -> Result<serde_json::Value> {
         draft_next.push(ms);
         let (ms, _) = timed(|| Ok(cache.snapshot()))?;
         state_copy.push(ms);
+    }
+    if s.profile {
+        let runs = 3;
+        let mut per_kind = |k: usize| -> Result<Vec<(profile::Kind, u64)>> {
+            profile::reset();
+            profile::enable(true);
+            for _ in 0..runs {
+                cache.restore(&snap)?;
+                let mut fed = vec![next];
+                fed.extend(&drafts[..k]);
+                if k > 0 {
+                    cache.speculate();
+                }
+                model.forward(&mut [SeqInput {
+                    tokens: &fed,
+                    cache: &mut cache,
+                    want: Want::All,
+                }])?;
+                if k > 0 {
+                    cache.accept(fed.len())?;
+                }
+            }
+            profile::enable(false);
+            Ok(profile::totals())
+        };
+        let one = per_kind(0)?;
+        let many = per_kind(s.k)?;
+        println!(
+            "profile per step: a decode step vs a verification step of {} tokens",
+            s.k + 1
+        );
+        for ((kind, a), (_, b)) in one.iter().zip(&many) {
+            let (a, b) = (*a as f64 / 1e6 / runs as f64, *b as f64 / 1e6 / runs as f64);
+            println!(
+                "  {:<40} {a:8.2} ms {b:8.2} ms  {:5.2}×",
+                kind.name(),
+                b / a.max(1e-9)
+            );
+        }
     }
     // The first round warms up; medians of the rest.
     let m = |v: &[f64]| median(v[1..].to_vec());

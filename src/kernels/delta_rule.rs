@@ -68,8 +68,16 @@ fn prefetch(p: *const f32, n: usize) {
 /// prediction (Sᵀk of the decayed state is α·Sᵀk), and the output needs no third pass, since
 /// `o = S_newᵀ q = α Sᵀq + (k·q) d` with `d = β (v − α Sᵀk)` and `S_new = α S + k dᵀ`. Decode
 /// is bound by this state traffic (2 MiB per DeltaNet layer from memory), not by arithmetic.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
+    recurrent_from(x, None, state, o);
+}
+
+/// [`recurrent`] starting from the state `from` when given (left as it is), else from
+/// `state`; the result goes to `state` either way, with the same bits. A speculative step
+/// runs this way so that the state it started from stays for a rollback
+/// (`cache::rollback`), at no more memory traffic than updating in place.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn recurrent_from(x: &HeadInputs, from: Option<&[f32]>, state: &mut [f32], o: &mut [f32]) {
     let (dk, dv) = (x.dk, x.dv);
     let (mut d, mut sq) = (vec![0.0f32; dv], vec![0.0f32; dv]);
     for t in 0..x.g.len() {
@@ -85,13 +93,17 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         } else {
             x.g[t].exp()
         };
+        let source = if t == 0 { from } else { None };
         d.fill(0.0);
         sq.fill(0.0);
-        for (i, ((row, &ki), &qi)) in state.chunks_exact(dv).zip(k).zip(q).enumerate() {
-            prefetch(state.as_ptr().wrapping_add(i * dv + STATE_LEAD), dv);
-            for ((dj, sj), &s) in d.iter_mut().zip(sq.iter_mut()).zip(row) {
-                *dj += ki * s;
-                *sj += qi * s;
+        {
+            let old: &[f32] = source.unwrap_or(state);
+            for (i, ((row, &ki), &qi)) in old.chunks_exact(dv).zip(k).zip(q).enumerate() {
+                prefetch(old.as_ptr().wrapping_add(i * dv + STATE_LEAD), dv);
+                for ((dj, sj), &s) in d.iter_mut().zip(sq.iter_mut()).zip(row) {
+                    *dj += ki * s;
+                    *sj += qi * s;
+                }
             }
         }
         let kq: f32 = k.iter().zip(q).map(|(a, b)| a * b).sum();
@@ -102,9 +114,22 @@ pub fn recurrent(x: &HeadInputs, state: &mut [f32], o: &mut [f32]) {
         for ((ot, &s), &di) in o[t * dv..(t + 1) * dv].iter_mut().zip(&sq).zip(&d) {
             *ot = alpha * s + kq * di;
         }
-        for (row, &ki) in state.chunks_exact_mut(dv).zip(k) {
-            for (s, &dj) in row.iter_mut().zip(&d) {
-                *s = alpha * *s + ki * dj;
+        match source {
+            Some(old) => {
+                for ((row, old_row), &ki) in
+                    state.chunks_exact_mut(dv).zip(old.chunks_exact(dv)).zip(k)
+                {
+                    for ((s, &so), &dj) in row.iter_mut().zip(old_row).zip(&d) {
+                        *s = alpha * so + ki * dj;
+                    }
+                }
+            }
+            None => {
+                for (row, &ki) in state.chunks_exact_mut(dv).zip(k) {
+                    for (s, &dj) in row.iter_mut().zip(&d) {
+                        *s = alpha * *s + ki * dj;
+                    }
+                }
             }
         }
     }

@@ -136,6 +136,7 @@ impl DeltaNet {
                 unreachable!("DeltaNet layer given an attention cache");
             };
             let n = rows.len();
+            let recording = replay.armed;
             let pw = self.in_qkvz.rows;
             let bw = self.in_ba.rows;
             self.sequence(
@@ -146,6 +147,9 @@ impl DeltaNet {
                 replay,
                 &mut y[rows.start * vd..rows.end * vd],
             );
+            if recording {
+                replay.finish(ssm);
+            }
         }
         time(Kind::DeltaNetOut, || {
             products(&[step.job(&y, t, &self.out_proj)], step.precision).remove(0)
@@ -303,9 +307,9 @@ impl DeltaNet {
                         dv,
                     };
                     if let Some(r) = record {
-                        r.keep(s, &inputs);
-                    }
-                    if token_by_token {
+                        r.keep(&inputs);
+                        delta_rule::recurrent_from(&inputs, Some(&**s), &mut *r.ssm, o);
+                    } else if token_by_token {
                         delta_rule::recurrent(&inputs, s, o);
                     } else {
                         delta_rule::chunked(&inputs, s, o);
