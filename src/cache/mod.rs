@@ -244,7 +244,7 @@ impl SeqCache {
             .sum()
     }
 
-    /// Bytes of K/V one more token adds (over all attention layers).
+    /// Bytes of K/V one more token adds (over all attention layers, the MTP layer's too).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.layers
             .iter()
@@ -252,7 +252,8 @@ impl SeqCache {
                 LayerState::Full(p) => p.bytes_per_token(),
                 LayerState::Linear { .. } => 0,
             })
-            .sum()
+            .sum::<usize>()
+            + self.mtp.as_ref().map_or(0, |m| m.kv().bytes_per_token())
     }
 
     /// Bytes held by this cache.

@@ -268,7 +268,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             repeat: a.repeat,
             profile: a.profile,
         };
-        let out = super::bench_speculation::run(&model, &settings)?;
+        let out = super::bench_speculation::run(&mut model, &settings)?;
         if a.json {
             let mut out = out;
             out["model"] = serde_json::json!(a.model.display().to_string());

@@ -125,6 +125,9 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
             args.model.display()
         );
     }
+    if args.speculative_tokens > 0 {
+        model.quantize_draft_head();
+    }
     let mut cache = model.new_cache(ids.len() + max_new);
     let t0 = Instant::now();
     let mut first: Option<Instant> = None;

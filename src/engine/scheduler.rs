@@ -161,7 +161,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn start(model: Arc<Model>, config: EngineConfig) -> Engine {
-        let kv_per_token = model.new_cache(1).kv_bytes_per_token();
+        let kv_per_token = kv_per_token(&model, &config);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats
@@ -248,6 +248,16 @@ impl Engine {
     }
 }
 
+/// K/V bytes a sequence adds per position: its attention layers', and the MTP layer's when
+/// it drafts.
+pub fn kv_per_token(model: &Model, cfg: &EngineConfig) -> usize {
+    let mut c = model.new_cache(1);
+    if cfg.speculative_tokens > 0 {
+        let _ = model.enable_mtp(&mut c);
+    }
+    c.kv_bytes_per_token()
+}
+
 /// Conversations waiting to be computed ahead at most; older ones are dropped.
 const MAX_WARM_QUEUE: usize = 8;
 
@@ -289,7 +299,7 @@ struct Scheduler {
 
 impl Scheduler {
     fn new(model: Arc<Model>, cfg: EngineConfig, stats: Arc<Stats>) -> Scheduler {
-        let model_kv = model.new_cache(1).kv_bytes_per_token();
+        let model_kv = kv_per_token(&model, &cfg);
         let mut cfg = cfg;
         let slots = (0..cfg.max_num_seqs)
             .map(|_| {

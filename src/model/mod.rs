@@ -72,6 +72,8 @@ pub struct Model {
     lm_head: Matrix,
     rope: Rope,
     mtp: Option<Mtp>,
+    /// The `lm_head` draft steps read, when not `lm_head` itself (`Model::quantize_draft_head`).
+    draft_head: Option<Matrix>,
     /// How the matrix products round (`--exact`); fast by default.
     pub precision: Precision,
 }
@@ -256,6 +258,7 @@ impl Model {
             lm_head,
             rope,
             mtp,
+            draft_head: None,
             precision: Precision::default(),
         })
     }

@@ -75,6 +75,32 @@ impl Model {
         )
     }
 
+    /// Gives draft steps an 8-bit copy of a 16-bit `lm_head` ([`Matrix::to_q8`]): the head is
+    /// most of a draft step's bytes (622 MB in BF16 against ≈ 60 MB for the MTP layer's
+    /// active weights), and a draft only proposes — verification with the stored head keeps
+    /// the output exact. Costs the copy's memory (half the stored head's). Returns whether a
+    /// copy was made (not for an 8-bit `lm_head`).
+    pub fn quantize_draft_head(&mut self) -> bool {
+        if self.draft_head.is_some()
+            || matches!(self.lm_head.data, crate::checkpoint::MatrixData::Fp8 { .. })
+        {
+            return false;
+        }
+        self.draft_head = Some(self.lm_head.to_q8(128));
+        true
+    }
+
+    /// Bytes of the draft steps' own `lm_head` (0 without one).
+    pub fn draft_head_bytes(&self) -> usize {
+        self.draft_head.as_ref().map_or(0, Matrix::bytes)
+    }
+
+    /// Takes the draft steps' own `lm_head` away (they read `lm_head` again) or gives one
+    /// back; for measuring the two against each other.
+    pub fn swap_draft_head(&mut self, head: Option<Matrix>) -> Option<Matrix> {
+        std::mem::replace(&mut self.draft_head, head)
+    }
+
     /// Gives a new sequence's cache the MTP layer's state, so that its forward steps keep the
     /// layer's K/V and it can draft tokens ([`Model::draft_step`]).
     pub fn enable_mtp(&self, cache: &mut SeqCache) -> Result<()> {
@@ -234,8 +260,9 @@ impl Model {
             .forward(&mut x, t, &mut seqs, &starts, &self.rope, step, eps);
         drop(seqs);
         rms_norm_zc(&mut x, &mtp.norm, eps);
+        let head = self.draft_head.as_ref().unwrap_or(&self.lm_head);
         let logits = time(Kind::LmHead, || {
-            products(&[Job::new(&x, t, &self.lm_head)], self.precision).remove(0)
+            products(&[Job::new(&x, t, head)], self.precision).remove(0)
         });
         for (i, (_, c)) in batch.iter_mut().enumerate() {
             let m = c.mtp.as_mut().expect("checked above");

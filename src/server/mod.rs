@@ -228,8 +228,20 @@ fn memory_plan(model: &Model, e: &EngineConfig) -> String {
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     let (weights, _) = model.weight_bytes();
     let cache = model.new_cache(1);
-    let kv = cache.kv_bytes_per_token();
+    let kv = crate::engine::scheduler::kv_per_token(model, e);
     let state = cache.snapshot().state_bytes();
+    let speculation = if e.speculative_tokens > 0 {
+        let (mtp, _) = model.mtp_bytes().unwrap_or((0, 0));
+        format!(
+            "; speculative decoding: {} drafts per step, MTP head {:.2} GiB, draft lm_head {:.2} GiB, \
+             a second DeltaNet state per sequence",
+            e.speculative_tokens,
+            gib(mtp),
+            gib(model.draft_head_bytes())
+        )
+    } else {
+        String::new()
+    };
     let cache = match e.prefix_cache {
         Some(b) => format!(
             "prefix cache {:.2} GiB (a snapshot every {} prompt tokens and at message ends)",
@@ -253,7 +265,7 @@ fn memory_plan(model: &Model, e: &EngineConfig) -> String {
     };
     format!(
         "memory plan: weights {:.2} GiB; K/V {} KiB per token ({:.2} GiB for a sequence of \
-         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {budget}; {cache}",
+         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {budget}; {cache}{speculation}",
         gib(weights),
         kv as f64 / 1024.0,
         gib(kv * e.max_model_len),
@@ -289,6 +301,9 @@ impl AppState {
             bail!("--max-num-seqs must be at least 1");
         }
         check_speculative_tokens(&model, cfg.speculative_tokens)?;
+        if cfg.speculative_tokens > 0 {
+            model.quantize_draft_head();
+        }
         let mut eos = gen.eos_token_ids.clone();
         eos.extend(&model.cfg.eos_token_ids);
         if let Some(id) = template
@@ -314,7 +329,10 @@ impl AppState {
         // the sequences' DeltaNet states and 10 % for everything else.
         let kv_cache_memory = cfg.kv_cache_memory.or_else(|| {
             let available = crate::procfs::kb_field("/proc/meminfo", "MemAvailable:")? as usize;
-            let states = cfg.max_num_seqs * model.new_cache(1).bytes();
+            // A drafting sequence keeps a second DeltaNet state (`cache::rollback`).
+            let per_seq =
+                model.new_cache(1).bytes() * if cfg.speculative_tokens > 0 { 2 } else { 1 };
+            let states = cfg.max_num_seqs * per_seq;
             Some((available.saturating_sub(prefix_cache.unwrap_or(0) + states)) / 10 * 9)
         });
         let engine_cfg = EngineConfig {
