@@ -212,7 +212,8 @@ fn fp8_products_match_the_model_of_each_precision() {
         (11, 77),
     ] {
         let w = fp8_matrix(&mut rng, rows, cols);
-        for t in [1, 2, 7, 13] {
+        // 2–5: the sizes of speculative verification steps, each with its own tile.
+        for t in [1, 2, 3, 4, 5, 7, 13] {
             check(&w, t, &mut rng);
         }
     }
@@ -255,7 +256,7 @@ fn bf16_products_match_the_model_of_each_precision() {
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     for (rows, cols) in [(37, 256), (21, 200), (9, 40), (70, 2048)] {
         let w = bf16_matrix(&mut rng, rows, cols);
-        for t in [1, 3, 6, 19] {
+        for t in [1, 2, 3, 4, 5, 6, 19] {
             check(&w, t, &mut rng);
         }
     }
