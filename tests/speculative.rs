@@ -465,3 +465,65 @@ fn engine_greedy_output_equals_without_speculation_under_load() {
         );
     }
 }
+
+/// A request resumed from the prefix cache (its MTP layer's state included in the snapshot)
+/// generates with drafts what it generates without them and without the cache.
+#[test]
+fn engine_prefix_cache_hit_with_speculation() {
+    use qnext::engine::scheduler::collect;
+    use qnext::engine::{Engine, EngineConfig, Event, GenRequest};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let model = Arc::new(load("bf16-interval2", Precision::Fast));
+    let vocab = model.cfg.vocab_size;
+    let first = prompt(300, vocab, 21);
+    let mut second = first.clone();
+    second.extend(prompt(40, vocab, 22));
+    let ask = |engine: &Engine, p: &[u32]| {
+        let req = GenRequest {
+            prompt: p.to_vec(),
+            sampling: greedy(),
+            max_tokens: 20,
+            stop_token_ids: vec![],
+            logprobs: None,
+        };
+        let events = collect(engine.submit(req).unwrap().1, Duration::from_secs(120));
+        let cached = events.iter().find_map(|e| match e {
+            Event::Started { cached_tokens } => Some(*cached_tokens),
+            _ => None,
+        });
+        let toks: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        (toks, cached.unwrap())
+    };
+    let run = |k: usize, cache: bool| {
+        let engine = Engine::start(
+            model.clone(),
+            EngineConfig {
+                max_num_seqs: 2,
+                max_model_len: 512,
+                prefill_chunk: 64,
+                snapshot_interval: 128,
+                prefix_cache: cache.then_some(64 << 20),
+                speculative_tokens: k,
+                ..EngineConfig::default()
+            },
+        );
+        let a = ask(&engine, &first);
+        let b = ask(&engine, &second);
+        (a, b)
+    };
+    let ((a0, _), (b0, _)) = run(0, false);
+    let ((a1, _), (b1, cached)) = run(3, true);
+    assert!(
+        cached >= 256,
+        "the second request resumed from {cached} cached tokens"
+    );
+    assert_eq!(a1, a0);
+    assert_eq!(b1, b0);
+}
