@@ -38,28 +38,17 @@ use crate::kernels::matmul::OutRows;
 /// Rows of the one-token tile. Measured on an AMD Zen 3 (tg of the 32-expert FP8 synthetic
 /// checkpoint, alternating): 6 and 7 rows 5.8–6.0 tokens/s, 8 rows 4.7–5.6, 4 rows 4.7–5.3.
 const ONE_TOKEN_ROWS: usize = 6;
-/// Rows and tokens of the tiles over the buffer of widened rows (8 accumulators).
+/// Rows and tokens of the other tiles (8 accumulators). Speculative verification steps
+/// (2–5 tokens) are compute-bound on this tier; tiles that widen each weight once for more
+/// tokens were measured on an AMD Zen 3 and left: 2 rows × 4 tokens took a 512×2048 product
+/// from 48 to 60 GMAC/s from cache, yet the 32-expert FP8 checkpoint's verification of 4
+/// tokens went from 2.3–2.6× to 3.2× a decode step (3 rounds, alternating); 6 × 2 for 2
+/// tokens (46 → 37 GMAC/s), 3 × 4 for 4 (48 → 38) and 3 × 3 for 3 tokens (1.2× slower
+/// verification) lost outright.
 const RB: usize = 4;
 const TB: usize = 2;
-/// Up to this many tokens, weights are widened as they stream in, each row once for all the
-/// tokens; more share a buffer.
+/// Up to this many tokens, weights are widened as they stream in; more share a buffer.
 const STREAM_TOKENS: usize = 4;
-
-/// The streaming tile for `t` tokens (≤ [`STREAM_TOKENS`]): (rows, tokens per pass). Fewer
-/// widenings per weight pay only where the accumulators still leave registers free, measured
-/// on an AMD Zen 3 (`bench --kernels`, and `bench --speculative-tokens 4` on the 32-expert
-/// FP8 checkpoint, alternating with the previous tiles): 4 tokens as 2 rows × 4 took a
-/// product of 512×2048 from 48 to 60 GMAC/s from cache (the model's verification step of 4
-/// tokens moved by 2 %); 6 × 2 for 2 tokens (46 → 37 GMAC/s), 3 × 4 for 4 (48 → 38) and
-/// 3 × 3 for 3 tokens (verification of 3 tokens 1.2× slower) did not.
-fn stream_tile(t: usize) -> (usize, usize) {
-    match t {
-        1 => (ONE_TOKEN_ROWS, 1),
-        4 => (2, 4),
-        _ => (4, 2),
-    }
-}
-
 /// Rows widened at once into the buffer for larger batches: 16 rows of 2048 columns are
 /// 128 KiB of f32, in L2 while every token pair passes over them.
 const PANEL: usize = 16;
@@ -238,15 +227,14 @@ unsafe fn block_rows<S: Stored>(
             None => w.wrapping_add(at),
         }
     };
-    let (tile_rows, tile_tokens) = stream_tile(t);
     let mut r = rows.start;
     while r < rows.end {
-        let nr = tile_rows.min(rows.end - r);
+        let nr = if t == 1 { ONE_TOKEN_ROWS } else { RB }.min(rows.end - r);
         let src = S::at(w.wrapping_add(r * row_bytes), k);
         let pf = ahead(r, nr);
         let mut j = 0;
         while j < t {
-            let nt = tile_tokens.min(t - j);
+            let nt = TB.min(t - j);
             let o = out.skip(r - rows.start, j);
             // Only the first pass over the rows streams them in; the others read cache.
             let pf = (j == 0).then_some(pf);
@@ -313,8 +301,8 @@ unsafe fn buffered<S: Stored>(
     }
 }
 
-/// [`tile`] for `nr` rows and `nt` tokens, as [`stream_tile`] and the buffered tiles shape
-/// them.
+/// [`tile`] for `nr` rows (up to [`ONE_TOKEN_ROWS`] for one token, up to [`RB`] for more)
+/// and `nt` tokens (up to [`TB`]).
 ///
 /// # Safety
 /// As for [`tile`].
@@ -337,19 +325,16 @@ unsafe fn shaped_tile<R: Rows>(
         };
     }
     match (nr, nt) {
-        (6, 1) => go!(6, 1),
-        (5, 1) => go!(5, 1),
-        (4, 1) => go!(4, 1),
-        (3, 1) => go!(3, 1),
-        (2, 1) => go!(2, 1),
+        (6, _) => go!(6, 1),
+        (5, _) => go!(5, 1),
         (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
         (3, 2) => go!(3, 2),
+        (3, _) => go!(3, 1),
         (2, 2) => go!(2, 2),
-        (1, 2) => go!(1, 2),
-        (2, 4) => go!(2, 4),
-        (1, 4) => go!(1, 4),
-        (1, 1) => go!(1, 1),
-        (n, t) => unreachable!("no tile of {n} rows × {t} tokens"),
+        (2, _) => go!(2, 1),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
     }
 }
 
