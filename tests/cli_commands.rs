@@ -185,3 +185,60 @@ fn bench_reports_its_load_mode_and_the_q8_lm_head() {
         "q8 lm_head reads no fewer bytes: {q8} vs {stored}"
     );
 }
+
+#[test]
+fn run_with_speculative_tokens_prints_the_same_text_and_the_acceptance() {
+    let m = fixture("qwen-vocab");
+    let m = m.to_str().unwrap();
+    let run = |k: &str| {
+        qnext(&[
+            "run",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "Tell me about the delta rule",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--speculative-tokens",
+            k,
+        ])
+    };
+    let base = run("0");
+    assert!(!String::from_utf8_lossy(&base.stderr).contains("speculation:"));
+    for k in ["1", "2", "4"] {
+        let out = run(k);
+        assert_eq!(
+            out.stdout, base.stdout,
+            "--speculative-tokens {k} changed the text"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("speculation:") && err.contains("drafts accepted"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn speculative_tokens_without_an_mtp_head_is_a_clear_error() {
+    let m = fixture("tiny-f32");
+    let out = Command::new(env!("CARGO_BIN_EXE_qnext"))
+        .args([
+            "bench",
+            "--model",
+            m.to_str().unwrap(),
+            "--speculative-tokens",
+            "2",
+            "--repeat",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no MTP head"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -527,3 +527,100 @@ fn engine_prefix_cache_hit_with_speculation() {
     assert_eq!(a1, a0);
     assert_eq!(b1, b0);
 }
+
+/// As above with nucleus and min-p truncation and a frequency penalty, for the first two
+/// tokens (the second from a speculative round, k = 2, the stand-in drafter at a higher
+/// temperature): χ² against the exact joint distribution, false alarm about 1e-4.
+#[test]
+fn sampled_tokens_follow_the_target_with_top_p_and_min_p() {
+    use std::collections::HashMap;
+    let model = load("fp8-f32scale", Precision::Exact);
+    let vocab = model.cfg.vocab_size;
+    let p = prompt(9, vocab, 5);
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.8,
+        min_p: 0.08,
+        frequency_penalty: 0.7,
+        ..SamplingParams::default()
+    };
+    let dist = |ctx: &[u32]| {
+        let mut s = Sampler::new(params.clone()).unwrap();
+        s.distribution(&plain_logits(&model, &p, ctx), &p, ctx)
+            .unwrap()
+    };
+    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
+    for (a, &pa) in dist(&[]).iter().enumerate().filter(|(_, &x)| x > 0.0) {
+        for (b, &pb) in dist(&[a as u32])
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x > 0.0)
+        {
+            expected.push((vec![a as u32, b as u32], f64::from(pa) * f64::from(pb)));
+        }
+    }
+    assert!(
+        expected.len() >= 6,
+        "too few outcomes to test: {}",
+        expected.len()
+    );
+    let draft_params = SamplingParams {
+        temperature: 1.8,
+        top_p: 1.0,
+        min_p: 0.0,
+        ..params.clone()
+    };
+    let mut stand_in = |model: &Model, s: &mut qnext::engine::speculative::DraftSeq| {
+        let mut d = qnext::engine::speculative::Drafts::default();
+        let mut ctx = s.output.to_vec();
+        for _ in 0..s.k {
+            let mut q_sampler = Sampler::new(draft_params.clone()).unwrap();
+            let q = q_sampler
+                .distribution(&plain_logits(model, s.prompt, &ctx), s.prompt, &ctx)
+                .unwrap();
+            let t = s.sampler.draw_weighted(&q).unwrap();
+            d.tokens.push(t);
+            d.q.push(q);
+            ctx.push(t);
+        }
+        Ok(d)
+    };
+    const N: u64 = 3000;
+    let mut counts: HashMap<Vec<u32>, u64> = HashMap::new();
+    let (mut accepted, mut drafts) = (0, 0);
+    for seed in 0..N {
+        let mut cache = model.new_cache(p.len() + 8);
+        model.enable_mtp(&mut cache).unwrap();
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(seed + 10_000),
+            ..params.clone()
+        })
+        .unwrap();
+        let mut toks = Vec::new();
+        let emit = |t: u32, _: &[f32]| {
+            toks.push(t);
+            toks.len() < 2
+        };
+        let a = qnext::engine::speculative::generate_with(
+            &model,
+            &mut cache,
+            &p,
+            &mut sampler,
+            (4, 2),
+            &[],
+            emit,
+            &mut stand_in,
+        )
+        .unwrap();
+        accepted += a.accepted;
+        drafts += a.drafts;
+        *counts.entry(toks).or_default() += 1;
+    }
+    let (chi, df) = chi_square(&counts, &expected, N);
+    let z = wilson_hilferty_z(chi, df);
+    eprintln!(
+        "top-p/min-p: χ² = {chi:.1} on {df} df (z = {z:.2}); drafts accepted {accepted}/{drafts}"
+    );
+    assert!(accepted > drafts / 10 && accepted < drafts * 9 / 10);
+    assert!(z < 3.719, "χ² = {chi} on {df} df");
+}
