@@ -229,6 +229,7 @@ pub fn run(model: &mut Model, s: &Settings) -> Result<serde_json::Value> {
     };
     let (mut plain, mut spec) = (Vec::new(), Vec::new());
     let mut acceptance = None;
+    let mut truth: Vec<u32> = Vec::new();
     for _ in 0..s.repeat {
         for (k, out) in [(0, &mut plain), (s.k, &mut spec)] {
             let mut c = model.new_cache(prompt.len() + s.gen_tokens + 1);
@@ -243,8 +244,11 @@ pub fn run(model: &mut Model, s: &Settings) -> Result<serde_json::Value> {
                 &mut sampler,
                 (s.gen_tokens, k),
                 &[],
-                |_, _| {
+                |t, _| {
                     first.get_or_insert_with(Instant::now);
+                    if k == 0 && truth.len() < s.gen_tokens {
+                        truth.push(t);
+                    }
                     true
                 },
             )?;
@@ -256,6 +260,7 @@ pub fn run(model: &mut Model, s: &Settings) -> Result<serde_json::Value> {
             }
         }
     }
+    let forced = forced_acceptance(model, s, &prompt, &truth, &greedy)?;
     let (tg, tg_spec) = (median(plain.clone()), median(spec.clone()));
     let acc = acceptance.unwrap_or_default();
     println!(
@@ -275,6 +280,7 @@ pub fn run(model: &mut Model, s: &Settings) -> Result<serde_json::Value> {
         "state_copy_ms": m(&state_copy),
         "verify": rows,
         "speedup_model": model_rows,
+        "forced_acceptance": forced,
         "tg_tokens_per_s": tg,
         "tg_speculative_tokens_per_s": tg_spec,
         "acceptance": {
@@ -282,4 +288,111 @@ pub fn run(model: &mut Model, s: &Settings) -> Result<serde_json::Value> {
             "per_position": acc.per_position, "mean_accepted_length": acc.mean_accepted_length(),
         },
     }))
+}
+
+/// Generation with the drafts forced to the target's own greedy continuation `truth`, each
+/// position kept with probability α (else replaced by a wrong id): the MTP head still runs
+/// (its cost stays), verification and rollback are the real ones, and the acceptance is α per
+/// position, as the speedup model assumes. What a trained head with that acceptance would
+/// give, measured; alternating with plain generation within each round. The output must be
+/// `truth` itself (greedy speculation is lossless).
+fn forced_acceptance(
+    model: &Model,
+    s: &Settings,
+    prompt: &[u32],
+    truth: &[u32],
+    greedy: &SamplingParams,
+) -> Result<serde_json::Value> {
+    use qnext::engine::speculative::{draft, generate_with, DraftSeq, Drafts};
+    let vocab = model.cfg.vocab_size as u32;
+    let alphas = [1.0f64, 0.8, 0.6];
+    let ks: Vec<usize> = (1..=s.k.min(3)).collect();
+    let mut plain = Vec::new();
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); alphas.len() * ks.len()];
+    let mut rates: Vec<(u64, u64)> = vec![(0, 0); alphas.len() * ks.len()];
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let gen = |k: usize, alpha: f64, rng: &mut u64| -> Result<(f64, u64, u64)> {
+        let mut c = model.new_cache(prompt.len() + s.gen_tokens + 1);
+        let mut sampler = Sampler::new(greedy.clone())?;
+        let mut forced = |m: &Model, d: &mut DraftSeq| -> Result<Drafts> {
+            let mut out = draft(m, std::slice::from_mut(d))?.remove(0);
+            let at = d.output.len();
+            for (j, t) in out.tokens.iter_mut().enumerate() {
+                let right = truth.get(at + j).copied().unwrap_or(0);
+                *rng ^= *rng << 13;
+                *rng ^= *rng >> 7;
+                *rng ^= *rng << 17;
+                let u = (*rng >> 11) as f64 / (1u64 << 53) as f64;
+                *t = if u < alpha {
+                    right
+                } else {
+                    (right + 1) % vocab
+                };
+            }
+            Ok(out)
+        };
+        let (mut first, mut got) = (None, Vec::new());
+        let acc = generate_with(
+            model,
+            &mut c,
+            prompt,
+            &mut sampler,
+            (s.gen_tokens, k),
+            &[],
+            |t, _| {
+                first.get_or_insert_with(Instant::now);
+                got.push(t);
+                true
+            },
+            &mut forced,
+        )?;
+        let secs = first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64());
+        if k > 0 && got != truth {
+            bail!("speculative greedy output differs from plain decoding");
+        }
+        Ok((
+            (s.gen_tokens - 1) as f64 / secs.max(1e-9),
+            acc.accepted,
+            acc.drafts,
+        ))
+    };
+    for _ in 0..s.repeat {
+        plain.push(gen(0, 1.0, &mut rng)?.0);
+        for (ai, &alpha) in alphas.iter().enumerate() {
+            for (ki, &k) in ks.iter().enumerate() {
+                let (tps, a, d) = gen(k, alpha, &mut rng)?;
+                runs[ai * ks.len() + ki].push(tps);
+                rates[ai * ks.len() + ki].0 += a;
+                rates[ai * ks.len() + ki].1 += d;
+            }
+        }
+    }
+    let base = median(plain.clone());
+    println!(
+        "  generation with drafts forced to the target's continuation (the MTP head still runs), {} tokens, plain {base:.2} tokens/s:",
+        s.gen_tokens
+    );
+    let mut rows = Vec::new();
+    for (ai, &alpha) in alphas.iter().enumerate() {
+        let cells: Vec<String> = ks
+            .iter()
+            .enumerate()
+            .map(|(ki, &k)| {
+                let i = ai * ks.len() + ki;
+                let tps = median(runs[i].clone());
+                let (a, d) = rates[i];
+                rows.push(serde_json::json!({
+                    "alpha": alpha, "k": k, "tokens_per_s": tps, "speedup": tps / base,
+                    "accepted": a, "drafts": d,
+                }));
+                format!(
+                    "k={k} {:.2}× ({:.0} % accepted)",
+                    tps / base,
+                    100.0 * a as f64 / d.max(1) as f64
+                )
+            })
+            .collect();
+        println!("    α = {alpha}: {}", cells.join(", "));
+    }
+    Ok(serde_json::json!({"plain_tokens_per_s": base, "runs": rows}))
 }
