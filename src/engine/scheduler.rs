@@ -624,7 +624,7 @@ impl Scheduler {
                         }
                     }
                     // Speculation is an optimisation: without drafts the step decodes plainly.
-                    Err(e) => tracing::warn!("drafting failed, decoding without drafts: {e:#}"),
+                    Err(e) => eprintln!("qnext: drafting failed, decoding without drafts: {e:#}"),
                 }
             }
         }
