@@ -227,6 +227,16 @@ impl GenerationConfig {
     }
 }
 
+/// What [`Sampler::select`] leaves to draw from.
+enum Selection {
+    Greedy(u32),
+    /// Weights `exp(work − max)` over `cand`, or over every token when `all`.
+    Candidates {
+        max: f32,
+        all: bool,
+    },
+}
+
 /// Draws tokens for one sequence. Holds its generator and scratch buffers, so reuse it across
 /// the steps of a sequence: the same seed and inputs give the same tokens.
 pub struct Sampler {
@@ -278,16 +288,25 @@ impl Sampler {
         prompt_tokens: &[u32],
         output_tokens: &[u32],
     ) -> Result<u32> {
+        Ok(match self.select(logits, prompt_tokens, output_tokens)? {
+            Selection::Greedy(t) => t,
+            Selection::Candidates { max, all } => self.draw(max, all),
+        })
+    }
+
+    /// Bias, penalties, then the greedy choice, or temperature and the candidates that
+    /// min-p, top-k and top-p leave (in `self.work` / `self.cand`).
+    fn select(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Result<Selection> {
         if logits.is_empty() {
             bail!("sampling: empty logits");
         }
-        self.process(logits, prompt_tokens, output_tokens)?;
+        self.process(logits, prompt, output)?;
         let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             bail!("sampling: every token has probability zero (all logits -inf or NaN)");
         }
         if self.params.is_greedy() {
-            return Ok(argmax(&self.work));
+            return Ok(Selection::Greedy(argmax(&self.work)));
         }
         let inv_t = 1.0 / self.params.temperature;
         for l in &mut self.work {
@@ -295,7 +314,7 @@ impl Sampler {
         }
         let max = max * inv_t;
         let all = self.select_candidates(max);
-        Ok(self.draw(max, all))
+        Ok(Selection::Candidates { max, all })
     }
 
     /// The distribution [`Sampler::sample`] draws from, after bias, penalties, temperature,
@@ -307,25 +326,14 @@ impl Sampler {
         prompt_tokens: &[u32],
         output_tokens: &[u32],
     ) -> Result<Vec<f32>> {
-        if logits.is_empty() {
-            bail!("sampling: empty logits");
-        }
-        self.process(logits, prompt_tokens, output_tokens)?;
-        let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            bail!("sampling: every token has probability zero (all logits -inf or NaN)");
-        }
         let mut p = vec![0.0f32; logits.len()];
-        if self.params.is_greedy() {
-            p[argmax(&self.work) as usize] = 1.0;
-            return Ok(p);
-        }
-        let inv_t = 1.0 / self.params.temperature;
-        for l in &mut self.work {
-            *l *= inv_t;
-        }
-        let max = max * inv_t;
-        let all = self.select_candidates(max);
+        let (max, all) = match self.select(logits, prompt_tokens, output_tokens)? {
+            Selection::Greedy(t) => {
+                p[t as usize] = 1.0;
+                return Ok(p);
+            }
+            Selection::Candidates { max, all } => (max, all),
+        };
         let work = &self.work;
         let mut fill = |ids: &mut dyn Iterator<Item = u32>| {
             let mut total = 0.0f64;

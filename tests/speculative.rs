@@ -216,6 +216,33 @@ fn plain_logits(model: &Model, prompt: &[u32], ctx: &[u32]) -> Vec<f32> {
     out.into_iter().next().unwrap().logits
 }
 
+/// A stand-in for the MTP head: drafts drawn from the target's own distribution under
+/// `params` (so that they differ from the target's as much as the test wants), with the
+/// sequence's generator.
+fn stand_in(
+    params: SamplingParams,
+) -> impl FnMut(
+    &Model,
+    &mut qnext::engine::speculative::DraftSeq,
+) -> anyhow::Result<qnext::engine::speculative::Drafts> {
+    move |model, s| {
+        let mut d = qnext::engine::speculative::Drafts::default();
+        let mut ctx = s.output.to_vec();
+        for _ in 0..s.k {
+            let mut q_sampler = Sampler::new(params.clone())?;
+            let q = q_sampler.distribution(&plain_logits(model, s.prompt, &ctx), s.prompt, &ctx)?;
+            let t = s
+                .sampler
+                .draw_weighted(&q)
+                .expect("a distribution has mass");
+            d.tokens.push(t);
+            d.q.push(q);
+            ctx.push(t);
+        }
+        Ok(d)
+    }
+}
+
 /// Pearson's χ² of `counts` against probabilities `expected` (cells expected below 5
 /// samples pooled into one), and its degrees of freedom.
 fn chi_square(
@@ -252,130 +279,6 @@ fn chi_square(
 fn wilson_hilferty_z(x: f64, df: usize) -> f64 {
     let d = df as f64;
     ((x / d).powf(1.0 / 3.0) - (1.0 - 2.0 / (9.0 * d))) / (2.0 / (9.0 * d)).sqrt()
-}
-
-/// With sampling, speculation must leave the distribution of the generated tokens that of the
-/// target. For the first three tokens after a prompt (the first sampled from the prompt's
-/// logits, the next two through speculative rounds), the joint distribution is computed
-/// exactly from the target (top-k 4: at most 64 outcomes), and N = 3000 seeded runs with
-/// speculation are tested against it with Pearson's χ²: each check fails by chance with
-/// probability about 1e-4 (z > 3.719), 4 checks, so about 4e-4 per run of this test, and the
-/// seeds are fixed, so a pass or fail is reproducible. Sampling applies temperature,
-/// top-k, a repetition and a presence penalty and a logit bias, identically to target and
-/// draft. Drafts come from a stand-in drafter whose distribution differs from the target's
-/// (a higher temperature, more candidates) so that drafts are accepted and rejected in
-/// about equal measure, and, for k=2, from the real MTP head.
-#[test]
-fn sampled_tokens_follow_the_target_distribution() {
-    use std::collections::HashMap;
-    let model = load("bf16-interval2", Precision::Exact);
-    let vocab = model.cfg.vocab_size;
-    let p = prompt(6, vocab, 4);
-    let params = SamplingParams {
-        temperature: 0.9,
-        top_k: 4,
-        repetition_penalty: 1.3,
-        presence_penalty: 0.4,
-        logit_bias: vec![(17, 1.5)],
-        ..SamplingParams::default()
-    };
-    let dist = |ctx: &[u32]| {
-        let mut s = Sampler::new(params.clone()).unwrap();
-        s.distribution(&plain_logits(&model, &p, ctx), &p, ctx)
-            .unwrap()
-    };
-    // Exact joint of the first three tokens.
-    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
-    let p1 = dist(&[]);
-    for (a, &pa) in p1.iter().enumerate().filter(|(_, &x)| x > 0.0) {
-        let p2 = dist(&[a as u32]);
-        for (b, &pb) in p2.iter().enumerate().filter(|(_, &x)| x > 0.0) {
-            let p3 = dist(&[a as u32, b as u32]);
-            for (c, &pc) in p3.iter().enumerate().filter(|(_, &x)| x > 0.0) {
-                expected.push((
-                    vec![a as u32, b as u32, c as u32],
-                    f64::from(pa) * f64::from(pb) * f64::from(pc),
-                ));
-            }
-        }
-    }
-    let total: f64 = expected.iter().map(|e| e.1).sum();
-    assert!((total - 1.0).abs() < 1e-4, "{total}");
-
-    let draft_params = SamplingParams {
-        temperature: 1.6,
-        top_k: 6,
-        ..params.clone()
-    };
-    let mut stand_in = |model: &Model, s: &mut qnext::engine::speculative::DraftSeq| {
-        let mut d = qnext::engine::speculative::Drafts::default();
-        let mut ctx = s.output.to_vec();
-        for _ in 0..s.k {
-            let mut q_sampler = Sampler::new(draft_params.clone()).unwrap();
-            let q = q_sampler
-                .distribution(&plain_logits(model, s.prompt, &ctx), s.prompt, &ctx)
-                .unwrap();
-            let t = s.sampler.draw_weighted(&q).unwrap();
-            d.tokens.push(t);
-            d.q.push(q);
-            ctx.push(t);
-        }
-        Ok(d)
-    };
-    const N: u64 = 3000;
-    for (k, mtp) in [(1, false), (2, false), (3, false), (2, true)] {
-        let mut counts: HashMap<Vec<u32>, u64> = HashMap::new();
-        let mut acc = qnext::engine::speculative::Acceptance::default();
-        for seed in 0..N {
-            let mut cache = model.new_cache(p.len() + 8);
-            let mut sampler = Sampler::new(SamplingParams {
-                seed: Some(seed),
-                ..params.clone()
-            })
-            .unwrap();
-            let mut toks = Vec::new();
-            // Room for a whole round after the first token; the first three are kept.
-            let emit = |t: u32, _: &[f32]| {
-                toks.push(t);
-                toks.len() < 3
-            };
-            let a = if mtp {
-                generate(&model, &mut cache, &p, &mut sampler, (3 + k, k), &[], emit).unwrap()
-            } else {
-                model.enable_mtp(&mut cache).unwrap();
-                qnext::engine::speculative::generate_with(
-                    &model,
-                    &mut cache,
-                    &p,
-                    &mut sampler,
-                    (3 + k, k),
-                    &[],
-                    emit,
-                    &mut stand_in,
-                )
-                .unwrap()
-            };
-            assert_eq!(toks.len(), 3);
-            *counts.entry(toks).or_default() += 1;
-            acc.accepted += a.accepted;
-            acc.drafts += a.drafts;
-        }
-        let (chi, df) = chi_square(&counts, &expected, N);
-        let z = wilson_hilferty_z(chi, df);
-        eprintln!(
-            "k={k} ({}): χ² = {chi:.1} on {df} df (z = {z:.2}); drafts accepted {}/{}",
-            if mtp { "MTP head" } else { "stand-in drafter" },
-            acc.accepted,
-            acc.drafts
-        );
-        if !mtp {
-            assert!(
-                acc.accepted > acc.drafts / 10 && acc.accepted < acc.drafts * 9 / 10,
-                "the stand-in drafter should be accepted sometimes, not always"
-            );
-        }
-        assert!(z < 3.719, "k={k}: χ² = {chi} on {df} df: the distribution with speculation differs from the target's");
-    }
 }
 
 /// A token event: id, log-probability, top log-probabilities.
@@ -528,15 +431,160 @@ fn engine_prefix_cache_hit_with_speculation() {
     assert_eq!(b1, b0);
 }
 
+/// The exact joint distribution of the first `n` tokens after `p` under `params`: every
+/// outcome with its probability (the target computed plainly for each prefix).
+fn exact_joint(
+    model: &Model,
+    p: &[u32],
+    params: &SamplingParams,
+    n: usize,
+) -> Vec<(Vec<u32>, f64)> {
+    let mut out = vec![(Vec::new(), 1.0f64)];
+    for _ in 0..n {
+        let mut next = Vec::new();
+        for (ctx, pr) in out {
+            let mut s = Sampler::new(params.clone()).unwrap();
+            let d = s
+                .distribution(&plain_logits(model, p, &ctx), p, &ctx)
+                .unwrap();
+            for (t, &pt) in d.iter().enumerate().filter(|(_, &x)| x > 0.0) {
+                let mut c = ctx.clone();
+                c.push(t as u32);
+                next.push((c, pr * f64::from(pt)));
+            }
+        }
+        out = next;
+    }
+    let total: f64 = out.iter().map(|e| e.1).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
+    out
+}
+
+/// Draws the first `n` tokens `runs` times (seeds from `seed0`) with `k` drafts per step, from
+/// the stand-in drafter when given, else from the MTP head; Pearson's χ² against the exact
+/// joint, asserted below the 1e-4 tail; returns the share of drafts accepted.
+#[allow(clippy::too_many_arguments)]
+fn check_joint(
+    model: &Model,
+    p: &[u32],
+    params: &SamplingParams,
+    n: usize,
+    k: usize,
+    (runs, seed0): (u64, u64),
+    mut drafter: Option<&mut qnext::engine::speculative::Drafter>,
+    expected: &[(Vec<u32>, f64)],
+) -> f64 {
+    let mut counts: std::collections::HashMap<Vec<u32>, u64> = Default::default();
+    let (mut accepted, mut drafts) = (0, 0);
+    for seed in seed0..seed0 + runs {
+        let mut cache = model.new_cache(p.len() + n + k + 2);
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(seed),
+            ..params.clone()
+        })
+        .unwrap();
+        let mut toks = Vec::new();
+        // Room for a whole round after the last token kept.
+        let budget = (n + k, k);
+        let emit = |t: u32, _: &[f32]| {
+            toks.push(t);
+            toks.len() < n
+        };
+        let a = match drafter.as_deref_mut() {
+            Some(d) => {
+                model.enable_mtp(&mut cache).unwrap();
+                qnext::engine::speculative::generate_with(
+                    model,
+                    &mut cache,
+                    p,
+                    &mut sampler,
+                    budget,
+                    &[],
+                    emit,
+                    d,
+                )
+            }
+            None => generate(model, &mut cache, p, &mut sampler, budget, &[], emit),
+        }
+        .unwrap();
+        assert_eq!(toks.len(), n);
+        *counts.entry(toks).or_default() += 1;
+        accepted += a.accepted;
+        drafts += a.drafts;
+    }
+    let (chi, df) = chi_square(&counts, expected, runs);
+    let z = wilson_hilferty_z(chi, df);
+    let rate = accepted as f64 / drafts.max(1) as f64;
+    eprintln!(
+        "k={k} ({}): χ² = {chi:.1} on {df} df (z = {z:.2}); drafts accepted {accepted}/{drafts}",
+        if drafter.is_some() {
+            "stand-in drafter"
+        } else {
+            "MTP head"
+        }
+    );
+    assert!(
+        z < 3.719,
+        "k={k}: χ² = {chi} on {df} df: the distribution with speculation differs from the target's"
+    );
+    rate
+}
+
+/// With sampling, speculation must leave the distribution of the generated tokens that of the
+/// target. For the first three tokens after a prompt (the first sampled from the prompt's
+/// logits, the next two through speculative rounds), the joint distribution is computed
+/// exactly from the target (top-k 4: at most 64 outcomes), and N = 3000 seeded runs with
+/// speculation are tested against it with Pearson's χ²: each check fails by chance with
+/// probability about 1e-4 (z > 3.719), 4 checks, so about 4e-4 per run of this test, and the
+/// seeds are fixed, so a pass or fail is reproducible. Sampling applies temperature,
+/// top-k, a repetition and a presence penalty and a logit bias, identically to target and
+/// draft. Drafts come from a stand-in drafter whose distribution differs from the target's
+/// (a higher temperature, more candidates) so that drafts are accepted and rejected in
+/// about equal measure, and, for k=2, from the real MTP head.
+#[test]
+fn sampled_tokens_follow_the_target_distribution() {
+    let model = load("bf16-interval2", Precision::Exact);
+    let p = prompt(6, model.cfg.vocab_size, 4);
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 4,
+        repetition_penalty: 1.3,
+        presence_penalty: 0.4,
+        logit_bias: vec![(17, 1.5)],
+        ..SamplingParams::default()
+    };
+    let expected = exact_joint(&model, &p, &params, 3);
+    let mut drafter = stand_in(SamplingParams {
+        temperature: 1.6,
+        top_k: 6,
+        ..params.clone()
+    });
+    for k in 1..=3 {
+        let rate = check_joint(
+            &model,
+            &p,
+            &params,
+            3,
+            k,
+            (3000, 0),
+            Some(&mut drafter),
+            &expected,
+        );
+        assert!(
+            rate > 0.1 && rate < 0.9,
+            "the stand-in drafter should be accepted sometimes, not always"
+        );
+    }
+    check_joint(&model, &p, &params, 3, 2, (3000, 0), None, &expected);
+}
+
 /// As above with nucleus and min-p truncation and a frequency penalty, for the first two
 /// tokens (the second from a speculative round, k = 2, the stand-in drafter at a higher
 /// temperature): χ² against the exact joint distribution, false alarm about 1e-4.
 #[test]
 fn sampled_tokens_follow_the_target_with_top_p_and_min_p() {
-    use std::collections::HashMap;
     let model = load("fp8-f32scale", Precision::Exact);
-    let vocab = model.cfg.vocab_size;
-    let p = prompt(9, vocab, 5);
+    let p = prompt(9, model.cfg.vocab_size, 5);
     let params = SamplingParams {
         temperature: 1.0,
         top_p: 0.8,
@@ -544,83 +592,27 @@ fn sampled_tokens_follow_the_target_with_top_p_and_min_p() {
         frequency_penalty: 0.7,
         ..SamplingParams::default()
     };
-    let dist = |ctx: &[u32]| {
-        let mut s = Sampler::new(params.clone()).unwrap();
-        s.distribution(&plain_logits(&model, &p, ctx), &p, ctx)
-            .unwrap()
-    };
-    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
-    for (a, &pa) in dist(&[]).iter().enumerate().filter(|(_, &x)| x > 0.0) {
-        for (b, &pb) in dist(&[a as u32])
-            .iter()
-            .enumerate()
-            .filter(|(_, &x)| x > 0.0)
-        {
-            expected.push((vec![a as u32, b as u32], f64::from(pa) * f64::from(pb)));
-        }
-    }
+    let expected = exact_joint(&model, &p, &params, 2);
     assert!(
         expected.len() >= 6,
         "too few outcomes to test: {}",
         expected.len()
     );
-    let draft_params = SamplingParams {
+    let mut drafter = stand_in(SamplingParams {
         temperature: 1.8,
         top_p: 1.0,
         min_p: 0.0,
         ..params.clone()
-    };
-    let mut stand_in = |model: &Model, s: &mut qnext::engine::speculative::DraftSeq| {
-        let mut d = qnext::engine::speculative::Drafts::default();
-        let mut ctx = s.output.to_vec();
-        for _ in 0..s.k {
-            let mut q_sampler = Sampler::new(draft_params.clone()).unwrap();
-            let q = q_sampler
-                .distribution(&plain_logits(model, s.prompt, &ctx), s.prompt, &ctx)
-                .unwrap();
-            let t = s.sampler.draw_weighted(&q).unwrap();
-            d.tokens.push(t);
-            d.q.push(q);
-            ctx.push(t);
-        }
-        Ok(d)
-    };
-    const N: u64 = 3000;
-    let mut counts: HashMap<Vec<u32>, u64> = HashMap::new();
-    let (mut accepted, mut drafts) = (0, 0);
-    for seed in 0..N {
-        let mut cache = model.new_cache(p.len() + 8);
-        model.enable_mtp(&mut cache).unwrap();
-        let mut sampler = Sampler::new(SamplingParams {
-            seed: Some(seed + 10_000),
-            ..params.clone()
-        })
-        .unwrap();
-        let mut toks = Vec::new();
-        let emit = |t: u32, _: &[f32]| {
-            toks.push(t);
-            toks.len() < 2
-        };
-        let a = qnext::engine::speculative::generate_with(
-            &model,
-            &mut cache,
-            &p,
-            &mut sampler,
-            (4, 2),
-            &[],
-            emit,
-            &mut stand_in,
-        )
-        .unwrap();
-        accepted += a.accepted;
-        drafts += a.drafts;
-        *counts.entry(toks).or_default() += 1;
-    }
-    let (chi, df) = chi_square(&counts, &expected, N);
-    let z = wilson_hilferty_z(chi, df);
-    eprintln!(
-        "top-p/min-p: χ² = {chi:.1} on {df} df (z = {z:.2}); drafts accepted {accepted}/{drafts}"
+    });
+    let rate = check_joint(
+        &model,
+        &p,
+        &params,
+        2,
+        2,
+        (3000, 10_000),
+        Some(&mut drafter),
+        &expected,
     );
-    assert!(accepted > drafts / 10 && accepted < drafts * 9 / 10);
-    assert!(z < 3.719, "χ² = {chi} on {df} df");
+    assert!(rate > 0.1 && rate < 0.9);
 }
