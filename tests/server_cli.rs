@@ -256,3 +256,74 @@ fn thinking_template_with_reasoning_parser() {
     let p = post(a, "/detokenize", &json!({"tokens": t})).json()["prompt"].clone();
     assert!(!p.as_str().unwrap().contains("secret"), "{p}");
 }
+
+#[test]
+fn speculative_config_in_vllm_form() {
+    let model = fixture("qwen-vocab");
+    let model = model.to_str().unwrap();
+    let (child, addr) = spawn(qnext().args([
+        "serve",
+        model,
+        "--port",
+        "0",
+        "--max-model-len",
+        "512",
+        "--speculative-config",
+        r#"{"method":"qwen3_next_mtp","num_speculative_tokens":2}"#,
+    ]));
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = get(addr, "/metrics").text();
+    assert!(
+        metric(&m, "qnext:spec_decode_num_draft_tokens_total") > 0.0,
+        "{m}"
+    );
+    terminate(child);
+
+    for (args, says) in [
+        (
+            vec![
+                "--speculative-config",
+                r#"{"method":"eagle","num_speculative_tokens":2}"#,
+            ],
+            "eagle",
+        ),
+        (
+            vec!["--speculative-config", r#"{"method":"mtp"}"#],
+            "num_speculative_tokens",
+        ),
+        (
+            vec![
+                "--speculative-config",
+                r#"{"num_speculative_tokens":2,"draft_model":"x"}"#,
+            ],
+            "draft_model",
+        ),
+        (
+            vec![
+                "--speculative-tokens",
+                "3",
+                "--speculative-config",
+                r#"{"num_speculative_tokens":2}"#,
+            ],
+            "disagree",
+        ),
+        (vec!["--speculative-tokens", "9"], "at most 8"),
+    ] {
+        let out = qnext()
+            .args(["serve", model, "--port", "0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
