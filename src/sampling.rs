@@ -213,11 +213,16 @@ impl GenerationConfig {
     }
 
     /// The default sampling parameters of the checkpoint: library defaults overridden by the
-    /// fields present (as vLLM's `--generation-config auto`).
+    /// fields present (as vLLM's `--generation-config auto`), and greedy where `do_sample` is
+    /// false (as transformers' `generate`, whatever `temperature` says).
     pub fn sampling_params(&self) -> SamplingParams {
         let d = SamplingParams::default();
+        let temperature = match self.do_sample {
+            Some(false) => 0.0,
+            _ => self.temperature.unwrap_or(d.temperature),
+        };
         SamplingParams {
-            temperature: self.temperature.unwrap_or(d.temperature),
+            temperature,
             top_k: self.top_k.unwrap_or(d.top_k),
             top_p: self.top_p.unwrap_or(d.top_p),
             min_p: self.min_p.unwrap_or(d.min_p),

@@ -33,6 +33,24 @@ fn reads_the_qwen_instruct_file() {
     p.validate().unwrap();
 }
 
+/// `do_sample: false` means greedy, as in transformers' `generate`, even beside a temperature
+/// (the bundled model's file asks for it this way).
+#[test]
+fn do_sample_false_is_greedy() {
+    for text in [
+        r#"{"do_sample": false, "eos_token_id": 2}"#,
+        r#"{"do_sample": false, "temperature": 0.6, "top_k": 20}"#,
+    ] {
+        let g = GenerationConfig::from_json_str(text, "g.json").unwrap();
+        let p = g.sampling_params();
+        assert_eq!(p.temperature, 0.0, "{text}");
+        p.validate().unwrap();
+    }
+    let g = GenerationConfig::from_json_str(r#"{"do_sample": true, "temperature": 0.6}"#, "g.json")
+        .unwrap();
+    assert_eq!(g.sampling_params().temperature, 0.6);
+}
+
 #[test]
 fn missing_file_gives_library_defaults() {
     let dir = tempfile::tempdir().unwrap();

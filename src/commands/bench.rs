@@ -13,9 +13,11 @@ const PROBE_BYTES: usize = 4 << 30;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Checkpoint folder.
+    /// Checkpoint folder (with tokenizer.json). Default: the bundled model, models/qnext-tiny.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    #[arg(skip)]
+    dir: PathBuf,
     /// Prompt length for pp.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
@@ -180,13 +182,14 @@ fn print_profile(title: &str, totals: &Totals, per_unit_ms: f64, units: f64) {
     );
 }
 
-pub fn main(a: Args, verbose: bool) -> Result<()> {
+pub fn main(mut a: Args, verbose: bool) -> Result<()> {
+    a.dir = super::bundled::model_dir(a.model.take())?;
     if a.repeat == 0 || (a.prompt_tokens == 0 && a.gen_tokens == 0) {
         bail!(
             "nothing to measure: --repeat and one of --prompt-tokens/--gen-tokens must be positive"
         );
     }
-    let mode = a.load.mode().resolve(&a.model);
+    let mode = a.load.mode().resolve(&a.dir);
     if a.kernels {
         let (bw, fetched) = qnext::kernels::bandwidth::read_bandwidths(2 << 30, 7);
         println!(
@@ -230,8 +233,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             );
         }
         // The same products over this checkpoint's own matrices, mapped as for inference.
-        let cfg = qnext::config::Config::from_file(&a.model.join("config.json"))?;
-        let ck = qnext::checkpoint::Checkpoint::open_with(&a.model, mode)?;
+        let cfg = qnext::config::Config::from_file(&a.dir.join("config.json"))?;
+        let ck = qnext::checkpoint::Checkpoint::open_with(&a.dir, mode)?;
         let p = a.precision.precision();
         for g in qnext::kernels::microbench::model_matvec(&ck, cfg.quantization.as_ref(), p, 5)? {
             println!(
@@ -257,7 +260,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let mut model = Model::load_with(&a.model, mode)?;
+    let mut model = Model::load_with(&a.dir, mode)?;
     a.precision.apply(&mut model);
     let load_s = t0.elapsed().as_secs_f64();
     if a.speculative_tokens > 0 {
@@ -271,7 +274,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         let out = super::bench_speculation::run(&mut model, &settings)?;
         if a.json {
             let mut out = out;
-            out["model"] = serde_json::json!(a.model.display().to_string());
+            out["model"] = serde_json::json!(a.dir.display().to_string());
             out["isa"] = serde_json::json!(format!("{:?}", qnext::kernels::isa::isa()));
             println!("{out}");
         }
@@ -407,7 +410,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
     });
     if a.json {
         let out = serde_json::json!({
-            "model": a.model.display().to_string(),
+            "model": a.dir.display().to_string(),
             "threads": threads,
             "prompt_tokens": a.prompt_tokens,
             "gen_tokens": a.gen_tokens,
@@ -439,7 +442,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         });
         println!("{out}");
     } else {
-        println!("model      {}", a.model.display());
+        println!("model      {}", a.dir.display());
         println!("threads    {threads}");
         println!("pp{:<8} {pp_tps:.2} tokens/s", a.prompt_tokens);
         println!(

@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod bench_speculation;
+pub mod bundled;
 pub mod inspect;
 pub mod run;
 pub mod score;

@@ -13,9 +13,11 @@ use std::time::Instant;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Checkpoint folder (with tokenizer.json).
+    /// Checkpoint folder (with tokenizer.json). Default: the bundled model, models/qnext-tiny.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    #[arg(skip)]
+    dir: PathBuf,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -28,8 +30,8 @@ pub struct Args {
     /// A chat template file replacing the checkpoint's (.jinja, or JSON with `chat_template`).
     #[arg(long)]
     chat_template: Option<PathBuf>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    /// Most tokens to generate (a thinking model reasons first: allow for it).
+    #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
     /// 0 = greedy. Default: the checkpoint's generation_config.json.
     #[arg(long)]
@@ -55,12 +57,13 @@ pub struct Args {
     precision: super::PrecisionArg,
 }
 
-pub fn main(args: Args, verbose: bool) -> Result<()> {
-    let tok = Tokenizer::from_file(args.model.join("tokenizer.json"))?;
+pub fn main(mut args: Args, verbose: bool) -> Result<()> {
+    args.dir = super::bundled::model_dir(args.model.take())?;
+    let tok = Tokenizer::from_file(args.dir.join("tokenizer.json"))?;
     let prompt = if args.chat {
         let template = match &args.chat_template {
             Some(f) => ChatTemplate::from_file(f)?,
-            None => ChatTemplate::from_checkpoint_dir(&args.model)?,
+            None => ChatTemplate::from_checkpoint_dir(&args.dir)?,
         };
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
@@ -80,7 +83,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut model = super::load_model(&args.model, verbose, args.load.mode())?;
+    let mut model = super::load_model(&args.dir, verbose, args.load.mode())?;
     args.precision.apply(&mut model);
     let ctx = model.cfg.context_length();
     if ids.len() >= ctx {
@@ -91,7 +94,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     }
     let max_new = args.max_tokens.min(ctx - ids.len());
 
-    let gen_path = args.model.join("generation_config.json");
+    let gen_path = args.dir.join("generation_config.json");
     let gen = if gen_path.exists() {
         GenerationConfig::from_file(&gen_path)?
     } else {
@@ -122,7 +125,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
         bail!(
             "--speculative-tokens {}: {} has no MTP head (mtp.* tensors), which drafts the tokens",
             args.speculative_tokens,
-            args.model.display()
+            args.dir.display()
         );
     }
     if args.speculative_tokens > 0 {

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Checkpoint folder.
+    /// Checkpoint folder (with tokenizer.json). Default: the bundled model, models/qnext-tiny.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    #[arg(skip)]
+    dir: PathBuf,
     /// JSON array of token ids.
     #[arg(
         long,
@@ -49,14 +51,15 @@ fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
         .collect()
 }
 
-pub fn main(args: Args, verbose: bool) -> Result<()> {
+pub fn main(mut args: Args, verbose: bool) -> Result<()> {
+    args.dir = super::bundled::model_dir(args.model.take())?;
     let ids = match (&args.ids_file, &args.text_file) {
         (Some(p), _) => read_ids(p)?,
         (None, Some(p)) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
             let tok =
-                qnext::text::tokenizer::Tokenizer::from_file(args.model.join("tokenizer.json"))?;
+                qnext::text::tokenizer::Tokenizer::from_file(args.dir.join("tokenizer.json"))?;
             tok.encode(&text, false)?
         }
         (None, None) => bail!("give --ids-file or --text-file"),
@@ -64,7 +67,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
-    let mut model = super::load_model(&args.model, verbose, qnext::checkpoint::LoadMode::Mmap)?;
+    let mut model = super::load_model(&args.dir, verbose, qnext::checkpoint::LoadMode::Mmap)?;
     args.precision.apply(&mut model);
     if ids.len() > model.cfg.context_length() {
         bail!(

@@ -23,7 +23,8 @@ enum ToolParser {
 #[derive(ClapArgs)]
 pub struct Args {
     /// Checkpoint folder or Hugging Face repo id (looked up in the Hugging Face cache).
-    model: String,
+    /// Default: the bundled model, models/qnext-tiny, served as `qnext-tiny`.
+    model: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -146,12 +147,24 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let speculative_tokens = speculative_tokens(&a)?;
+    let (model, served_model_name) = match a.model {
+        Some(m) => (m, a.served_model_name),
+        None => {
+            let dir = super::bundled::model_dir(None)?;
+            let names = if a.served_model_name.is_empty() {
+                vec![super::bundled::NAME.to_string()]
+            } else {
+                a.served_model_name
+            };
+            (dir.display().to_string(), names)
+        }
+    };
     let cfg = ServerConfig {
         speculative_tokens,
-        model: a.model,
+        model,
         host: a.host,
         port: a.port,
-        served_model_name: a.served_model_name,
+        served_model_name,
         api_key: a.api_key,
         max_model_len: a.max_model_len,
         max_num_seqs: a.max_num_seqs,
