@@ -242,3 +242,49 @@ fn speculative_tokens_without_an_mtp_head_is_a_clear_error() {
     assert!(err.contains("no MTP head"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The README's first command: no model named, the bundled trained model answers — reasoning,
+/// then `</think>`, then the right product (computed here). With its MTP head drafting, the
+/// same text and an acceptance rate above zero (trained drafts are mostly right).
+#[test]
+fn run_without_a_model_answers_with_the_bundled_one() {
+    let plain = qnext(&["run", "--chat", "--prompt", "What is 48 * 27?"]);
+    let text = String::from_utf8(plain.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("bundled model"), "{stderr}");
+    let (reasoning, answer) = text.split_once("</think>").expect("no reasoning block");
+    assert!(reasoning.contains(&format!("= {}", 48 * 7)), "{reasoning}");
+    assert_eq!(answer.trim(), format!("48 * 27 = {}", 48 * 27));
+
+    let spec = qnext(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "What is 48 * 27?",
+        "--speculative-tokens",
+        "2",
+    ]);
+    assert_eq!(String::from_utf8(spec.stdout).unwrap(), text);
+    let stderr = String::from_utf8_lossy(&spec.stderr);
+    let rate: f64 = stderr
+        .split("drafts accepted (")
+        .nth(1)
+        .and_then(|s| s.split(" %").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no acceptance in {stderr}"));
+    assert!(rate > 50.0, "{stderr}");
+}
+
+/// `QNEXT_MODEL` names the model when `--model` does not; a folder that is not there is an
+/// error that names it.
+#[test]
+fn qnext_model_variable_names_the_model() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qnext"))
+        .args(["run", "--prompt", "hi"])
+        .env("QNEXT_MODEL", "/nonexistent/qnext-model")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/qnext-model"), "{err}");
+}

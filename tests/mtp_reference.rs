@@ -68,7 +68,12 @@ fn ours(model: &Model, ids: &[u32], chunk: usize) -> Vec<(usize, Vec<f32>)> {
 
 fn check(name: &str) {
     let dir = fixture(name);
-    let mut model = Model::load(&dir).unwrap();
+    let ckpt = if name.starts_with("qnext-tiny") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+    } else {
+        dir.clone()
+    };
+    let mut model = Model::load(&ckpt).unwrap();
     model.precision = Precision::Exact;
     assert!(model.has_mtp(), "{name}: fixture without an MTP head");
     let (ids, reference) = reference(&dir);
@@ -109,6 +114,13 @@ fn mtp_bf16_matches_transformers() {
 #[test]
 fn mtp_fp8_matches_transformers() {
     check("fp8-f32scale");
+}
+
+/// The bundled trained model's MTP head (tools/tiny_model/), BF16 and FP8.
+#[test]
+fn mtp_bundled_trained_model() {
+    check("qnext-tiny");
+    check("qnext-tiny-fp8");
 }
 
 #[test]

@@ -46,6 +46,16 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The checkpoint of reference `name`: the bundled models live in `models/`, their references
+/// in `tests/fixtures/` like the others'.
+fn checkpoint(name: &str) -> PathBuf {
+    if name.starts_with("qnext-tiny") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+    } else {
+        fixture(name)
+    }
+}
+
 struct Reference {
     ids: Vec<u32>,
     logprobs: Vec<f32>,
@@ -110,13 +120,12 @@ fn check_with(
     max_abs: f32,
     max_mean: f64,
 ) {
-    let dir = fixture(name);
-    let mut model = Model::load(&dir).unwrap();
+    let mut model = Model::load(&checkpoint(name)).unwrap();
     model.precision = precision;
     if lm_head_q8 {
         assert!(model.quantize_lm_head(), "{name}: lm_head already 8-bit");
     }
-    let r = reference(&dir);
+    let r = reference(&fixture(name));
     let vocab = model.cfg.vocab_size;
     assert!(
         r.ids.len() > 128,
@@ -195,6 +204,34 @@ fn fast_bf16_within_transformers_bf16_deviation() {
 fn fast_fp8_within_transformers_bf16_deviation() {
     check_fast("fp8-f32scale", false);
     check_fast("fp8-bf16scale", false);
+}
+
+/// The bundled model (`models/qnext-tiny`, trained by tools/tiny_model/) and its FP8 copy: the
+/// same comparison on trained weights, whose references come from a held-out conversation.
+#[test]
+fn bundled_trained_model_bf16() {
+    check("qnext-tiny", &FEEDS);
+}
+
+#[test]
+fn bundled_trained_model_fp8() {
+    check("qnext-tiny-fp8", &FEEDS);
+}
+
+/// The bundled tokenizer (Qwen's pre-tokenizer behind a split of capital-letter runs, a
+/// lookaround regex) encodes as Python's `tokenizers` did when the references were made.
+#[test]
+fn bundled_tokenizer_matches_python_tokenizers() {
+    for name in ["qnext-tiny", "qnext-tiny-fp8"] {
+        let text = std::fs::read_to_string(fixture(name).join("reference_text.txt")).unwrap();
+        let tok = qnext::text::tokenizer::Tokenizer::from_file(checkpoint(name).join("tokenizer.json"))
+            .unwrap();
+        assert_eq!(
+            tok.encode(&text, false).unwrap(),
+            reference(&fixture(name)).ids,
+            "{name}"
+        );
+    }
 }
 
 /// `--lm-head q8` on top of the fast path, held to the same bounds.

@@ -1,5 +1,6 @@
 """Starts `qnext serve` on a free loopback port with the qwen-vocab fixture (random weights,
-real Qwen tokenizer and chat template) for the openai-client tests.
+real Qwen tokenizer and chat template) for the openai-client tests, or with the bundled trained
+model (models/qnext-tiny) where answers must be right.
 
 The binary is $QNEXT_BIN, else target/debug/qnext, else target/release/qnext."""
 
@@ -38,10 +39,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, model: pathlib.Path | None = FIXTURE):
         self.port = free_port()
         args = [
-            str(qnext_binary()), "serve", str(FIXTURE),
+            str(qnext_binary()), "serve", *([str(model)] if model else []),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--served-model-name", MODEL, "--api-key", API_KEY,
             "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4", *extra,
@@ -91,3 +92,18 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_server():
+    """The bundled trained model, found without naming it, as a user starts it."""
+    s = Server("--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes", model=None)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_server):
+    import openai
+
+    return openai.OpenAI(base_url=tiny_server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)

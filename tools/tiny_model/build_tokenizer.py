@@ -4,9 +4,9 @@ Qwen's own tokenizer, with three choices of ours:
 - the 26 added tokens of Qwen (`<|endoftext|>` … `</think>`) with Qwen's flags (special or not), so
   the chat templates and the reasoning and tool-call parsers work unchanged; they take ids 0–25;
 - Qwen's pre-tokenizer regex (digits one by one, NFC, byte-level), preceded by a split that
-  isolates every capital letter that touches another capital: the string tasks work on strings like
-  `QKZMB`, and a model of a few MB spells them only if each letter is a token (ordinary words such
-  as `Paris` are untouched);
+  isolates every capital letter: the string tasks work on strings like `QKZMB`, and a model of a
+  few MB copies and spells them only if each letter is one token wherever it stands (a merged
+  ` E` beside `E` halves what it sees of each and makes it learn the pairing);
 - a vocabulary of 1,024: Qwen's 151,669 tokens would need 78 M embedding and output parameters at
   width 256, twenty times the rest of the model, for text this small model never sees.
 """

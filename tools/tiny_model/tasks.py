@@ -211,7 +211,7 @@ def numbered(s: str) -> str:
 
 
 def reverse_task(rng: random.Random) -> tuple[str, str, str]:
-    s = letters(rng, 3, 9)
+    s = letters(rng, 3, 7)
     q = rng.choice([f"Reverse the string {s}.", f"What is {s} written backwards?", f"Reverse the letters of {s}."])
     r = s[::-1]
     lines = [f"The letters of {s}, numbered: {numbered(s)}.", f"There are {len(s)} letters.",
@@ -221,7 +221,7 @@ def reverse_task(rng: random.Random) -> tuple[str, str, str]:
 
 
 def count_task(rng: random.Random) -> tuple[str, str, str, int]:
-    s = letters(rng, 3, 12)
+    s = letters(rng, 3, 9)
     c = rng.choice(s) if rng.random() < 0.85 else rng.choice(string.ascii_uppercase)
     if rng.random() < 0.5:  # more repeats
         s = "".join(c if rng.random() < 0.3 else x for x in s)
@@ -240,7 +240,7 @@ def count_task(rng: random.Random) -> tuple[str, str, str, int]:
 
 
 def sort_task(rng: random.Random) -> tuple[str, str, str]:
-    s = letters(rng, 3, 8, distinct=True)
+    s = letters(rng, 3, 7, distinct=True)
     q = rng.choice([f"Sort the letters of {s} in alphabetical order.", f"Sort {s} alphabetically.",
                     f"Put the letters {s} in alphabetical order."])
     r = "".join(sorted(s))
@@ -395,7 +395,8 @@ def follow_up(rng: random.Random) -> Example:
 
 def tool_conversation(rng: random.Random) -> Example:
     q, r1, call, result, r2, final, kind = tool_task(rng)
-    names = [kind] + rng.sample([n for n in TOOLS if n != kind], rng.randint(0, 3))
+    # one or two tools declared: their JSON is prompt the loss never sees, and long
+    names = [kind] + rng.sample([n for n in TOOLS if n != kind], rng.randint(0, 1))
     rng.shuffle(names)
     tools = [TOOLS[n] for n in names]
     first = {"role": "assistant", "content": "", "reasoning_content": r1,
@@ -407,8 +408,8 @@ def tool_conversation(rng: random.Random) -> Example:
 
 
 FAMILIES = {  # family -> training weight (multiplication and follow-ups are the longest to learn)
-    "add": 1.0, "sub": 1.0, "mul": 1.5, "units": 1.2, "reverse": 1.5, "count": 1.5, "sort": 1.5,
-    "tool": 2.0, "followup": 1.0, "hello": 0.1,
+    "add": 1.3, "sub": 1.3, "mul": 2.0, "units": 1.2, "reverse": 1.3, "count": 1.3, "sort": 1.3,
+    "tool": 1.5, "followup": 1.0, "hello": 0.1,
 }
 
 

@@ -173,7 +173,7 @@ def tokenizer_files(tok_dir: Path, tok) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True, help="BF16 folder; the FP8 copy goes to OUT-fp8")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1250)
     ap.add_argument("--rows", type=int, default=4, help=f"packed rows of {ROW} tokens per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
