@@ -28,7 +28,7 @@ const RB: usize = 4;
 const TB: usize = 6;
 /// Up to this many tokens, weights are widened in registers as they stream in; more tokens
 /// share one widening into a buffer.
-pub(super) const STREAM_TOKENS: usize = 4;
+pub(super) const STREAM_TOKENS: usize = 5;
 /// Rows widened at once for batched products: 16 rows of 2048 columns are 64 KiB, which
 /// stays in L2 while every token tile passes over them.
 pub(super) const PANEL: usize = 16;
@@ -243,7 +243,9 @@ pub(super) unsafe fn run<S: Source>(
                 r += ONE_TOKEN_ROWS;
                 continue;
             }
-            let nr = RB.min(rows.end - r);
+            // Five tokens take tiles of three rows: 15 accumulators, 10 held activation
+            // vectors and the widened weights fit the 32 registers.
+            let nr = (if t == 5 { 3 } else { RB }).min(rows.end - r);
             let o = out.at(r - rows.start, 0);
             let p = w.wrapping_add(r * k * S::ELEM);
             let ahead = ahead(r, nr);
@@ -264,6 +266,7 @@ pub(super) unsafe fn run<S: Source>(
                 };
             }
             match t {
+                5 => rows_of!(5),
                 4 => rows_of!(4),
                 3 => rows_of!(3),
                 2 => rows_of!(2),
@@ -412,7 +415,7 @@ unsafe fn stream_tile<S: Source, const N: usize, const T: usize>(
     // them from L1 for each row). `hold` is always true now; written without it, the same
     // loop measured 40% slower at four tokens (a different register allocation), so the form
     // stays.
-    let hold = T <= 4;
+    let hold = T <= 5;
     let mut c = 0;
     while c < k {
         let held: [[__m512bh; 2]; T] = std::array::from_fn(|j| {
