@@ -69,7 +69,9 @@ fn ours(model: &Model, ids: &[u32], chunk: usize) -> Vec<(usize, Vec<f32>)> {
 fn check(name: &str) {
     let dir = fixture(name);
     let ckpt = if name.starts_with("qnext-tiny") {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
     } else {
         dir.clone()
     };

@@ -50,7 +50,9 @@ fn fixture(name: &str) -> PathBuf {
 /// in `tests/fixtures/` like the others'.
 fn checkpoint(name: &str) -> PathBuf {
     if name.starts_with("qnext-tiny") {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
     } else {
         fixture(name)
     }
@@ -224,8 +226,9 @@ fn bundled_trained_model_fp8() {
 fn bundled_tokenizer_matches_python_tokenizers() {
     for name in ["qnext-tiny", "qnext-tiny-fp8"] {
         let text = std::fs::read_to_string(fixture(name).join("reference_text.txt")).unwrap();
-        let tok = qnext::text::tokenizer::Tokenizer::from_file(checkpoint(name).join("tokenizer.json"))
-            .unwrap();
+        let tok =
+            qnext::text::tokenizer::Tokenizer::from_file(checkpoint(name).join("tokenizer.json"))
+                .unwrap();
         assert_eq!(
             tok.encode(&text, false).unwrap(),
             reference(&fixture(name)).ids,

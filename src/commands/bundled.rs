@@ -24,7 +24,10 @@ pub fn model_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 
 fn first_present(tried: &[PathBuf]) -> Result<PathBuf> {
     if let Some(dir) = tried.iter().find(|d| d.join("config.json").is_file()) {
-        eprintln!("qnext: no --model given: using the bundled model {}", dir.display());
+        eprintln!(
+            "qnext: no --model given: using the bundled model {}",
+            dir.display()
+        );
         return Ok(dir.clone());
     }
     let list: Vec<String> = tried.iter().map(|d| d.display().to_string()).collect();
@@ -56,8 +59,13 @@ mod tests {
         std::fs::create_dir_all(&b).unwrap();
         std::fs::write(b.join("config.json"), "{}").unwrap();
         assert_eq!(first_present(&[a.clone(), b.clone()]).unwrap(), b);
-        let err = first_present(&[a.clone()]).unwrap_err().to_string();
-        assert!(err.contains(&a.display().to_string()) && err.contains("--model"), "{err}");
+        let err = first_present(std::slice::from_ref(&a))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&a.display().to_string()) && err.contains("--model"),
+            "{err}"
+        );
     }
 
     #[test]
