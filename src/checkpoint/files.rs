@@ -272,13 +272,13 @@ fn collapse_to_huge_pages(map: &mut memmap2::MmapMut) {
 
 fn map_file(path: &Path, populate: bool) -> Result<Mmap> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: the mapping is read-only and checkpoint files are treated as immutable while
-    // qnext runs; a file truncated or rewritten underneath a running process is outside what
-    // any mmap-based loader (safetensors, llama.cpp, vLLM) can defend against.
     let mut opts = memmap2::MmapOptions::new();
     if populate {
         opts.populate();
     }
+    // SAFETY: the mapping is read-only and checkpoint files are treated as immutable while
+    // qnext runs; a file truncated or rewritten underneath a running process is outside what
+    // any mmap-based loader (safetensors, llama.cpp, vLLM) can defend against.
     let map = unsafe { opts.map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
     Ok(map)
 }

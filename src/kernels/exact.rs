@@ -292,8 +292,8 @@ pub unsafe fn rows_with<V: Vector>(
 ) {
     let cols = w.cols;
     assert!(rows.end <= w.rows && x.len() >= t * cols && out.len() >= rows.len() * t);
-    // SAFETY (all calls below): the caller's features; bounds checked above and by the slices
-    // each `Weights` holds.
+    // SAFETY: every call below needs the caller's CPU features (this function's contract) and
+    // in-bounds rows, checked above and by the slices each `Weights` holds.
     unsafe {
         match &w.data {
             MatrixData::Fp8 {

@@ -419,13 +419,14 @@ fn rows_kernel(
                 let o = out.skip(0, j0);
                 if let Acts::Avx2(x) = acts {
                     let x = &x[j0 * k..(j0 + n) * k];
-                    // SAFETY (both): `prepare` chose this form only where `isa()` verified
-                    // AVX2, FMA and F16C and `avx2dot::supports(w)`, and made tokens for the
-                    // blocked product only where `avx2gemm::supports(w)`;
-                    // `o` covers rows r0..r1 of tokens j0..j0+n.
+                    // `prepare` chose this form only where `isa()` verified AVX2, FMA and F16C
+                    // and `avx2dot::supports(w)`, and made tokens for the blocked product only
+                    // where `avx2gemm::supports(w)`; `o` covers rows r0..r1 of tokens j0..j0+n.
                     if let Some(Some(xt)) = a.avx2.get(i) {
+                        // SAFETY: as above, for the blocked product.
                         unsafe { avx2gemm::rows(xt, w, r0..r1, o) };
                     } else {
+                        // SAFETY: as above, for the dot products.
                         unsafe { avx2dot::rows(x, n, w, r0..r1, o, then) };
                     }
                     continue;
@@ -437,16 +438,20 @@ fn rows_kernel(
                     unsafe { amx::rows(xv, w, r0..r1, o) };
                     continue;
                 }
-                // SAFETY (all three): `prepare` chose these forms only after `bf16_dot()`
-                // verified AVX-512 F, BW and BF16 and the kernel's `supports(w)` held (for
-                // blocked runs too); tokens j0..j0+n exist; `o` covers rows r0..r1 of them.
+                // The three forms below: `prepare` chose them only after `bf16_dot()` verified
+                // AVX-512 F, BW and BF16 and the kernel's `supports(w)` held (for blocked runs
+                // too); tokens j0..j0+n exist; `o` covers rows r0..r1 of them.
                 match acts {
+                    // SAFETY: as above.
                     Acts::Bf16(xb) if *bulk => unsafe { bf16gemm::rows(xb, j0, n, w, r0..r1, o) },
+                    // SAFETY: as above.
                     Acts::Fp8Scaled(_) if *bulk => unsafe {
                         let xb = a.bf16.as_ref().expect("prepared for blocked runs");
                         bf16gemm::rows(xb, j0, n, w, r0..r1, o)
                     },
+                    // SAFETY: as above.
                     Acts::Bf16(xb) => unsafe { bf16dot::rows(xb, j0, n, w, r0..r1, o, then) },
+                    // SAFETY: as above.
                     Acts::Fp8Scaled(x) => unsafe {
                         fp8dot::rows(&x[j0 * k..(j0 + n) * k], n, w, r0..r1, o, then)
                     },

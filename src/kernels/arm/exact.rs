@@ -32,11 +32,12 @@ impl Vector for Neon {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
-        // SAFETY (all loads and stores here): the caller guarantees 8 elements at p.
+        // SAFETY: the caller guarantees 8 elements at p (this function's contract).
         unsafe { Neon(vld1q_f32(p), vld1q_f32(p.add(4))) }
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 8 elements at p (this function's contract).
         unsafe {
             vst1q_f32(p, self.0);
             vst1q_f32(p.add(4), self.1);
@@ -57,6 +58,7 @@ impl Vector for Neon {
     #[inline(always)]
     unsafe fn fp8(p: *const u8) -> Self {
         // As on x86: sign-extend, shift the sign and 7 value bits to an f32's top, mask.
+        // SAFETY: the caller guarantees 8 bytes at p (this function's contract).
         let b = vmovl_s8(unsafe { vld1_s8(p as *const i8) });
         let m = vdupq_n_s32(FP8_BITS);
         let f = |v: int32x4_t| vreinterpretq_f32_s32(vandq_s32(vshlq_n_s32::<20>(v), m));
@@ -65,6 +67,7 @@ impl Vector for Neon {
     #[inline(always)]
     unsafe fn q8(p: *const u8) -> Self {
         // Sign-extended, the byte's sign is already bit 31; the magnitude converts exactly.
+        // SAFETY: the caller guarantees 8 bytes at p (this function's contract).
         let b = vmovl_s8(unsafe { vld1_s8(p as *const i8) });
         let f = |t: int32x4_t| {
             let m = vcvtq_f32_s32(vandq_s32(t, vdupq_n_s32(0x7F)));
@@ -77,6 +80,7 @@ impl Vector for Neon {
     }
     #[inline(always)]
     unsafe fn bf16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 8 values at p (this function's contract).
         let h = unsafe { vld1q_u16(p) };
         Neon(
             vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
@@ -88,7 +92,9 @@ impl Vector for Neon {
         // Half-precision conversions are not in stable Rust's NEON intrinsics; F16 weights
         // are rare (the releases are BF16 and FP8), so widen them one by one.
         let v: [f32; 8] =
+            // SAFETY: the caller guarantees 8 values at p (this function's contract).
             std::array::from_fn(|i| half::f16::from_bits(unsafe { *p.add(i) }).to_f32());
+        // SAFETY: `v` holds 8 elements.
         unsafe { Self::load(v.as_ptr()) }
     }
     #[inline(always)]

@@ -219,7 +219,7 @@ unsafe fn tile<const R: usize, const V: usize>(
     c: *mut f32,
     cs: usize,
 ) {
-    // SAFETY (all accesses): in bounds by the caller's guarantee.
+    // SAFETY: every access is in bounds by the caller's guarantee (this function's contract).
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         for i in 0..R {

@@ -44,11 +44,12 @@ impl Vector for Zmm {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
-        // SAFETY (all loads and stores here): the caller guarantees a vector's elements at p.
+        // SAFETY: the caller guarantees a vector's elements at p (this function's contract).
         Zmm(unsafe { _mm512_loadu_ps(p) })
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees a vector's elements at p (this function's contract).
         unsafe { _mm512_storeu_ps(p, self.0) }
     }
     #[inline(always)]
@@ -65,6 +66,7 @@ impl Vector for Zmm {
     }
     #[inline(always)]
     unsafe fn fp8(p: *const u8) -> Self {
+        // SAFETY: the caller guarantees 16 bytes at p (this function's contract).
         let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
         Zmm(_mm512_castsi512_ps(_mm512_and_si512(
             _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(b)),
@@ -74,6 +76,7 @@ impl Vector for Zmm {
     #[inline(always)]
     unsafe fn q8(p: *const u8) -> Self {
         // Sign-extended, the byte's sign is already bit 31; the magnitude converts exactly.
+        // SAFETY: the caller guarantees 16 bytes at p (this function's contract).
         let t = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
         let m = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(0x7F)));
         Zmm(_mm512_castsi512_ps(_mm512_or_si512(
@@ -83,6 +86,7 @@ impl Vector for Zmm {
     }
     #[inline(always)]
     unsafe fn bf16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 16 values at p (this function's contract).
         let a = unsafe { _mm256_loadu_si256(p as *const __m256i) };
         Zmm(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
             _mm512_cvtepu16_epi32(a),
@@ -90,6 +94,7 @@ impl Vector for Zmm {
     }
     #[inline(always)]
     unsafe fn f16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 16 values at p (this function's contract).
         Zmm(_mm512_cvtph_ps(unsafe {
             _mm256_loadu_si256(p as *const __m256i)
         }))
@@ -119,11 +124,12 @@ impl Vector for Ymm {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
-        // SAFETY (all loads and stores here): the caller guarantees a vector's elements at p.
+        // SAFETY: the caller guarantees a vector's elements at p (this function's contract).
         Ymm(unsafe { _mm256_loadu_ps(p) })
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees a vector's elements at p (this function's contract).
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
     #[inline(always)]
@@ -146,6 +152,7 @@ impl Vector for Ymm {
     }
     #[inline(always)]
     unsafe fn fp8(p: *const u8) -> Self {
+        // SAFETY: the caller guarantees 8 bytes at p (this function's contract).
         let b = unsafe { _mm_loadl_epi64(p as *const __m128i) };
         Ymm(_mm256_castsi256_ps(_mm256_and_si256(
             _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b)),
@@ -155,6 +162,7 @@ impl Vector for Ymm {
     #[inline(always)]
     unsafe fn q8(p: *const u8) -> Self {
         // As for `Zmm::q8`.
+        // SAFETY: the caller guarantees 8 bytes at p (this function's contract).
         let t = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
         let m = _mm256_cvtepi32_ps(_mm256_and_si256(t, _mm256_set1_epi32(0x7F)));
         Ymm(_mm256_castsi256_ps(_mm256_or_si256(
@@ -164,6 +172,7 @@ impl Vector for Ymm {
     }
     #[inline(always)]
     unsafe fn bf16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 8 values at p (this function's contract).
         let a = unsafe { _mm_loadu_si128(p as *const __m128i) };
         Ymm(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(
             _mm256_cvtepu16_epi32(a),
@@ -171,6 +180,7 @@ impl Vector for Ymm {
     }
     #[inline(always)]
     unsafe fn f16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 8 values at p (this function's contract).
         Ymm(_mm256_cvtph_ps(unsafe {
             _mm_loadu_si128(p as *const __m128i)
         }))

@@ -127,7 +127,8 @@ unsafe fn tile<V: Vector, const R: usize, const NV: usize>(
     ldc: usize,
 ) {
     let l = V::LANES;
-    // SAFETY (all accesses): in bounds by the caller's guarantee; `V`'s features are enabled.
+    // SAFETY: every access is in bounds by the caller's guarantee, and `V`'s features are
+    // enabled (the caller's contract).
     unsafe {
         let mut acc = [[V::zero(); NV]; R];
         for i in 0..R {
