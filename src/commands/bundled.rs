@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 /// The name the server gives the bundled model.
+#[cfg(feature = "serve")]
 pub const NAME: &str = "qnext-tiny";
 const DIR: &str = "models/qnext-tiny";
 
