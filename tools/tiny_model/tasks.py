@@ -53,6 +53,17 @@ def read_back(written: list[int]) -> tuple[str, int]:
     return f"Reading the written digits from {PLACES[len(written) - 1]} down to ones: {s}.", int(s)
 
 
+def close_columns(lines: list[str], written: list[int], carry: int, expected: int) -> tuple[list[str], int]:
+    """The last carry as a column of its own, then the digits read back (and checked)."""
+    if carry:
+        lines.append(f"{PLACES[len(written)]}: carry {carry}. Write {carry}.")
+        written.append(carry)
+    text, value = read_back(written)
+    lines.append(text)
+    assert value == expected
+    return lines, value
+
+
 def add_steps(a: int, b: int) -> tuple[list[str], int]:
     lines = [f"I add {a} + {b} column by column, starting from the ones.", digits_line(a), digits_line(b)]
     da, db = str(a)[::-1], str(b)[::-1]
@@ -65,13 +76,7 @@ def add_steps(a: int, b: int) -> tuple[list[str], int]:
         lines.append(f"{PLACES[i]}: {x} + {y} + {carry} = {s}. Write {s % 10}, carry {s // 10}.")
         written.append(s % 10)
         carry = s // 10
-    if carry:
-        lines.append(f"{PLACES[n]}: carry {carry}. Write {carry}.")
-        written.append(carry)
-    text, value = read_back(written)
-    lines.append(text)
-    assert value == a + b
-    return lines, value
+    return close_columns(lines, written, carry, a + b)
 
 
 def sub_steps(a: int, b: int) -> tuple[list[str], int]:
@@ -108,13 +113,7 @@ def mul1_steps(a: int, d: int) -> tuple[list[str], int]:
         lines.append(f"{PLACES[i]}: {c} * {d} = {p}, {p} + {carry} = {s}. Write {s % 10}, carry {s // 10}.")
         written.append(s % 10)
         carry = s // 10
-    if carry:
-        lines.append(f"{PLACES[len(da)]}: carry {carry}. Write {carry}.")
-        written.append(carry)
-    text, value = read_back(written)
-    lines.append(text)
-    assert value == a * d
-    return lines, value
+    return close_columns(lines, written, carry, a * d)
 
 
 def mul_steps(a: int, b: int) -> tuple[list[str], int]:
