@@ -39,6 +39,11 @@ enum Command {
     Bench(commands::bench::Args),
     /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
     Synth(commands::synth::Args),
+    /// Quantise a BF16 checkpoint to the released fine-grained FP8 format (e4m3, 128×128 block scales).
+    Quantize(commands::quantize::Args),
+    /// Perplexities of two checkpoints on the same text, and the KL divergence of B's
+    /// predictions from A's (e.g. an FP8 checkpoint against its BF16 original).
+    Compare(commands::compare::Args),
     /// Config summary, parameter counts, dtypes and bytes of a checkpoint.
     Inspect {
         /// Checkpoint folder.
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::main(a, cli.verbose),
         Command::Inspect { model } => commands::inspect::main(&model),
         Command::Synth(a) => commands::synth::main(a),
+        Command::Quantize(a) => commands::quantize::main(a),
+        Command::Compare(a) => commands::compare::main(a, cli.verbose),
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
         #[cfg(feature = "serve")]
         Command::Serve(a) => commands::serve::main(*a, cli.verbose),

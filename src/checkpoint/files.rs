@@ -219,6 +219,22 @@ impl Checkpoint {
         })
     }
 
+    /// The shard files in order, each with its tensors in the order of their bytes.
+    pub fn layout(&self) -> Vec<(&Path, Vec<&str>)> {
+        let mut per: Vec<Vec<(usize, &str)>> = vec![Vec::new(); self.shards.len()];
+        for (name, e) in &self.tensors {
+            per[e.shard].push((e.start, name));
+        }
+        self.shards
+            .iter()
+            .zip(per)
+            .map(|(s, mut t)| {
+                t.sort_unstable();
+                (s.path.as_path(), t.into_iter().map(|(_, n)| n).collect())
+            })
+            .collect()
+    }
+
     /// Total bytes of tensor data, by dtype name.
     pub fn bytes_by_dtype(&self) -> BTreeMap<String, (usize, usize)> {
         let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();

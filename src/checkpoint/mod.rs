@@ -4,6 +4,7 @@
 
 mod files;
 mod matrix;
+pub mod quantize;
 mod view;
 pub mod writer;
 

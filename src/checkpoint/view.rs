@@ -119,9 +119,11 @@ pub struct TensorRef<'a> {
     pub(crate) range: Range<usize>,
 }
 
-impl TensorRef<'_> {
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+impl<'a> TensorRef<'a> {
+    /// The tensor's bytes, for as long as the checkpoint is open.
+    pub fn bytes(&self) -> &'a [u8] {
+        let map: &'a Arc<Mmap> = self.map;
+        &map[self.range.clone()]
     }
 
     pub fn numel(&self) -> usize {

@@ -3,7 +3,9 @@
 pub mod bench;
 mod bench_speculation;
 pub mod bundled;
+pub mod compare;
 pub mod inspect;
+pub mod quantize;
 pub mod run;
 pub mod score;
 #[cfg(feature = "serve")]

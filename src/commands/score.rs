@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args as ClapArgs;
 use qnext::engine::score::{next_token_logprobs, Feed};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -51,19 +51,27 @@ fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
         .collect()
 }
 
-pub fn main(mut args: Args, verbose: bool) -> Result<()> {
-    args.dir = super::bundled::model_dir(args.model.take())?;
-    let ids = match (&args.ids_file, &args.text_file) {
+/// The token ids of `--ids-file`, or of `--text-file` tokenized with `dir`'s tokenizer.json.
+pub fn read_tokens(
+    dir: &Path,
+    ids_file: Option<&PathBuf>,
+    text_file: Option<&PathBuf>,
+) -> Result<Vec<u32>> {
+    Ok(match (ids_file, text_file) {
         (Some(p), _) => read_ids(p)?,
         (None, Some(p)) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
-            let tok =
-                qnext::text::tokenizer::Tokenizer::from_file(args.dir.join("tokenizer.json"))?;
+            let tok = qnext::text::tokenizer::Tokenizer::from_file(dir.join("tokenizer.json"))?;
             tok.encode(&text, false)?
         }
         (None, None) => bail!("give --ids-file or --text-file"),
-    };
+    })
+}
+
+pub fn main(mut args: Args, verbose: bool) -> Result<()> {
+    args.dir = super::bundled::model_dir(args.model.take())?;
+    let ids = read_tokens(&args.dir, args.ids_file.as_ref(), args.text_file.as_ref())?;
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }

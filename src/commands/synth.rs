@@ -5,9 +5,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use qnext::checkpoint::quantize::{quantize_fp8, F32Rows};
 use qnext::checkpoint::writer::{write_safetensors, TensorSpec};
 use qnext::checkpoint::DType;
-use qnext::kernels::fp8::f32_to_e4m3;
 use std::path::PathBuf;
 
 #[derive(ClapArgs)]
@@ -413,28 +413,14 @@ fn bf16_bytes(v: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// FP8 weight bytes and f32 scales, quantised per 128×128 block as HF FineGrainedFP8 does.
+/// FP8 weight bytes and f32 scale bytes, quantised per 128×128 block as the released
+/// checkpoints are (random values are finite, so this cannot fail).
 fn quantize(v: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
-    let (bn, bk) = (n.div_ceil(BLOCK), k.div_ceil(BLOCK));
-    let mut amax = vec![0.0f32; bn * bk];
-    for r in 0..n {
-        for c in 0..k {
-            let a = &mut amax[(r / BLOCK) * bk + c / BLOCK];
-            *a = a.max(v[r * k + c].abs());
-        }
-    }
-    let scale: Vec<f32> = amax
-        .iter()
-        .map(|&a| if a > 0.0 { 448.0 / a } else { 1.0 })
-        .collect();
-    let mut q = vec![0u8; n * k];
-    for r in 0..n {
-        for c in 0..k {
-            q[r * k + c] = f32_to_e4m3(v[r * k + c] * scale[(r / BLOCK) * bk + c / BLOCK]);
-        }
-    }
-    let inv: Vec<u8> = scale.iter().flat_map(|s| (1.0 / s).to_le_bytes()).collect();
-    (q, inv)
+    let q = quantize_fp8(n, k, &F32Rows { values: v, k }).expect("finite random weights");
+    (
+        q.codes,
+        q.scale_inv.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    )
 }
 
 pub fn main(a: Args) -> Result<()> {

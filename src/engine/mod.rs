@@ -1,6 +1,7 @@
 //! Driving the model over sequences: scoring, and continuous batching for generation.
 
 pub mod chunking;
+pub mod compare;
 pub mod scheduler;
 pub mod score;
 pub mod speculative;

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-import gen_fixtures as gf  # noqa: E402  (config writer, FP8 quantiser, expert (un)fusing)
+import fp8_quantize_reference  # noqa: E402  (the FP8 copy, as transformers quantises it)
+import gen_fixtures as gf  # noqa: E402  (config writer, expert (un)fusing)
 from transformers.models.qwen3_next import modeling_qwen3_next as hf  # noqa: E402
 
 import build_tokenizer  # noqa: E402
@@ -144,15 +145,16 @@ def export(out: Path, cfg_json: dict, model, mtp, tok_dir: Path, meta: dict) -> 
     sd = gf.unfuse_experts({k: v.detach() for k, v in model.state_dict().items()})
     sd.update({k: v.detach() for k, v in mtp.released().items()})
     f32 = {k: v.float().contiguous() for k, v in sd.items()}
-    for dtype, folder in [("bf16", out), ("fp8", out.with_name(out.name + "-fp8"))]:
-        s = dict(SPEC, dtype=dtype, scale_dtype=torch.float32)
-        folder.mkdir(parents=True, exist_ok=True)
-        stored, _ = gf.to_storage(f32, s)
-        gf.save_st(folder / "model.safetensors", {k: stored[k] for k in gf.ordered_keys(stored)})
-        gf.write_json(folder / "config.json", gf.make_config_json(s))
-        for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
-            (folder / name).write_text((tok_dir / name).read_text())
-        gf.write_json(folder / "training.json", meta)
+    s = dict(SPEC, dtype="bf16", scale_dtype=torch.float32)
+    stored, _ = gf.to_storage(f32, s)
+    gf.save_st(out / "model.safetensors", {k: stored[k] for k in gf.ordered_keys(stored)})
+    gf.write_json(out / "config.json", gf.make_config_json(s))
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        (out / name).write_text((tok_dir / name).read_text())
+    gf.write_json(out / "training.json", meta)
+    # The FP8 copy is what transformers' FineGrainedFP8 quantiser makes of the BF16 weights, as
+    # a user's `qnext quantize` of them does (tests/quantize.rs holds the two byte-equal).
+    fp8_quantize_reference.main(out, out.with_name(out.name + "-fp8"))
 
 
 def tokenizer_files(tok_dir: Path, tok) -> None:
