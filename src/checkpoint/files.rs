@@ -70,6 +70,8 @@ struct Entry {
 pub struct Checkpoint {
     pub dir: PathBuf,
     shards: Vec<Shard>,
+    /// The shards are mappings of their files (not copies in anonymous memory).
+    file_backed: bool,
     tensors: HashMap<String, Entry>,
 }
 
@@ -189,6 +191,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_owned(),
             shards,
+            file_backed: mode != LoadMode::HugePages,
             tensors,
         })
     }
@@ -233,6 +236,21 @@ impl Checkpoint {
                 (s.path.as_path(), t.into_iter().map(|(_, n)| n).collect())
             })
             .collect()
+    }
+
+    /// Drops shard `i`'s pages from this process (they stay in the page cache), for a pass
+    /// that reads each shard once, such as quantisation: resident memory stays at about one
+    /// shard instead of growing to the whole checkpoint. Reading the shard again faults its
+    /// pages back in from the file; a copy made with `--load hugepages` is left as it is.
+    pub fn release_shard(&self, i: usize) {
+        let map = &self.shards[i].map;
+        // SAFETY: MADV_DONTNEED on a read-only, private, file-backed mapping that was never
+        // written discards only clean pages, and the next access reads them again from the
+        // same file: every reference into the mapping keeps seeing the same bytes. (It would
+        // zero an anonymous mapping, the hugepages copy; those are skipped.)
+        if self.file_backed {
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
     }
 
     /// Total bytes of tensor data, by dtype name.

@@ -241,7 +241,7 @@ pub fn main(a: Args) -> Result<()> {
     let mut weight_map = serde_json::Map::new();
     let (mut total_out, mut quantised, mut quantised_in) = (0usize, 0usize, 0usize);
     let mut kept: Vec<&str> = Vec::new();
-    for (path, names) in &layout {
+    for (shard, (path, names)) in layout.iter().enumerate() {
         let file = path
             .file_name()
             .and_then(|f| f.to_str())
@@ -308,6 +308,7 @@ pub fn main(a: Args) -> Result<()> {
             Ok(parts)
         };
         write_safetensors_parallel(&staging.path.join(&file), &specs, &groups, threads, &fill)?;
+        ck.release_shard(shard);
     }
     pb.finish_and_clear();
 
