@@ -244,11 +244,11 @@ impl Checkpoint {
     /// pages back in from the file; a copy made with `--load hugepages` is left as it is.
     pub fn release_shard(&self, i: usize) {
         let map = &self.shards[i].map;
-        // SAFETY: MADV_DONTNEED on a read-only, private, file-backed mapping that was never
-        // written discards only clean pages, and the next access reads them again from the
-        // same file: every reference into the mapping keeps seeing the same bytes. (It would
-        // zero an anonymous mapping, the hugepages copy; those are skipped.)
+        // An anonymous mapping (the hugepages copy) would be zeroed: only file mappings.
         if self.file_backed {
+            // SAFETY: MADV_DONTNEED on a read-only, private, file-backed mapping that was
+            // never written discards only clean pages, and the next access reads them again
+            // from the same file: every reference into the mapping keeps seeing the same bytes.
             let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
         }
     }
