@@ -189,6 +189,8 @@ impl Config {
         }
 
         let num_hidden_layers = req_usize(o, "num_hidden_layers")?;
+        // Checked here, before `layer_types` is built with one entry per layer.
+        check_at_most("num_hidden_layers", num_hidden_layers, MAX_LAYERS)?;
         let hidden_size = req_usize(o, "hidden_size")?;
         let num_attention_heads = req_usize(o, "num_attention_heads")?;
         let head_dim = match opt_usize(o, "head_dim")? {
@@ -254,6 +256,44 @@ impl Config {
                 bail!("field `{name}` must be positive");
             }
         }
+        // Upper bounds, far beyond any released model, so that a corrupt or hostile config
+        // gets an error naming its field instead of an allocation sized from it.
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("num_attention_heads", self.num_attention_heads, 4096),
+            ("num_key_value_heads", self.num_key_value_heads, 4096),
+            ("head_dim", self.head_dim, 4096),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
+            ("linear_conv_kernel_dim", self.linear_conv_kernel_dim, 64),
+            ("linear_key_head_dim", self.linear_key_head_dim, 4096),
+            ("linear_value_head_dim", self.linear_value_head_dim, 4096),
+            ("linear_num_key_heads", self.linear_num_key_heads, 4096),
+            ("linear_num_value_heads", self.linear_num_value_heads, 4096),
+            ("num_experts", self.num_experts, 1 << 16),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 20),
+            (
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                1 << 20,
+            ),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+        ];
+        for (name, v, max) in bounded {
+            check_at_most(name, v, max)?;
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            bail!("field `rms_norm_eps` ({eps}) must be a small positive number (e.g. 1e-6)");
+        }
+        let prf = self.rope.partial_rotary_factor;
+        if !(prf.is_finite() && prf > 0.0 && prf <= 1.0) {
+            bail!("field `partial_rotary_factor` ({prf}) must be in (0, 1]");
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
@@ -282,7 +322,7 @@ impl Config {
                 self.head_dim
             );
         }
-        if self.rope.theta <= 0.0 {
+        if !(self.rope.theta.is_finite() && self.rope.theta > 0.0) {
             bail!("field `rope_theta` must be positive");
         }
         if let RopeScaling::Yarn {
@@ -291,8 +331,8 @@ impl Config {
             ..
         } = self.rope.scaling
         {
-            if factor <= 0.0 || original_max_position_embeddings == 0 {
-                bail!("field `rope_scaling`: YaRN needs a positive `factor` and `original_max_position_embeddings`");
+            if !(factor.is_finite() && factor >= 1.0) || original_max_position_embeddings == 0 {
+                bail!("field `rope_scaling`: YaRN needs a `factor` of at least 1 and a positive `original_max_position_embeddings`");
             }
         }
         if let Some(&l) = self
@@ -538,6 +578,16 @@ fn parse_quantization(o: &Map<String, Value>) -> Result<Option<Fp8Config>> {
     }))
 }
 
+/// Decoder layers accepted in config.json (the released models have 48).
+const MAX_LAYERS: usize = 4096;
+
+fn check_at_most(name: &str, v: usize, max: usize) -> Result<()> {
+    if v > max {
+        bail!("field `{name}` ({v}) is out of range: at most {max} is accepted");
+    }
+    Ok(())
+}
+
 fn req_usize(o: &Map<String, Value>, k: &str) -> Result<usize> {
     opt_usize(o, k)?.ok_or_else(|| anyhow!("field `{k}` is missing"))
 }
@@ -688,5 +738,40 @@ mod tests {
 
         let e = Config::from_json_str("{not json").unwrap_err().to_string();
         assert!(e.contains("JSON"), "{e}");
+    }
+
+    /// Values a corrupt or hostile config.json can hold: each an error naming its field,
+    /// before anything is sized from it.
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let cases = [
+            ("num_hidden_layers", serde_json::json!(1_000_000_000u64)),
+            ("hidden_size", serde_json::json!(1u64 << 40)),
+            ("vocab_size", serde_json::json!(1u64 << 30)),
+            ("num_experts", serde_json::json!(1u64 << 20)),
+            ("max_position_embeddings", serde_json::json!(1u64 << 40)),
+            ("rms_norm_eps", serde_json::json!(-1.0)),
+            ("rms_norm_eps", serde_json::json!(0.0)),
+            ("rms_norm_eps", serde_json::json!(5.0)),
+            ("partial_rotary_factor", serde_json::json!(0.0)),
+            ("partial_rotary_factor", serde_json::json!(2.0)),
+            ("rope_theta", serde_json::json!(-5.0)),
+        ];
+        for (field, value) in cases {
+            let mut o = base();
+            o.insert(field.into(), value.clone());
+            let e = Config::from_json(&o)
+                .err()
+                .unwrap_or_else(|| panic!("{field} = {value} was accepted"))
+                .to_string();
+            assert!(e.contains(field), "{field} = {value}: {e}");
+        }
+        let mut o = base();
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}),
+        );
+        let e = Config::from_json(&o).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling"), "{e}");
     }
 }

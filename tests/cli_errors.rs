@@ -107,6 +107,24 @@ fn config_field_missing() {
     assert!(e.contains("linear_num_value_heads"), "{e}");
 }
 
+/// A config.json whose layer count disagrees with the checkpoint (here: a billion layers, or
+/// one too many) is an error before anything is allocated per layer.
+#[test]
+fn layer_count_disagrees_with_the_checkpoint() {
+    for layers in [1_000_000_000u64, 5] {
+        let d = copy_fixture("tiny-f32");
+        let ids = write_ids(d.path(), IDS);
+        let text = std::fs::read_to_string(d.path().join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.insert("num_hidden_layers".into(), layers.into());
+        std::fs::write(d.path().join("config.json"), v.to_string()).unwrap();
+        let e = score_fails(d.path(), &ids);
+        assert!(e.contains("num_hidden_layers"), "{e}");
+    }
+}
+
 #[test]
 fn missing_weights_file() {
     let d = copy_fixture("tiny-f32");

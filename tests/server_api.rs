@@ -749,7 +749,9 @@ fn bad_requests_name_the_parameter() {
     // Wrong method, unknown route.
     request(a, "GET", "/v1/chat/completions", &hdrs, None).error(405);
     request(a, "POST", "/v1/embeddings", &hdrs, Some(b"{}")).error(404);
-    request(a, "GET", "/nothing/here", &[], None).error(404);
+    request(a, "GET", "/nothing/here", &hdrs, None).error(404);
+    // Without the key, every path but the open reports is refused before routing.
+    request(a, "GET", "/nothing/here", &[], None).error(401);
     // Tokenizer endpoints.
     assert_eq!(
         post(a, "/tokenize", &json!({})).error(400)["param"],
@@ -871,4 +873,97 @@ fn requests_beyond_the_kv_budget_are_refused() {
         &json!({"prompt": "hi", "max_tokens": 2}),
     );
     assert_eq!(r.status, 200);
+}
+
+/// What request routers ask besides the OpenAI API (vllm-router, smg): render endpoints that
+/// give exactly the prompt ids generation uses, load reports and vLLM's gauge names.
+/// Read-only reports are open; the rest needs the key.
+#[test]
+fn router_endpoints() {
+    let a = addr();
+    let messages = json!([{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Name three colours."}]);
+    let rendered = post(
+        a,
+        "/v1/chat/completions/render",
+        &json!({"messages": messages}),
+    );
+    assert_eq!(rendered.status, 200, "{}", rendered.text());
+    let ids = rendered.json()["token_ids"].clone();
+    let tokenized = post(a, "/tokenize", &json!({"messages": messages})).json();
+    assert_eq!(ids, tokenized["tokens"]);
+    // The ids generation is fed: the usage of a request with the same messages counts them.
+    let r = chat(json!({"messages": messages, "max_tokens": 1}));
+    assert_eq!(r["usage"]["prompt_tokens"], ids.as_array().unwrap().len());
+    let rc = post(
+        a,
+        "/v1/completions/render",
+        &json!({"prompt": ["Hello there", [1, 2, 3]]}),
+    )
+    .json();
+    let hello = post(a, "/tokenize", &json!({"prompt": "Hello there"})).json();
+    assert_eq!(rc[0]["token_ids"], hello["tokens"]);
+    assert_eq!(rc[1]["token_ids"], json!([1, 2, 3]));
+    let e = post(a, "/v1/chat/completions/render", &json!({"messages": "hi"})).error(400);
+    assert_eq!(e["param"], "messages");
+    request(a, "POST", "/tokenize", &[], Some(b"{\"prompt\": \"x\"}")).error(401);
+    request(a, "POST", "/v1/chat/completions/render", &[], Some(b"{}")).error(401);
+
+    let open = |path: &str| request(a, "GET", path, &[], None);
+    assert!(open("/get_load").json()["load"].is_u64());
+    for path in ["/v1/loads", "/loads"] {
+        let loads = open(path).json();
+        let l = &loads["loads"][0];
+        for field in [
+            "num_running_reqs",
+            "num_waiting_reqs",
+            "max_total_num_tokens",
+            "max_running_requests",
+        ] {
+            assert!(l[field].is_u64(), "{path}: {field} in {loads}");
+        }
+        assert!(l["token_usage"]
+            .as_f64()
+            .is_some_and(|u| (0.0..=1.0).contains(&u)));
+        assert!(l["gen_throughput"].as_f64().is_some_and(|r| r >= 0.0));
+    }
+    assert_eq!(open("/get_model_info").json()["is_generation"], true);
+    assert_eq!(open("/get_server_info").json()["served_model_name"], MODEL);
+    let t = open("/metrics").text();
+    for (ours, theirs) in [
+        ("qnext:num_requests_running", "vllm:num_requests_running"),
+        ("qnext:num_requests_waiting", "vllm:num_requests_waiting"),
+        ("qnext:kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    ] {
+        assert_eq!(metric(&t, ours), metric(&t, theirs), "{theirs}");
+    }
+}
+
+/// `/flush_cache` empties the prefix cache for real: a prompt found cached before is
+/// computed again after, and the server keeps serving.
+#[test]
+fn flush_cache_empties_the_prefix_cache() {
+    let server = start(|c| c.api_key = Some(KEY.into()));
+    let a = server.addr();
+    let prompt = "one two three four five six seven eight nine ten ".repeat(40);
+    let cached = || {
+        let r = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!(cached(), 0);
+    assert!(cached() >= 256, "the second request reuses the first");
+    request(a, "POST", "/flush_cache", &[], None).error(401);
+    let f = post(a, "/flush_cache", &json!({}));
+    assert_eq!(f.status, 200, "{}", f.text());
+    let t = request(a, "GET", "/metrics", &[], None).text();
+    assert_eq!(metric(&t, "qnext:prefix_cache_snapshots"), 0.0);
+    assert!(metric(&t, "qnext:prefix_cache_evictions_total") >= 1.0);
+    assert_eq!(cached(), 0);
 }

@@ -89,6 +89,16 @@ impl PrefixCache {
         self.budget
     }
 
+    /// Evicts everything (a router's `/flush_cache`); running sequences keep what they hold
+    /// through their own references. Returns the snapshots dropped.
+    pub fn clear(&mut self) -> usize {
+        let dropped = self.nodes.iter().filter(|n| n.entry.is_some()).count();
+        let evictions = self.stats.evictions + dropped as u64;
+        *self = PrefixCache::new(self.budget);
+        self.stats.evictions = evictions;
+        dropped
+    }
+
     pub fn stats(&self) -> PrefixStats {
         PrefixStats {
             bytes: self.bytes(),

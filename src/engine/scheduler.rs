@@ -146,6 +146,8 @@ enum Cmd {
     },
     Cancel(RequestId),
     Warm(Vec<u32>),
+    /// Empty the prefix cache; the reply says how many snapshots went.
+    FlushPrefixCache(std::sync::mpsc::Sender<usize>),
 }
 
 /// A handle to the scheduler thread; cheap to clone.
@@ -236,6 +238,15 @@ impl Engine {
     /// Stops a request at the next step; its slot is freed.
     pub fn cancel(&self, id: RequestId) {
         let _ = self.tx.send(Cmd::Cancel(id));
+    }
+
+    /// Empties the prefix cache (and forgets conversations queued to be computed ahead);
+    /// what running requests use stays theirs. `None` when the engine has stopped; otherwise
+    /// the snapshots dropped (0 without a prefix cache).
+    pub fn flush_prefix_cache(&self) -> Option<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(Cmd::FlushPrefixCache(tx)).ok()?;
+        rx.recv().ok()
     }
 
     /// Asks for the state after `tokens` (a conversation as its next request will begin) to
@@ -384,6 +395,11 @@ impl Scheduler {
                     self.warming.pop_front();
                 }
                 self.warming.push_back(tokens);
+            }
+            Cmd::FlushPrefixCache(reply) => {
+                self.warming.clear();
+                let dropped = self.prefix.as_mut().map_or(0, PrefixCache::clear);
+                let _ = reply.send(dropped);
             }
         }
     }

@@ -202,6 +202,25 @@ impl Layer {
     }
 }
 
+/// config.json's layer count against the layers the checkpoint holds, before anything is
+/// allocated per layer (a config that claims a billion layers is an error, not an abort).
+fn check_layer_count(cfg: &Config, ck: &Checkpoint) -> Result<()> {
+    let layers = ck
+        .names()
+        .filter_map(|n| n.strip_prefix("model.layers."))
+        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |l| l + 1);
+    if layers != cfg.num_hidden_layers {
+        bail!(
+            "field `num_hidden_layers` of config.json is {}, but the checkpoint in {} has {layers} layers",
+            cfg.num_hidden_layers,
+            ck.dir.display()
+        );
+    }
+    Ok(())
+}
+
 impl Model {
     /// Loads `dir/config.json` and the weights of `dir`.
     pub fn load(dir: &Path) -> Result<Model> {
@@ -224,6 +243,7 @@ impl Model {
     }
 
     pub fn from_checkpoint(cfg: Config, ck: &Checkpoint) -> Result<Model> {
+        check_layer_count(&cfg, ck)?;
         let h = cfg.hidden_size;
         let fp8 = cfg.quantization.as_ref();
         let embed = Matrix::load(ck, "model.embed_tokens.weight", cfg.vocab_size, h, fp8)?;

@@ -23,7 +23,7 @@ const MAX_PROMPTS: usize = 128;
 const MAX_CHOICES: usize = 256;
 
 /// The prompts of a request, as token ids, with the parameter name each came from.
-fn prompts(st: &AppState, body: &Body) -> ApiResult<Vec<(Vec<u32>, String)>> {
+pub(super) fn prompts(st: &AppState, body: &Body) -> ApiResult<Vec<(Vec<u32>, String)>> {
     let v = body
         .get("prompt")
         .ok_or_else(|| ApiError::missing("prompt"))?;

@@ -97,7 +97,6 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     );
     let load = |a: &AtomicUsize| a.load(Ordering::Relaxed) as i64;
     let count = |a: &AtomicU64| ConstCounter::new(a.load(Ordering::Relaxed));
-    let max = st.engine.config.max_num_seqs;
     let free = s.free_slots.load(Ordering::Relaxed);
     let gauges: [(&str, &str, i64); 6] = [
         (
@@ -134,15 +133,42 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     for (name, help, v) in gauges {
         reg.register(format!("qnext:{name}"), help, ConstGauge::new(v));
     }
-    let usage = match st.engine.config.kv_cache_memory {
-        Some(b) => s.kv_reserved.load(Ordering::Relaxed) as f64 / b.max(1) as f64,
-        None => max.saturating_sub(free) as f64 / max.max(1) as f64,
-    };
+    let usage = kv_usage(&st);
     reg.register(
         "qnext:kv_cache_usage_perc",
         "Fraction of the K/V budget the running sequences reserved (of the slots in use, \
          without a budget; 1 = all)",
         ConstGauge::new(usage),
+    );
+    // The names endpoint pickers read (smg, the Gateway API Inference Extension, llm-d):
+    // vLLM's, with the same meaning as ours above.
+    reg.register(
+        "vllm:num_requests_running",
+        "Number of requests in the running batch (= qnext:num_requests_running)",
+        ConstGauge::new(load(&s.running)),
+    );
+    reg.register(
+        "vllm:num_requests_waiting",
+        "Number of requests waiting for a slot (= qnext:num_requests_waiting)",
+        ConstGauge::new(load(&s.queued)),
+    );
+    reg.register(
+        "vllm:kv_cache_usage_perc",
+        "Fraction of the K/V budget in use (= qnext:kv_cache_usage_perc)",
+        ConstGauge::new(usage),
+    );
+    let (queries, hits) = (
+        s.prefix_queries.load(Ordering::Relaxed),
+        s.prefix_hits.load(Ordering::Relaxed),
+    );
+    reg.register(
+        "vllm:gpu_prefix_cache_hit_rate",
+        "Share of prompt tokens found in the prefix cache so far (0 before the first query)",
+        ConstGauge::new(if queries == 0 {
+            0.0
+        } else {
+            hits as f64 / queries as f64
+        }),
     );
     let counters = [
         (
@@ -266,6 +292,20 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         out,
     )
         .into_response()
+}
+
+/// The share of the K/V budget the running sequences reserved; without a budget, of the
+/// sequence slots in use.
+pub fn kv_usage(st: &AppState) -> f64 {
+    let s = &st.engine.stats;
+    let max = st.engine.config.max_num_seqs;
+    match st.engine.config.kv_cache_memory {
+        Some(b) => s.kv_reserved.load(Ordering::Relaxed) as f64 / b.max(1) as f64,
+        None => {
+            let free = s.free_slots.load(Ordering::Relaxed);
+            max.saturating_sub(free) as f64 / max.max(1) as f64
+        }
+    }
 }
 
 /// vLLM's `/tokenize`: a `prompt`, or chat `messages` rendered through the chat template.

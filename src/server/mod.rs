@@ -16,6 +16,7 @@ pub mod generate;
 pub mod hub;
 mod misc;
 pub mod params;
+mod router_api;
 mod sse;
 
 use std::net::SocketAddr;
@@ -185,6 +186,15 @@ pub struct ServerMetrics {
     pub errors: AtomicU64,
     /// Whole-request latency of completed generation requests.
     pub e2e: Histogram,
+    /// Generation throughput as `/v1/loads` last measured it.
+    pub throughput: std::sync::Mutex<Throughput>,
+}
+
+/// The generated-token count at the last `/v1/loads` call, and the rate since the one before.
+#[derive(Default)]
+pub struct Throughput {
+    pub last: Option<(std::time::Instant, u64)>,
+    pub rate: f64,
 }
 
 impl ServerMetrics {
@@ -609,6 +619,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/version", get(misc::version))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
+        .route("/v1/chat/completions/render", post(router_api::render_chat))
+        .route(
+            "/v1/completions/render",
+            post(router_api::render_completions),
+        )
+        .route("/get_load", get(router_api::get_load))
+        .route("/v1/loads", get(router_api::loads))
+        .route("/loads", get(router_api::loads))
+        .route("/flush_cache", post(router_api::flush_cache))
+        .route("/reset_prefix_cache", post(router_api::flush_cache))
+        .route("/get_model_info", get(router_api::model_info))
+        .route("/get_server_info", get(router_api::server_info))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -616,10 +638,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// `/v1/*` needs the API key when one is set (as vLLM: health and metrics stay open).
+/// Paths open without the API key: health, version and the read-only load reports that
+/// monitors and routers poll. Everything else, `/tokenize` and `/flush_cache` included,
+/// needs the key when one is set.
+const OPEN_PATHS: [&str; 8] = [
+    "/health",
+    "/metrics",
+    "/version",
+    "/get_load",
+    "/loads",
+    "/v1/loads",
+    "/get_model_info",
+    "/get_server_info",
+];
+
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
-        if req.uri().path().starts_with("/v1") {
+        if !OPEN_PATHS.contains(&req.uri().path()) {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)

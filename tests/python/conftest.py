@@ -39,12 +39,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str, model: pathlib.Path | None = FIXTURE):
-        self.port = free_port()
+    def __init__(self, *extra: str, model: pathlib.Path | None = FIXTURE, port: int | None = None,
+                 api_key: bool = True):
+        self.port = port or free_port()
         args = [
             str(qnext_binary()), "serve", *([str(model)] if model else []),
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--served-model-name", MODEL, "--api-key", API_KEY,
+            "--served-model-name", MODEL, *(["--api-key", API_KEY] if api_key else []),
             "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4", *extra,
         ]
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)

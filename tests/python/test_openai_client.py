@@ -14,7 +14,8 @@ HI = [{"role": "user", "content": "Hello, who are you?"}]
 
 def post(server, path, body):
     req = urllib.request.Request(
-        server.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        server.base + path, data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
