@@ -24,8 +24,15 @@ fn qnext() -> Command {
 
 /// Starts the program and waits for its listening line.
 fn spawn(cmd: &mut Command) -> (Child, SocketAddr) {
+    let (child, addr, _) = spawn_with_log(cmd);
+    (child, addr)
+}
+
+/// [`spawn`], also returning what the server printed before it listened.
+fn spawn_with_log(cmd: &mut Command) -> (Child, SocketAddr, String) {
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
     let addr = loop {
         let line = lines
             .next()
@@ -34,10 +41,12 @@ fn spawn(cmd: &mut Command) -> (Child, SocketAddr) {
         if let Some(rest) = line.split("listening on http://").nth(1) {
             break rest.trim().parse().unwrap();
         }
+        log.push_str(&line);
+        log.push('\n');
     };
     // Keep draining stderr so the child never blocks on it.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, addr, log)
 }
 
 fn terminate(mut child: Child) {
@@ -186,6 +195,66 @@ fn a_model_that_cannot_be_had_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-model-len"));
+}
+
+#[test]
+fn an_empty_api_key_is_refused() {
+    let out = qnext()
+        .args([
+            "serve",
+            fixture("qwen-vocab").to_str().unwrap(),
+            "--port",
+            "0",
+            "--api-key",
+            "",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-key is empty"));
+}
+
+/// A checkpoint whose chat template does not compile: the server says so at start-up, chat
+/// requests get a 500 that says it is the server's template (not the client's request), and
+/// completions keep working.
+#[test]
+fn a_broken_chat_template_is_the_servers_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    std::fs::create_dir(&dir).unwrap();
+    for f in std::fs::read_dir(fixture("qwen-vocab")).unwrap() {
+        let f = f.unwrap().path();
+        std::os::unix::fs::symlink(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "{% if messages %}unclosed").unwrap();
+    let mut cmd = qnext();
+    cmd.args([
+        "serve",
+        dir.to_str().unwrap(),
+        "--port",
+        "0",
+        "--max-model-len",
+        "256",
+    ]);
+    let (child, addr, log) = spawn_with_log(&mut cmd);
+    assert!(
+        log.contains("warning") && log.contains("chat_template.jinja"),
+        "{log}"
+    );
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let e = post(addr, "/v1/chat/completions", &chat).error(500);
+    assert!(
+        e["message"].as_str().unwrap().contains("chat template"),
+        "{e}"
+    );
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    terminate(child);
 }
 
 fn reasoning_of(r: &Value) -> (Value, Value) {

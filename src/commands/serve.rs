@@ -32,7 +32,7 @@ pub struct Args {
     /// Model name(s) clients use in `model` (default: MODEL as given).
     #[arg(long, num_args = 1..)]
     served_model_name: Vec<String>,
-    /// Require `Authorization: Bearer KEY` on /v1/*.
+    /// Require `Authorization: Bearer KEY` (all but health, metrics, version and load reports).
     #[arg(long)]
     api_key: Option<String>,
     /// Prompt + output tokens of one request at most (default: the model's context length).
@@ -159,6 +159,11 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             (dir.display().to_string(), names)
         }
     };
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        anyhow::bail!(
+            "--api-key is empty: no client could send it; give a key or leave the flag out"
+        );
+    }
     let cfg = ServerConfig {
         speculative_tokens,
         model,

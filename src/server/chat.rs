@@ -40,13 +40,23 @@ pub struct NextTurn {
 
 /// Checks and normalises `messages` and `tools` as vLLM does, and renders the chat template.
 pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
-    let template = st.template.as_ref().map_err(|why| {
-        ApiError::invalid(
-            "messages",
-            format!(
-                "this model has no chat template ({why}); start the server with --chat-template"
-            ),
-        )
+    let template = st.template.as_ref().map_err(|e| {
+        if e.broken {
+            ApiError::internal(format!(
+                "the server's chat template does not load ({}); its operator must fix it or \
+                 start the server with --chat-template",
+                e.why
+            ))
+        } else {
+            ApiError::invalid(
+                "messages",
+                format!(
+                    "this model has no chat template ({}); start the server with --chat-template, \
+                     or send /v1/completions",
+                    e.why
+                ),
+            )
+        }
     })?;
     let messages = normalize_messages(body.get("messages"))?;
     let tools = match body.get("tools") {

@@ -213,7 +213,7 @@ pub struct AppState {
     pub engine: Engine,
     pub tokenizer: Arc<Tokenizer>,
     /// `Err`: why there is no chat template (reported by the chat endpoint).
-    pub template: std::result::Result<ChatTemplate, String>,
+    pub template: std::result::Result<ChatTemplate, NoTemplate>,
     pub token_text: TokenText,
     pub served_names: Vec<String>,
     pub model_dir: PathBuf,
@@ -285,14 +285,39 @@ fn memory_plan(model: &Model, e: &EngineConfig) -> String {
     )
 }
 
+/// Why chat is unavailable: the checkpoint has no template (the client should send
+/// completions instead: 400), or has one that does not load (the server's fault: 500).
+pub struct NoTemplate {
+    pub why: String,
+    pub broken: bool,
+}
+
+impl NoTemplate {
+    fn of(e: &anyhow::Error) -> NoTemplate {
+        let why = format!("{e:#}");
+        // `ChatTemplate::from_checkpoint_dir`'s two ways of saying "there is none".
+        let absent = why.contains("no chat template in") || why.contains("no chat_template field");
+        NoTemplate {
+            why,
+            broken: !absent,
+        }
+    }
+}
+
 impl AppState {
     /// Loads the checkpoint of `dir` and starts the engine.
     pub fn load(cfg: &ServerConfig, dir: PathBuf) -> Result<AppState> {
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
         let template = match &cfg.chat_template {
             Some(f) => Ok(ChatTemplate::from_file(f)?),
-            None => ChatTemplate::from_checkpoint_dir(&dir).map_err(|e| format!("{e:#}")),
+            None => ChatTemplate::from_checkpoint_dir(&dir).map_err(|e| NoTemplate::of(&e)),
         };
+        if let Err(e) = &template {
+            eprintln!(
+                "warning: {}; chat requests will be refused (start with --chat-template FILE)",
+                e.why
+            );
+        }
         let gen = GenerationConfig::from_dir(&dir)?;
         let mut model = Model::load_overridden(&dir, cfg.load_mode, &cfg.overrides)?;
         model.precision = cfg.precision;
