@@ -967,3 +967,52 @@ fn flush_cache_empties_the_prefix_cache() {
     assert!(metric(&t, "qnext:prefix_cache_evictions_total") >= 1.0);
     assert_eq!(cached(), 0);
 }
+
+/// Work a request may ask for is bounded before it is done: each limit is a 400 naming the
+/// parameter, and text that cannot fit the context is refused before it is tokenized.
+#[test]
+fn request_limits_are_named() {
+    let a = addr();
+    let one = |extra: Value| {
+        let mut body = json!({"messages": user("hi"), "max_tokens": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", &body).error(400)
+    };
+    let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    assert_eq!(one(json!({"stop": stops}))["param"], "stop");
+    assert_eq!(one(json!({"stop": ["x".repeat(513)]}))["param"], "stop[0]");
+    let bias: serde_json::Map<String, Value> =
+        (0..1025).map(|i| (i.to_string(), json!(1))).collect();
+    assert_eq!(one(json!({"logit_bias": bias}))["param"], "logit_bias");
+    let tool = json!({"type": "function", "function": {"name": "f", "parameters": {}}});
+    assert_eq!(one(json!({"tools": vec![tool; 129]}))["param"], "tools");
+    let many = vec![json!({"role": "user", "content": "a"}); 8193];
+    assert_eq!(one(json!({"messages": many}))["param"], "messages");
+
+    // 2048 tokens of context hold at most 2048 × the longest token's text: more is refused
+    // untokenized, as a message, a prompt, or for /tokenize.
+    let huge = "word ".repeat(200_000);
+    let e = one(json!({"messages": user(&huge)}));
+    assert_eq!(e["param"], "messages");
+    assert!(e["message"].as_str().unwrap().contains("bytes"), "{e}");
+    let e = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": huge, "max_tokens": 1}),
+    )
+    .error(400);
+    assert_eq!(e["param"], "prompt");
+    let e = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": ["hi", huge], "max_tokens": 1}),
+    )
+    .error(400);
+    assert_eq!(e["param"], "prompt[1]");
+    let e = post(a, "/tokenize", &json!({"prompt": huge})).error(400);
+    assert_eq!(e["param"], "prompt");
+    // Still serving.
+    chat(json!({"messages": user("hi"), "max_tokens": 1}));
+}

@@ -399,6 +399,8 @@ impl Scheduler {
             Cmd::FlushPrefixCache(reply) => {
                 self.warming.clear();
                 let dropped = self.prefix.as_mut().map_or(0, PrefixCache::clear);
+                // Published before the reply, so that whoever asked sees it in the stats.
+                self.publish();
                 let _ = reply.send(dropped);
             }
         }

@@ -21,6 +21,10 @@ use crate::text::tool_calls::ParsedOutput;
 use crate::text::{parse_output, OutputDelta, OutputParsers, OutputStream, ToolCallIds};
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+/// Messages per request: each is a pass of the template's loop, however short.
+const MAX_MESSAGES: usize = 8192;
+/// Tools per request (OpenAI's limit).
+const MAX_TOOLS: usize = 128;
 
 /// A rendered chat prompt and the output parsers that apply to the request.
 pub struct Rendered {
@@ -58,6 +62,12 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
             )
         }
     })?;
+    if let Some(m) = body.get("messages") {
+        st.check_text_bytes(params::text_bytes(m), "messages")?;
+    }
+    if let Some(t) = body.get("tools") {
+        st.check_text_bytes(params::text_bytes(t), "tools")?;
+    }
     let messages = normalize_messages(body.get("messages"))?;
     let tools = match body.get("tools") {
         None => None,
@@ -266,6 +276,15 @@ fn normalize_messages(v: Option<&Value>) -> ApiResult<Vec<Value>> {
             "'messages' must not be empty",
         ));
     }
+    if items.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "'messages' has {} messages; at most {MAX_MESSAGES}",
+                items.len()
+            ),
+        ));
+    }
     items
         .iter()
         .enumerate()
@@ -408,6 +427,12 @@ fn check_tools(v: &Value) -> ApiResult<Vec<Value>> {
     let items = v
         .as_array()
         .ok_or_else(|| ApiError::wrong_type("tools", "an array of tools", v))?;
+    if items.len() > MAX_TOOLS {
+        return Err(ApiError::invalid(
+            "tools",
+            format!("'tools' has {} tools; at most {MAX_TOOLS}", items.len()),
+        ));
+    }
     for (i, t) in items.iter().enumerate() {
         let at = format!("tools[{i}]");
         let obj = t

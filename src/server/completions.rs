@@ -27,6 +27,9 @@ pub(super) fn prompts(st: &AppState, body: &Body) -> ApiResult<Vec<(Vec<u32>, St
     let v = body
         .get("prompt")
         .ok_or_else(|| ApiError::missing("prompt"))?;
+    if let Value::String(s) = v {
+        st.check_text_bytes(s.len(), "prompt")?;
+    }
     let add_special = body.bool("add_special_tokens")?.unwrap_or(true);
     let ids = |v: &[Value], name: &str| -> ApiResult<Vec<u32>> {
         v.iter()
@@ -53,7 +56,10 @@ pub(super) fn prompts(st: &AppState, body: &Body) -> ApiResult<Vec<(Vec<u32>, St
             for (i, item) in items.iter().enumerate() {
                 let name = format!("prompt[{i}]");
                 let toks = match item {
-                    Value::String(s) => misc::encode(st, s, add_special, &name)?,
+                    Value::String(s) => {
+                        st.check_text_bytes(s.len(), &name)?;
+                        misc::encode(st, s, add_special, &name)?
+                    }
                     Value::Array(t) => ids(t, &name)?,
                     other => {
                         return Err(ApiError::wrong_type(

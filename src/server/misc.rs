@@ -331,6 +331,7 @@ fn tokenize_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResu
         let text = v
             .as_str()
             .ok_or_else(|| ApiError::wrong_type("prompt", "a string", v))?;
+        st.check_text_bytes(text.len(), "prompt")?;
         encode(st, text, add_special, "prompt")?
     } else {
         return Err(ApiError::missing("prompt"));

@@ -218,6 +218,9 @@ pub struct AppState {
     pub served_names: Vec<String>,
     pub model_dir: PathBuf,
     pub max_model_len: usize,
+    /// More text than this cannot fit in `max_model_len` tokens (the tokenizer's longest
+    /// token times the context): requests beyond it are refused before they are tokenized.
+    pub max_prompt_bytes: usize,
     pub vocab_size: usize,
     /// EOS ids of generation_config.json, config.json and the tokenizer's eos_token.
     pub eos_token_ids: Vec<u32>,
@@ -386,6 +389,7 @@ impl AppState {
         } else {
             cfg.served_model_name.clone()
         };
+        let max_prompt_bytes = max_model_len.saturating_mul(tokenizer.max_token_bytes());
         Ok(AppState {
             engine,
             token_text: TokenText::new(&tokenizer),
@@ -394,6 +398,7 @@ impl AppState {
             served_names,
             model_dir: dir,
             max_model_len,
+            max_prompt_bytes,
             vocab_size,
             eos_token_ids: eos,
             default_sampling,
@@ -412,6 +417,22 @@ impl AppState {
     }
 
     /// Checks the request's `model` (optional, as in vLLM) against the served names.
+    /// Refuses, before tokenizing, a `param` whose text (`bytes`, all its strings together)
+    /// could not fit in the context whatever its tokens.
+    pub fn check_text_bytes(&self, bytes: usize, param: &str) -> error::ApiResult<()> {
+        if bytes > self.max_prompt_bytes {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "'{param}' holds {bytes} bytes of text, more than {} tokens of context can hold \
+                     (at most {} bytes); shorten it",
+                    self.max_model_len, self.max_prompt_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn check_model(&self, body: &params::Body) -> error::ApiResult<()> {
         match body.str("model")? {
             None => Ok(()),

@@ -14,6 +14,13 @@ use crate::sampling::SamplingParams;
 
 /// Most choices per request (OpenAI's limit).
 pub const MAX_N: usize = 128;
+/// `stop` strings per request, and bytes per string: each is matched against the text of
+/// every generated token, so their number and length bound the work per token. (OpenAI takes
+/// 4; some clients written for vLLM send a dozen.)
+pub const MAX_STOP: usize = 16;
+pub const MAX_STOP_BYTES: usize = 512;
+/// `logit_bias` entries per request (each is applied at every sampling step).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
 /// Most log-probabilities per token (OpenAI's and vLLM's default limit).
 pub const MAX_LOGPROBS: usize = 20;
 /// Largest |logit_bias| (OpenAI's range); larger values are clamped, as vLLM does.
@@ -338,11 +345,26 @@ fn stop_strings(body: &Body) -> ApiResult<Vec<String>> {
             ))
         }
     };
+    if list.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("'stop' has {} strings; at most {MAX_STOP}", list.len()),
+        ));
+    }
     let mut out = Vec::new();
     for (name, item) in list {
         let s = item
             .as_str()
             .ok_or_else(|| ApiError::wrong_type(&name, "a string", item))?;
+        if s.len() > MAX_STOP_BYTES {
+            return Err(ApiError::invalid(
+                name.clone(),
+                format!(
+                    "'{name}' is {} bytes long; at most {MAX_STOP_BYTES}",
+                    s.len()
+                ),
+            ));
+        }
         if s.is_empty() {
             return Err(ApiError::invalid(
                 name.clone(),
@@ -362,6 +384,15 @@ fn logit_bias(body: &Body, vocab: usize) -> ApiResult<Vec<(u32, f32)>> {
     let obj = v.as_object().ok_or_else(|| {
         ApiError::wrong_type("logit_bias", "an object mapping token ids to biases", v)
     })?;
+    if obj.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "'logit_bias' has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES}",
+                obj.len()
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(obj.len());
     for (k, b) in obj {
         let name = format!("logit_bias[{k}]");
@@ -393,4 +424,15 @@ pub fn token_id(v: &Value, name: &str, vocab: usize) -> ApiResult<u32> {
         ));
     }
     Ok(i as u32)
+}
+
+/// Bytes of all the strings in `v` (object keys aside): a lower bound on the text a prompt
+/// made from it holds.
+pub fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(text_bytes).sum(),
+        Value::Object(o) => o.values().map(text_bytes).sum(),
+        _ => 0,
+    }
 }

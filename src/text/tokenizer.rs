@@ -63,6 +63,19 @@ impl Tokenizer {
 
     /// Number of ids the tokenizer knows, added tokens included (151,669 for Qwen). The model's
     /// embedding/lm_head may be larger (151,936): the extra rows are padding and never decode.
+    /// The most UTF-8 bytes of text one token can stand for, bounded from above (a byte-level
+    /// token's text is its bytes as printable characters, of up to 2 UTF-8 bytes each): so a
+    /// text of more than `n × max_token_bytes()` bytes never fits in `n` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(4)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
