@@ -68,7 +68,11 @@ def wait_until(what, check, timeout):
     raise AssertionError(f"{what}: not within {timeout} s (last error: {last})")
 
 
-def client(base, timeout=120):
+# Bounds for a debug build of qnext (CI), several times slower than a release one.
+SLOW = 300
+
+
+def client(base, timeout=SLOW):
     return openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=timeout)
 
 
@@ -151,7 +155,9 @@ def test_replicas_behind_a_router(name, reference):
     try:
         c = client(base)
         # Registered and routing: a request goes through (smg registers workers in the background).
-        wait_until(f"{name} routes a request", lambda: ask(client(base, 10), [{"role": "user", "content": "Hi"}]), 60)
+        hi = [{"role": "user", "content": "Hi"}]
+        wait_until(f"{name} routes a request",
+                   lambda: client(base, 60).chat.completions.create(model=MODEL, messages=hi, max_tokens=2), 120)
         time.sleep(2)  # every worker registered and found healthy
 
         # Concurrent conversations, answers as a single server gives them.
@@ -170,7 +176,7 @@ def test_replicas_behind_a_router(name, reference):
         victim = max(range(3), key=lambda i: served[i])
         def long_turn(q):
             try:
-                return converse(client(base, 60), q[:1])[0][0]
+                return converse(client(base), q[:1])[0][0]
             except Exception as e:  # a clean error from the router, not a hang
                 return e
         with cf.ThreadPoolExecutor(len(CONVERSATIONS)) as ex:
@@ -178,14 +184,14 @@ def test_replicas_behind_a_router(name, reference):
             time.sleep(0.5)
             reps.servers[victim].proc.kill()
             reps.servers[victim].proc.wait()
-            done, pending = cf.wait(futures, timeout=90)
+            done, pending = cf.wait(futures, timeout=SLOW)
         assert not pending, "a request hung after its replica was killed"
 
         # The router stops sending to it: every conversation goes on, with the same answers
         # (a request may fail until the router has seen the replica fail its health checks).
         def all_answer():
-            return all(converse(client(base, 60), q)[0] == want for q, want in zip(CONVERSATIONS, reference))
-        wait_until("conversations after the kill", all_answer, 60)
+            return all(converse(client(base), q)[0] == want for q, want in zip(CONVERSATIONS, reference))
+        wait_until("conversations after the kill", all_answer, SLOW)
         survivors = [u for i, u in enumerate(reps.urls) if i != victim]
         before = sum(metric(u, "qnext:request_total") for u in survivors)
         assert converse(c, CONVERSATIONS[0])[0] == reference[0]
@@ -197,7 +203,8 @@ def test_replicas_behind_a_router(name, reference):
         for i in range(3):
             if i != victim:
                 reps.servers[i].stop()
-        wait_until("the restarted replica serves", lambda: converse(client(base, 60), CONVERSATIONS[1])[0] == reference[1], 60)
+        wait_until("the restarted replica serves",
+                   lambda: converse(client(base), CONVERSATIONS[1])[0] == reference[1], SLOW)
         assert metric(reps.urls[victim], "qnext:request_total") >= 1
     finally:
         router.terminate()
