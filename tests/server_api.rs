@@ -1016,3 +1016,60 @@ fn request_limits_are_named() {
     // Still serving.
     chat(json!({"messages": user("hi"), "max_tokens": 1}));
 }
+
+/// A reply with no text says `"content": ""` (not null), as the stream and OpenAI do.
+#[test]
+fn a_reply_without_text_has_empty_content() {
+    let a = addr();
+    let id = post(
+        a,
+        "/tokenize",
+        &json!({"prompt": "Hello", "add_special_tokens": false}),
+    )
+    .json()["tokens"][0]
+        .clone();
+    let bias = json!({ id.to_string(): 100 });
+    let r = chat(
+        json!({"messages": user("hi"), "max_tokens": 3, "logit_bias": bias,
+                        "stop": ["Hello"], "temperature": 0}),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r["choices"][0]["message"]["content"], "");
+}
+
+/// A client that goes away mid-stream is counted as an `abort` in the finish reasons.
+#[test]
+fn a_client_that_hangs_up_counts_as_abort() {
+    use std::io::{Read, Write};
+    let server = start(|c| c.api_key = Some(KEY.into()));
+    let a = server.addr();
+    let aborts = || {
+        let t = request(a, "GET", "/metrics", &[], None).text();
+        t.lines()
+            .find(|l| l.starts_with("qnext:request_success_total") && l.contains("\"abort\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = aborts();
+    let body = json!({"messages": user("Tell me a long story."), "max_tokens": 400,
+                      "stream": true, "ignore_eos": true})
+    .to_string();
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(n > 0);
+    drop(s);
+    let t0 = std::time::Instant::now();
+    while aborts() < before + 1.0 {
+        assert!(t0.elapsed().as_secs() < 20, "the hang-up was not counted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -244,7 +244,16 @@ fn warm_next_turn(st: &AppState, next: &NextTurn, answer: Value) {
 fn assistant_message(parsed: &ParsedOutput, reasoning: bool) -> Map<String, Value> {
     let mut message = Map::new();
     message.insert("role".into(), json!("assistant"));
-    message.insert("content".into(), json!(parsed.content));
+    // No text at all is "" (as OpenAI and vLLM answer, and as the stream's first chunk
+    // says); null only beside tool calls, or after reasoning that used the whole budget.
+    let nothing =
+        parsed.tool_calls.is_empty() && parsed.reasoning.as_deref().is_none_or(str::is_empty);
+    let content = match &parsed.content {
+        Some(c) => json!(c),
+        None if nothing => json!(""),
+        None => Value::Null,
+    };
+    message.insert("content".into(), content);
     if reasoning {
         message.insert("reasoning_content".into(), json!(parsed.reasoning));
     }
@@ -562,6 +571,8 @@ async fn run(
     }
 }
 
+/// One HTTP request's choices; dropped when it ends, including when the client goes away
+/// first (the handler or the stream loop is dropped then), which counts what was unfinished.
 struct Job {
     st: Arc<AppState>,
     id: String,
@@ -573,6 +584,12 @@ struct Job {
     choices: Vec<Choice>,
     want_logprobs: bool,
     t0: Instant,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.st.metrics.count_unfinished(&self.choices);
+    }
 }
 
 fn logprobs_json(st: &AppState, entries: &[TokenLogprob]) -> Value {

@@ -218,6 +218,12 @@ struct Job {
     t0: Instant,
 }
 
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.st.metrics.count_unfinished(&self.choices);
+    }
+}
+
 /// The legacy completions form: parallel lists, `top_logprobs` as token → logprob maps, and
 /// `text_offset` the running length (in characters) of the token strings before each token.
 fn logprobs_json(st: &AppState, entries: &[TokenLogprob], offset: &mut usize) -> Value {

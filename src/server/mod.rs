@@ -206,6 +206,13 @@ impl ServerMetrics {
         };
         self.finished[i].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts choices that never finished (their client went away) as `abort`.
+    fn count_unfinished(&self, choices: &[generate::Choice]) {
+        for _ in choices.iter().filter(|c| c.finish.is_none()) {
+            self.count_finish("abort");
+        }
+    }
 }
 
 /// Everything a request handler needs; shared by all requests.
