@@ -12,16 +12,8 @@ pub struct Args {
     /// The two checkpoint folders: --model A --model B. B is measured against A.
     #[arg(long = "model", num_args = 1, required = true)]
     models: Vec<PathBuf>,
-    /// JSON array of token ids.
-    #[arg(
-        long,
-        conflicts_with = "text_file",
-        required_unless_present = "text_file"
-    )]
-    ids_file: Option<PathBuf>,
-    /// UTF-8 text, tokenized with A's tokenizer.json.
-    #[arg(long)]
-    text_file: Option<PathBuf>,
+    #[command(flatten)]
+    tokens: super::score::TokensArg,
     /// Only the first N tokens of the text.
     #[arg(long)]
     max_tokens: Option<usize>,
@@ -67,8 +59,7 @@ pub fn main(args: Args, verbose: bool) -> Result<()> {
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
-    let mut ids =
-        super::score::read_tokens(&a_dir, args.ids_file.as_ref(), args.text_file.as_ref())?;
+    let mut ids = args.tokens.read(&a_dir)?;
     ids.truncate(args.max_tokens.unwrap_or(usize::MAX));
     let (a_bytes, b_bytes) = (weight_file_bytes(&a_dir), weight_file_bytes(&b_dir));
     let available = qnext::procfs::kb_field("/proc/meminfo", "MemAvailable:");

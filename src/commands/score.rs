@@ -12,16 +12,8 @@ pub struct Args {
     model: Option<PathBuf>,
     #[arg(skip)]
     dir: PathBuf,
-    /// JSON array of token ids.
-    #[arg(
-        long,
-        conflicts_with = "text_file",
-        required_unless_present = "text_file"
-    )]
-    ids_file: Option<PathBuf>,
-    /// UTF-8 text, tokenized with the checkpoint's tokenizer.json.
-    #[arg(long)]
-    text_file: Option<PathBuf>,
+    #[command(flatten)]
+    tokens: TokensArg,
     /// How tokens are fed: all at once, one at a time, or in chunks of N.
     #[arg(long, default_value = "all")]
     feed: Feed,
@@ -30,6 +22,28 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     precision: super::PrecisionArg,
+}
+
+/// `--ids-file` or `--text-file`: the tokens `score` and `compare` read.
+#[derive(clap::Args)]
+pub struct TokensArg {
+    /// JSON array of token ids.
+    #[arg(
+        long,
+        conflicts_with = "text_file",
+        required_unless_present = "text_file"
+    )]
+    ids_file: Option<PathBuf>,
+    /// UTF-8 text, tokenized with the (first) checkpoint's tokenizer.json.
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+}
+
+impl TokensArg {
+    /// The token ids, the text tokenized with `dir`'s tokenizer.json.
+    pub fn read(&self, dir: &Path) -> Result<Vec<u32>> {
+        read_tokens(dir, self.ids_file.as_ref(), self.text_file.as_ref())
+    }
 }
 
 fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
@@ -52,7 +66,7 @@ fn read_ids(path: &PathBuf) -> Result<Vec<u32>> {
 }
 
 /// The token ids of `--ids-file`, or of `--text-file` tokenized with `dir`'s tokenizer.json.
-pub fn read_tokens(
+fn read_tokens(
     dir: &Path,
     ids_file: Option<&PathBuf>,
     text_file: Option<&PathBuf>,
@@ -71,7 +85,7 @@ pub fn read_tokens(
 
 pub fn main(mut args: Args, verbose: bool) -> Result<()> {
     args.dir = super::bundled::model_dir(args.model.take())?;
-    let ids = read_tokens(&args.dir, args.ids_file.as_ref(), args.text_file.as_ref())?;
+    let ids = args.tokens.read(&args.dir)?;
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
