@@ -313,7 +313,12 @@ pub async fn tokenize(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match tokenize_inner(&st, body) {
+    reply(tokenize_inner(&st, body))
+}
+
+/// A JSON answer, or the error's.
+pub fn reply(r: ApiResult<Value>) -> Response {
+    match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -382,8 +387,5 @@ pub async fn detokenize(
             .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))?;
         Ok(json!({"prompt": text}))
     };
-    match run() {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(run())
 }

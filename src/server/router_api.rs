@@ -15,7 +15,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::{chat, completions, misc, read_body, AppState};
+use super::misc::{self, reply};
+use super::{chat, completions, read_body, AppState};
 
 /// The token ids a chat request's prompt becomes (`POST /v1/chat/completions/render`), as
 /// vLLM renders it: template, tools and all, exactly what generation would be fed. A router
@@ -51,13 +52,6 @@ pub async fn render_completions(
         ))
     };
     reply(run())
-}
-
-fn reply(r: ApiResult<Value>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 fn running(st: &AppState) -> usize {
