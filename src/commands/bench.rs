@@ -246,6 +246,12 @@ pub fn main(mut a: Args, verbose: bool) -> Result<()> {
                 ms / layers as f64
             );
         }
+        for (depth, tokens) in [(8192usize, 256usize), (32768, 256)] {
+            let (ms, us) = qnext::kernels::microbench::attention_prompt(depth, tokens, 5);
+            println!(
+                "attention prompt depth {depth} + {tokens} tokens: {ms:.1} ms per layer, {us:.1} us per token",
+            );
+        }
         if let Some(peak) = qnext::kernels::microbench::bf16_peak() {
             println!("bf16 dot-product peak (registers only): {peak:.0} GFLOP/s");
         }

@@ -55,6 +55,15 @@ pub struct Kv<'a> {
 }
 
 impl Kv<'_> {
+    /// Whether both views read the same stored rows (the same chunk of one sequence).
+    pub fn same_rows(&self, other: &Kv) -> bool {
+        let at = |r: Rows| match r {
+            Rows::F32(d) => (d.as_ptr() as usize, d.len()),
+            Rows::Bf16(d) => (d.as_ptr() as usize, d.len()),
+        };
+        at(self.k) == at(other.k) && at(self.v) == at(other.v) && self.len == other.len
+    }
+
     fn check(&self, q_heads: usize) {
         let w = self.heads * self.hd;
         assert!(self.heads > 0 && q_heads.is_multiple_of(self.heads));
@@ -166,6 +175,193 @@ pub fn attend_chunk(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part) {
     chunk_with(q, kv, range, part, super::isa::bf16_dot());
 }
 
+/// Queries of several tokens, as [`attend_chunk_many`] takes them: the f32 rows, and where
+/// the AMX tile kernel runs, the same rounded to bfloat16 and laid out for its tiles, once for
+/// all the chunks they attend over.
+pub struct Queries<'a> {
+    rows: Vec<&'a [f32]>,
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<(usize, Vec<u16>)>,
+}
+
+impl<'a> Queries<'a> {
+    /// `rows` (`[heads, hd]` each) for caches shaped as `kv`.
+    pub fn new(rows: Vec<&'a [f32]>, kv: Kv) -> Queries<'a> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let tiles = rows
+                .first()
+                .and_then(|q| amx_group(q.len(), kv))
+                .map(|group| {
+                    use super::x86::amx_attention::query_rows;
+                    let (nkv, hd) = (kv.heads, kv.hd);
+                    assert!(rows.iter().all(|q| q.len() == group * nkv * hd));
+                    // SAFETY: `amx_group` checked the tiles (AVX-512 F/BW/BF16 with them) and the
+                    // shape; every row has the first's length (asserted).
+                    let data = unsafe {
+                        match group {
+                            1 => query_rows::<1>(&rows, nkv, hd),
+                            2 => query_rows::<2>(&rows, nkv, hd),
+                            4 => query_rows::<4>(&rows, nkv, hd),
+                            8 => query_rows::<8>(&rows, nkv, hd),
+                            _ => query_rows::<16>(&rows, nkv, hd),
+                        }
+                    };
+                    (group, data)
+                });
+            Queries { rows, tiles }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = kv;
+            Queries { rows }
+        }
+    }
+}
+
+/// [`attend_chunk`] for several tokens over the same chunk: token `t` of `tokens` (query
+/// `qs`' row `t`) over positions `start..ends[t − tokens.start]`, its part handed to
+/// `emit(t − tokens.start, part)` in token order. Each token gets the bits [`attend_chunk`]
+/// gives it alone; the AMX tiles take the tokens four at a time at the model's shape and lay
+/// the chunk's keys and values out once for all of them.
+pub fn attend_chunk_many(
+    qs: &Queries,
+    tokens: Range<usize>,
+    kv: Kv,
+    start: usize,
+    ends: &[usize],
+    emit: &mut dyn FnMut(usize, &Part),
+) {
+    assert!(tokens.len() == ends.len() && tokens.end <= qs.rows.len());
+    let Some(q0) = qs.rows.first() else {
+        return;
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some((group, data)) = &qs.tiles {
+        let group = *group;
+        assert_eq!(
+            amx_group(q0.len(), kv),
+            Some(group),
+            "queries laid out for another cache"
+        );
+        kv.check(group * kv.heads);
+        let (Rows::Bf16(k), Rows::Bf16(v)) = (kv.k, kv.v) else {
+            unreachable!("amx_group takes bfloat16 rows only")
+        };
+        let qn = qs.rows.len() + 16 / group;
+        amx_chunk(group, data, qn, tokens, k, v, kv, start, ends, emit);
+        return;
+    }
+    let mut part = Part::new(q0.len() / kv.hd, kv.hd);
+    for (i, (t, &end)) in tokens.zip(ends).enumerate() {
+        attend_chunk(qs.rows[t], kv, start..end, &mut part);
+        emit(i, &part);
+    }
+}
+
+/// The query heads per KV head, where the AMX tile kernel takes this chunk: the CPU has the
+/// tiles (and `QNEXT_AMX` does not turn them off), rows are bfloat16 and the shape fits.
+#[cfg(target_arch = "x86_64")]
+fn amx_group(q_len: usize, kv: Kv) -> Option<usize> {
+    let heads = q_len / kv.hd.max(1);
+    let group = heads / kv.heads.max(1);
+    (super::isa::amx()
+        && matches!((kv.k, kv.v), (Rows::Bf16(_), Rows::Bf16(_)))
+        && group * kv.heads * kv.hd == q_len
+        && super::x86::amx_attention::supports(group, kv.hd))
+    .then_some(group)
+}
+
+/// The AMX kernel for `group` query heads per KV head.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn amx_chunk(
+    group: usize,
+    qr: &[u16],
+    qn: usize,
+    tokens: Range<usize>,
+    k: &[u16],
+    v: &[u16],
+    kv: Kv,
+    start: usize,
+    ends: &[usize],
+    emit: &mut dyn FnMut(usize, &Part),
+) {
+    use super::x86::amx_attention::chunk;
+    assert!(ends.iter().all(|&e| start < e && e <= kv.len));
+    assert!(tokens.end + 16 / group <= qn && qr.len() >= kv.heads * qn * group * kv.hd);
+    // SAFETY: `amx_group` checked the tiles (`isa::amx()`, which implies AVX-512 F/BW/BF16)
+    // and the shape; `kv.check` the rows; the queries and ranges are asserted above.
+    unsafe {
+        match group {
+            1 => chunk::<1>(qr, qn, tokens, k, v, kv, start, ends, emit),
+            2 => chunk::<2>(qr, qn, tokens, k, v, kv, start, ends, emit),
+            4 => chunk::<4>(qr, qn, tokens, k, v, kv, start, ends, emit),
+            8 => chunk::<8>(qr, qn, tokens, k, v, kv, start, ends, emit),
+            _ => chunk::<16>(qr, qn, tokens, k, v, kv, start, ends, emit),
+        }
+    }
+}
+
+/// Tokens per pass of [`attend_prompt`] over their caches: their running parts (16 KiB each
+/// at the model's shape) stay in L2 while each chunk of the cache is read from memory once
+/// per pass.
+pub const PASS_TOKENS: usize = 64;
+
+/// Prompt tokens `run`: token `i` attends with `q_of(i)` over `kv_of(i)`, and `done(i, part)`
+/// gets its parts folded in chunk order, the bits of [`attend`]. Chunk by chunk for up to
+/// [`PASS_TOKENS`] tokens at a time, those that share a chunk (adjacent tokens of one
+/// sequence) in one [`attend_chunk_many`].
+pub fn attend_prompt<'a>(
+    run: Range<usize>,
+    q_of: &dyn Fn(usize) -> &'a [f32],
+    kv_of: &dyn Fn(usize) -> Paged<'a>,
+    done: &mut dyn FnMut(usize, &Part),
+) {
+    for p0 in run.clone().step_by(PASS_TOKENS) {
+        let pass = p0..(p0 + PASS_TOKENS).min(run.end);
+        let chunks: Vec<Vec<(Kv, Range<usize>)>> = pass
+            .clone()
+            .map(|ti| kv_of(ti).chunks().collect())
+            .collect();
+        let Some(&(first, _)) = chunks.first().and_then(|c| c.first()) else {
+            continue;
+        };
+        let qs = Queries::new(pass.clone().map(q_of).collect(), first);
+        let mut acc: Vec<Part> = Vec::with_capacity(pass.len());
+        let most = chunks.iter().map(Vec::len).max().unwrap_or(0);
+        for c in 0..most {
+            let mut i = 0;
+            while i < chunks.len() {
+                let Some((block, range)) = chunks[i].get(c).cloned() else {
+                    i += 1;
+                    continue;
+                };
+                let mut j = i + 1;
+                while j < chunks.len()
+                    && chunks[j]
+                        .get(c)
+                        .is_some_and(|(b, r)| b.same_rows(&block) && r.start == range.start)
+                {
+                    j += 1;
+                }
+                let ends: Vec<usize> = (i..j).map(|x| chunks[x][c].1.end).collect();
+                attend_chunk_many(&qs, i..j, block, range.start, &ends, &mut |x, part| {
+                    if c == 0 {
+                        acc.push(part.clone());
+                    } else {
+                        acc[i + x].fold(part);
+                    }
+                });
+                i = j;
+            }
+        }
+        for (x, part) in acc.iter().enumerate() {
+            done(pass.start + x, part);
+        }
+    }
+}
+
 /// [`attend_chunk`], with bfloat16 rows taking the bfloat16 dot products where `dots` (and the
 /// CPU has them) and f32 arithmetic otherwise. Returns whether queries and weights were
 /// rounded to bfloat16 (the dot products ran).
@@ -174,6 +370,31 @@ fn chunk_with(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, dots: boo
     kv.check(heads);
     assert!(q.len() == heads * kv.hd && !range.is_empty() && range.end <= kv.len);
     assert!(part.m.len() == heads && part.l.len() == heads && part.o.len() == heads * kv.hd);
+    #[cfg(target_arch = "x86_64")]
+    if dots {
+        if let Some(group) = amx_group(q.len(), kv) {
+            let (Rows::Bf16(k), Rows::Bf16(v)) = (kv.k, kv.v) else {
+                unreachable!("amx_group takes bfloat16 rows only")
+            };
+            let qr = Queries::new(vec![q], kv);
+            let Some((_, data)) = &qr.tiles else {
+                unreachable!("amx_group said the tiles take these queries")
+            };
+            amx_chunk(
+                group,
+                data,
+                1 + 16 / group,
+                0..1,
+                k,
+                v,
+                kv,
+                range.start,
+                &[range.end],
+                &mut |_, p| part.clone_from(p),
+            );
+            return true;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if super::isa::isa() == super::isa::Isa::Avx512 && kv.hd.is_multiple_of(32) {
         use super::x86::attention::{chunk, chunk_bf16, Bf16Rows, F32Rows};
@@ -306,7 +527,8 @@ fn chunk_portable(q: &[f32], kv: Kv, range: Range<usize>, part: &mut Part, round
 #[cfg(test)]
 mod tests {
     use super::{
-        attend, attend_chunk, chunk_portable, chunk_with, chunks, Kv, Paged, Part, Rows, CHUNK,
+        attend, attend_chunk, attend_chunk_many, attend_prompt, chunk_portable, chunk_with, chunks,
+        Kv, Paged, Part, Queries, Rows, CHUNK,
     };
 
     /// [`attend`] over `kv`'s rows stored in blocks, as the cache stores them.
@@ -497,6 +719,139 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Several tokens over one chunk in one call (the prompt path) get the bits each gets
+    /// alone (the decode path): every shape, every chunk, tokens ending anywhere in it, in
+    /// calls of several sizes (odd ones leave a tile's rows unused), rows stored as bfloat16
+    /// and as f32.
+    #[test]
+    fn tokens_together_get_the_bits_they_get_alone() {
+        let mut seed = 0x51ED_2701u64;
+        for (ctx, hd, nkv, group) in SHAPES {
+            let w = nkv * hd;
+            let heads = nkv * group;
+            let (kc, vc, _) = random_case(&mut seed, ctx, w, 0);
+            let (kb, vb) = (bits(&kc), bits(&vc));
+            for (k, v) in [
+                (Rows::Bf16(&kb), Rows::Bf16(&vb)),
+                (Rows::F32(&kc), Rows::F32(&vc)),
+            ] {
+                let kv = Kv {
+                    k,
+                    v,
+                    heads: nkv,
+                    hd,
+                    len: ctx,
+                };
+                for range in chunks(ctx) {
+                    let ends: Vec<usize> = (range.start + 1..=range.end)
+                        .rev()
+                        .step_by(7)
+                        .chain([range.start + 1])
+                        .collect();
+                    let qs: Vec<Vec<f32>> = ends
+                        .iter()
+                        .map(|_| rnd_vec(&mut seed, heads * hd))
+                        .collect();
+                    let q = Queries::new(qs.iter().map(Vec::as_slice).collect(), kv);
+                    for size in [1, 2, 3, 5, ends.len()] {
+                        for at in (0..ends.len()).step_by(size) {
+                            let to = (at + size).min(ends.len());
+                            let mut seen = 0;
+                            attend_chunk_many(
+                                &q,
+                                at..to,
+                                kv,
+                                range.start,
+                                &ends[at..to],
+                                &mut |i, got| {
+                                    let mut want = Part::new(heads, hd);
+                                    attend_chunk(
+                                        &qs[at + i],
+                                        kv,
+                                        range.start..ends[at + i],
+                                        &mut want,
+                                    );
+                                    let same = |a: &[f32], b: &[f32]| {
+                                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                                    };
+                                    assert!(
+                                    same(&got.m, &want.m)
+                                        && same(&got.l, &want.l)
+                                        && same(&got.o, &want.o),
+                                    "ctx {ctx} hd {hd} heads {nkv}x{group} {range:?} end {} in a call of {size}",
+                                    ends[at + i]
+                                );
+                                    assert_eq!(i, seen);
+                                    seen += 1;
+                                },
+                            );
+                            assert_eq!(seen, to - at);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The prompt path (`attend_prompt`: passes of tokens, chunk by chunk, tokens sharing a
+    /// chunk together) gives each token the bits of `attend` (the path of a token alone), for
+    /// more tokens than a pass, two sequences side by side, over the cache's blocks.
+    #[test]
+    fn prompt_path_gives_the_bits_of_one_token_alone() {
+        let mut seed = 0x7F4A_7C15u64;
+        let (hd, nkv, group) = (256, 2, 8);
+        let (w, heads) = (nkv * hd, nkv * group);
+        let lens = [CHUNK * 2 + 45, CHUNK + 3];
+        let cases: Vec<(Vec<u16>, Vec<u16>)> = lens
+            .iter()
+            .map(|&ctx| {
+                let (kc, vc, _) = random_case(&mut seed, ctx, w, 0);
+                (bits(&kc), bits(&vc))
+            })
+            .collect();
+        let kvs: Vec<Kv> = cases
+            .iter()
+            .zip(lens)
+            .map(|((k, v), len)| Kv {
+                k: Rows::Bf16(k),
+                v: Rows::Bf16(v),
+                heads: nkv,
+                hd,
+                len,
+            })
+            .collect();
+        let paged: Vec<Vec<Kv>> = kvs.iter().map(|&kv| blocks(kv)).collect();
+        // The last 70 positions of the first sequence, then the last 20 of the second.
+        let tokens: Vec<(usize, usize)> = (lens[0] - 70..lens[0])
+            .map(|p| (0, p))
+            .chain((lens[1] - 20..lens[1]).map(|p| (1, p)))
+            .collect();
+        let qs: Vec<Vec<f32>> = tokens
+            .iter()
+            .map(|_| rnd_vec(&mut seed, heads * hd))
+            .collect();
+        let kv_of = |ti: usize| Paged {
+            blocks: &paged[tokens[ti].0],
+            len: tokens[ti].1 + 1,
+        };
+        let mut done = vec![false; tokens.len()];
+        let mut want = vec![0.0f32; heads * hd];
+        let mut got = vec![0.0f32; heads * hd];
+        attend_prompt(0..tokens.len(), &|ti| &qs[ti], &kv_of, &mut |ti, part| {
+            attend(&qs[ti], kv_of(ti), &mut want);
+            part.finish(&mut got);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "token {ti} at {:?}",
+                tokens[ti]
+            );
+            done[ti] = true;
+        });
+        assert!(done.iter().all(|&d| d));
     }
 
     /// What the model relies on to split a token's chunks over the pool: each chunk's part

@@ -432,6 +432,65 @@ pub fn attention_decode(depth: usize, layers: usize, rounds: usize) -> (f64, f64
     (s * 1e3, bytes / s / 1e9)
 }
 
+/// Prompt attention at depth, as a prompt chunk runs it (`attend_prompt` on every thread's
+/// run of tokens): `tokens` new tokens after `depth` cached ones, at the model's shape (2 KV
+/// heads of 256, 8 query heads each), over the cache's blocks. Returns the median
+/// milliseconds per layer over `rounds` and the microseconds per token.
+pub fn attention_prompt(depth: usize, tokens: usize, rounds: usize) -> (f64, f64) {
+    use super::attention::{attend_prompt, Kv, Paged, Rows, CHUNK};
+    let (nkv, heads, hd) = (2usize, 16usize, 256usize);
+    let kvw = nkv * hd;
+    let len = depth + tokens;
+    let bf16 = |i: usize| 0x3C00u16 + ((i * 7919) % 251) as u16 - 125;
+    let blocks: Vec<(Vec<u16>, Vec<u16>)> = (0..len.div_ceil(CHUNK))
+        .map(|b| {
+            let n = CHUNK * kvw;
+            (
+                (0..n).map(|i| bf16(i + b * n)).collect(),
+                (0..n).map(|i| bf16(3 * (i + b * n))).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<Kv> = blocks
+        .iter()
+        .map(|(k, v)| Kv {
+            k: Rows::Bf16(k),
+            v: Rows::Bf16(v),
+            heads: nkv,
+            hd,
+            len: CHUNK,
+        })
+        .collect();
+    let q: Vec<f32> = (0..tokens * heads * hd)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.05)
+        .collect();
+    let sink = std::sync::atomic::AtomicU32::new(0);
+    let mut secs: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t0 = Instant::now();
+            super::split::for_each_run(tokens, &|run| {
+                let mut out = vec![0.0f32; heads * hd];
+                attend_prompt(
+                    run,
+                    &|ti| &q[ti * heads * hd..(ti + 1) * heads * hd],
+                    &|ti| Paged {
+                        blocks: &views,
+                        len: depth + ti + 1,
+                    },
+                    &mut |_, part| {
+                        part.finish(&mut out);
+                        sink.fetch_add(out[0].to_bits() & 1, std::sync::atomic::Ordering::Relaxed);
+                    },
+                );
+            });
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    secs.sort_by(f64::total_cmp);
+    let s = secs[secs.len() / 2];
+    (s * 1e3, s * 1e6 / tokens as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use crate::cache::LayerState;
 use crate::checkpoint::{Checkpoint, Matrix};
 use crate::config::{Config, Fp8Config};
 use crate::kernels::activation::sigmoid;
-use crate::kernels::attention::{attend_chunk, Kv, Paged, Part};
+use crate::kernels::attention::{attend_chunk, attend_prompt, Kv, Paged, Part};
 use crate::kernels::matmul::products;
 use crate::kernels::norm::rms_norm_zc;
 use crate::kernels::profile::{time, Kind, Span};
@@ -236,36 +236,16 @@ impl Attention {
                 }
             } else {
                 // Prompt tokens: a thread takes a run of adjacent tokens and goes through
-                // their cache one chunk at a time for all of them, so that a chunk is read
-                // from memory once per run, not once per token (at depth, prefill attention
-                // was bound by those reads). Each token still folds its chunks' parts in
-                // order: the same bits as `attention::attend`.
+                // their cache one chunk at a time for many of them (`attend_prompt`), so that
+                // a chunk is read from memory once per pass, not once per token (at depth,
+                // prefill attention was bound by those reads). Each token still folds its
+                // chunks' parts in order: the same bits as the decode path above.
                 split::for_each_run(t, &|run| {
-                    let chunks: Vec<Vec<(Kv, Range<usize>)>> = run
-                        .clone()
-                        .map(|ti| token_kv[ti].chunks().collect())
-                        .collect();
-                    let mut acc: Vec<Part> = run.clone().map(|_| Part::new(nh, hd)).collect();
-                    let mut next = Part::new(nh, hd);
-                    let most = chunks.iter().map(Vec::len).max().unwrap_or(0);
-                    for c in 0..most {
-                        for ((ti, mine), acc) in run.clone().zip(&chunks).zip(&mut acc) {
-                            let Some((block, range)) = mine.get(c).cloned() else {
-                                continue;
-                            };
-                            if c == 0 {
-                                attend_chunk(q_of(ti), block, range, acc);
-                            } else {
-                                attend_chunk(q_of(ti), block, range, &mut next);
-                                acc.fold(&next);
-                            }
-                        }
-                    }
-                    for (ti, acc) in run.zip(&acc) {
+                    attend_prompt(run, &q_of, &|ti| token_kv[ti], &mut |ti, acc| {
                         let mut out = lock(ti);
                         acc.finish(&mut out);
                         gate(ti, &mut out);
-                    }
+                    });
                 });
             }
         }

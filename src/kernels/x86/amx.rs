@@ -80,7 +80,7 @@ fn request_tile_state() -> bool {
 /// sums (16 rows × 16 tokens of f32), 4–5 weights (16 rows × 32 columns of bfloat16), 6–7
 /// activations (16 column pairs × 16 tokens × 2).
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -88,7 +88,7 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-const CONFIG: TileConfig = TileConfig {
+pub(super) const CONFIG: TileConfig = TileConfig {
     palette: 1,
     start_row: 0,
     reserved: [0; 14],

@@ -1,6 +1,7 @@
 //! x86-64 SIMD kernels, chosen at run time by CPU feature detection.
 
 pub mod amx;
+pub mod amx_attention;
 pub mod attention;
 pub mod avx2dot;
 pub mod avx2gemm;
