@@ -239,7 +239,7 @@ pub fn main(mut a: Args, verbose: bool) -> Result<()> {
                 }
             }
         }
-        for (depth, layers) in [(4096usize, 12usize), (4096, 1)] {
+        for (depth, layers) in [(4096usize, 12usize), (4096, 1), (131072, 1)] {
             let (ms, gbps) = qnext::kernels::microbench::attention_decode(depth, layers, 21);
             println!(
                 "attention decode depth {depth} over {layers:>2} layers' caches: {:.3} ms per layer, {gbps:.1} GB/s of cache",
