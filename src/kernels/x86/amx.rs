@@ -748,7 +748,7 @@ unsafe fn step(a0: *const u8, a1: *const u8, lda: usize, b0: *const u8, b1: *con
 /// # Safety
 /// Tiles configured.
 #[inline(always)]
-unsafe fn zero_sums() {
+pub(super) unsafe fn zero_sums() {
     // SAFETY: touches tile registers only.
     unsafe {
         asm!(

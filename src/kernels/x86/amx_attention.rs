@@ -28,7 +28,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::amx::CONFIG;
+use super::amx::{zero_sums, CONFIG};
 use super::bf16gemm::transpose16;
 use crate::kernels::activation::exp;
 use crate::kernels::attention::{Kv, Part};
@@ -437,24 +437,6 @@ unsafe fn softmax_row(
         }
         (m, _mm512_reduce_add_ps(lv))
     }
-}
-
-/// Sums 0–3 set to zero.
-///
-/// # Safety
-/// Tiles configured.
-#[inline(always)]
-unsafe fn zero_sums() {
-    // SAFETY: touches tile registers only.
-    unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem, preserves_flags)
-        )
-    };
 }
 
 /// Sums `2a + b` (tiles 0–3) += left tile `a` × right tile `b`, for `a < na`, `b < nb`
