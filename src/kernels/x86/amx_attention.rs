@@ -126,20 +126,57 @@ pub unsafe fn chunk<const G: usize>(
     let pa = &mut rest[..B * 16 * npad];
     let (st, rest) = f.split_at_mut(ot_at);
     let ot = &mut rest[..B * 16 * hd];
+    // One group of rows (decode): the keys are read where they are, as the left operand, and
+    // the group's queries laid out as the right one instead; the scores come out transposed.
+    // Each score is the same sum of the same products in the same order either way round,
+    // so it has the same bits.
+    let in_place = n <= per;
+    let mut qt = vec![[0u16; 512]; if in_place { nkv * dsteps } else { 0 }];
+    let mut tail = Vec::new();
+    if in_place {
+        let row = (tokens.start) * G;
+        for g in 0..nkv {
+            for s in 0..dsteps {
+                // SAFETY: AVX-512 F; group 0's 16 rows (g, tokens.start .., hh) of `qr`
+                // exist (asserted above: tokens.end + per ≤ qn).
+                unsafe {
+                    let mut words = [_mm512_setzero_si512(); 16];
+                    for (r, x) in words.iter_mut().enumerate() {
+                        let at = ((g * qn) * G + row + r) * hd + 32 * s;
+                        *x = _mm512_loadu_si512(qr.as_ptr().add(at) as *const _);
+                    }
+                    let t = transpose16(words);
+                    for (kk, x) in t.iter().enumerate() {
+                        let to = qt[g * dsteps + s].as_mut_ptr().add(32 * kk);
+                        _mm512_storeu_si512(to as *mut _, *x);
+                    }
+                }
+            }
+        }
+        // Rows past the cache's end are read from a copy with zeros after them.
+        let whole = (kv.len - start) / 16;
+        if whole < n_all.div_ceil(16) {
+            tail = vec![0u16; 16 * w];
+            let from = (start + 16 * whole) * w;
+            tail[..kv.len * w - from].copy_from_slice(&k[from..kv.len * w]);
+        }
+    }
     // SAFETY: the slices hold what each function writes (sizes above); rows
     // start .. start + n_all ≤ kv.len exist.
     unsafe {
         for g in 0..nkv {
-            lay_out_keys(
-                k,
-                w,
-                g * hd,
-                hd,
-                start,
-                n_all,
-                steps,
-                &mut kb[g * k_head..(g + 1) * k_head],
-            );
+            if !in_place {
+                lay_out_keys(
+                    k,
+                    w,
+                    g * hd,
+                    hd,
+                    start,
+                    n_all,
+                    steps,
+                    &mut kb[g * k_head..(g + 1) * k_head],
+                );
+            }
             lay_out_values(
                 v,
                 w,
@@ -149,6 +186,7 @@ pub unsafe fn chunk<const G: usize>(
                 n_all,
                 steps,
                 &mut vb[g * v_head..(g + 1) * v_head],
+                !in_place,
             );
         }
     }
@@ -172,8 +210,24 @@ pub unsafe fn chunk<const G: usize>(
                     2 * hd,
                 )
             };
+            if in_place {
+                // SAFETY: rows of `k` (or `tail`) as above; `qt` as laid out above.
+                unsafe {
+                    scores_in_place(
+                        &k[..kv.len * w],
+                        &tail,
+                        w,
+                        g * hd,
+                        start,
+                        n16_g,
+                        &qt[g * dsteps..(g + 1) * dsteps],
+                        st,
+                        npad,
+                    )
+                };
+            }
             // Scores: the groups' queries (left) by two tiles of 16 positions (right).
-            for p0 in (0..n16_g).step_by(2) {
+            for p0 in (0..n16_g).step_by(2).filter(|_| !in_place) {
                 let np = 2.min(n16_g - p0);
                 let k_tile = |p: usize, s: usize| {
                     kg.as_ptr().wrapping_add((p * dsteps + s) * 512) as *const u8
@@ -266,6 +320,69 @@ pub unsafe fn chunk<const G: usize>(
     scratch::put_f32(f);
 }
 
+/// One group's scores `st[row, position]` (rows `npad` apart) over positions `0..16 · n16`
+/// from `start`, with the keys of head `col..` as the left operand where they lie in `k` (rows
+/// `w` apart; those from the first whole 16 past the cache's end in `tail`) and the group's
+/// queries as the right operand (`qt[s]`, column pairs `32s..` of the 16 rows transposed).
+///
+/// # Safety
+/// Tiles configured; `k` holds rows `start..` up to its end in whole rows of `w`, `tail`
+/// (16 rows of `w`) where rows `start .. start + 16 · n16` go past it; `qt` holds `hd / 32`
+/// tiles; `st` holds 16 rows of `npad ≥ 16 · n16`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_in_place(
+    k: &[u16],
+    tail: &[u16],
+    w: usize,
+    col: usize,
+    start: usize,
+    n16: usize,
+    qt: &[[u16; 512]],
+    st: &mut [f32],
+    npad: usize,
+) {
+    let rows = k.len() / w;
+    let whole = (rows - start) / 16;
+    assert!(n16 <= whole || tail.len() >= 16 * w);
+    assert!(st.len() >= 16 * npad && 16 * n16 <= npad);
+    let key_tile = |p: usize, s: usize| -> *const u8 {
+        let at = col + 32 * s;
+        if p < whole {
+            k.as_ptr().wrapping_add((start + 16 * p) * w + at) as *const u8
+        } else {
+            tail.as_ptr().wrapping_add(at) as *const u8
+        }
+    };
+    let mut t = [[0.0f32; 16]; 32];
+    for p0 in (0..n16).step_by(2) {
+        let np = 2.min(n16 - p0);
+        // SAFETY: tiles configured.
+        unsafe { zero_sums() };
+        for (s, q) in qt.iter().enumerate() {
+            let left = [(key_tile(p0, s), 2 * w), (key_tile(p0 + np - 1, s), 2 * w)];
+            let right = [q.as_ptr() as *const u8; 2];
+            // SAFETY: key tiles: 16 rows of 64 bytes `2w` apart within `k` or `tail`
+            // (asserted); query tiles 1 KiB.
+            unsafe { mul2x2(left, np, right, 64, 1) };
+        }
+        for i in 0..np {
+            // SAFETY: 16 rows of 16 scores into `t[16i..]`; AVX-512 F for the transposes.
+            unsafe {
+                store_sum(2 * i, t[16 * i].as_mut_ptr(), 64);
+                let mut words = [_mm512_setzero_si512(); 16];
+                for (j, x) in words.iter_mut().enumerate() {
+                    *x = _mm512_loadu_si512(t[16 * i + j].as_ptr() as *const _);
+                }
+                for (r, x) in transpose16(words).iter().enumerate() {
+                    let to = st.as_mut_ptr().add(r * npad + 16 * (p0 + i));
+                    _mm512_storeu_si512(to as *mut _, *x);
+                }
+            }
+        }
+    }
+}
+
 /// Head `col..col + hd` of key rows `start .. start + n` laid out as the right operand: per
 /// 16 positions `p`, per 32 columns `s`, a tile whose row `kk` holds column pair `kk` of the
 /// 16 positions; positions past `n` zero.
@@ -343,11 +460,21 @@ unsafe fn lay_out_values(
     n: usize,
     steps: usize,
     out: &mut [u16],
+    prefetch: bool,
 ) {
     let row = |j: usize| -> Option<*const u16> {
         (j < n).then(|| v.as_ptr().wrapping_add((start + j) * w + col))
     };
     for s in 0..steps {
+        // The next 32 rows prefetched, as for the keys, where asked: the loads below otherwise
+        // wait on memory one row pair at a time when several tokens share the call (one token
+        // alone measured slower with them: the hardware's own prefetching keeps up there).
+        for j in (32 * (s + 1)..(32 * (s + 2)).min(n)).filter(|_| prefetch) {
+            let r = v.as_ptr().wrapping_add((start + j) * w + col) as *const i8;
+            for line in (0..2 * hd).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(line));
+            }
+        }
         for kk in 0..16 {
             let (r0, r1) = (row(32 * s + 2 * kk), row(32 * s + 2 * kk + 1));
             for c in 0..hd / 32 {

@@ -364,45 +364,62 @@ unsafe fn pack_block<S: Source>(
     }
 }
 
+/// The lane indices of one round of [`transpose16`] for distance `d`: `lo` takes lane `l`
+/// of the first row where bit `d` of `l` is clear and lane `l − d` of the second where it is
+/// set; `hi` lane `l + d` of the first and lane `l` of the second.
+const fn exchange(d: usize, hi: bool) -> [i32; 16] {
+    let mut x = [0i32; 16];
+    let mut l = 0;
+    while l < 16 {
+        x[l] = match (l & d == 0, hi) {
+            (true, false) => l as i32,
+            (false, false) => (16 + l - d) as i32,
+            (true, true) => (l + d) as i32,
+            (false, true) => (16 + l) as i32,
+        };
+        l += 1;
+    }
+    x
+}
+
+const EXCHANGE: [[[i32; 16]; 2]; 4] = [
+    [exchange(8, false), exchange(8, true)],
+    [exchange(4, false), exchange(4, true)],
+    [exchange(2, false), exchange(2, true)],
+    [exchange(1, false), exchange(1, true)],
+];
+
 /// 16 × 16 32-bit words transposed: four rounds, each exchanging one bit between the row and
-/// the lane index with two-source permutes.
+/// the lane index with two-source permutes. Written out (a macro, constant indices) so that
+/// the rows stay in registers: as a loop over the rounds it kept them in memory.
 ///
 /// # Safety
 /// AVX-512 F.
 #[inline(always)]
-pub(super) unsafe fn transpose16(mut r: [__m512i; 16]) -> [__m512i; 16] {
-    for d in [8usize, 4, 2, 1] {
-        let lo: [i32; 16] = std::array::from_fn(|l| {
-            if l & d == 0 {
-                l as i32
-            } else {
-                (16 + l - d) as i32
-            }
-        });
-        let hi: [i32; 16] = std::array::from_fn(|l| {
-            if l & d == 0 {
-                (l + d) as i32
-            } else {
-                (16 + l) as i32
-            }
-        });
-        // SAFETY: 16 integers each.
-        let (lo, hi) = unsafe {
-            (
-                _mm512_loadu_si512(lo.as_ptr() as *const _),
-                _mm512_loadu_si512(hi.as_ptr() as *const _),
-            )
-        };
-        for i in (0..16).filter(|i| i & d == 0) {
-            let (a, b) = (r[i], r[i + d]);
-            // SAFETY: AVX-512 F (the caller's guarantee).
+pub(super) unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    let [mut r0, mut r1, mut r2, mut r3, mut r4, mut r5, mut r6, mut r7, mut r8, mut r9, mut r10, mut r11, mut r12, mut r13, mut r14, mut r15] =
+        r;
+    macro_rules! round {
+        ($k:literal: $(($a:ident, $b:ident)),*) => {
+            // SAFETY: 16 integers each; AVX-512 F (the caller's guarantee).
             unsafe {
-                r[i] = _mm512_permutex2var_epi32(a, lo, b);
-                r[i + d] = _mm512_permutex2var_epi32(a, hi, b);
+                let lo = _mm512_loadu_si512(EXCHANGE[$k][0].as_ptr() as *const _);
+                let hi = _mm512_loadu_si512(EXCHANGE[$k][1].as_ptr() as *const _);
+                $(
+                    let (a, b) = ($a, $b);
+                    $a = _mm512_permutex2var_epi32(a, lo, b);
+                    $b = _mm512_permutex2var_epi32(a, hi, b);
+                )*
             }
-        }
+        };
     }
-    r
+    round!(0: (r0, r8), (r1, r9), (r2, r10), (r3, r11), (r4, r12), (r5, r13), (r6, r14), (r7, r15));
+    round!(1: (r0, r4), (r1, r5), (r2, r6), (r3, r7), (r8, r12), (r9, r13), (r10, r14), (r11, r15));
+    round!(2: (r0, r2), (r1, r3), (r4, r6), (r5, r7), (r8, r10), (r9, r11), (r12, r14), (r13, r15));
+    round!(3: (r0, r1), (r2, r3), (r4, r5), (r6, r7), (r8, r9), (r10, r11), (r12, r13), (r14, r15));
+    [
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
+    ]
 }
 
 /// Dispatches a token tile to the kernel instance for its height.
