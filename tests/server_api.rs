@@ -1073,3 +1073,131 @@ fn a_client_that_hangs_up_counts_as_abort() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Connections that send nothing, half a header, or nothing after a response are closed once
+/// `--timeout-keep-alive` has passed; a body that stops arriving gets a 408 after
+/// `--timeout-request-body`; a connection that keeps up is served throughout.
+#[test]
+fn slow_and_idle_connections_are_closed() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let server = start(|c| {
+        c.timeouts = qnext::server::Timeouts {
+            keep_alive: Duration::from_millis(600),
+            request_body: Duration::from_millis(900),
+        }
+    });
+    let a = server.addr();
+    // Reads until the server closes the connection; what it sent, and after how long.
+    let closed_after = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        (t0.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    };
+    let within = |t: Duration| t >= Duration::from_millis(400) && t < Duration::from_secs(5);
+
+    // Nothing sent at all.
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    let (t, _) = closed_after(&mut s);
+    assert!(within(t), "silent connection closed after {t:?}");
+
+    // Half a header.
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let (t, _) = closed_after(&mut s);
+    assert!(within(t), "half a header closed after {t:?}");
+
+    // A keep-alive connection: two requests in a row are served, then it idles and closes.
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let (t, _) = closed_after(&mut s);
+    assert!(within(t), "idle keep-alive connection closed after {t:?}");
+
+    // A body announced and never finished: 408 naming the flag.
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    s.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"prompt\": ",
+    )
+    .unwrap();
+    let (t, reply) = closed_after(&mut s);
+    assert!(
+        reply.starts_with("HTTP/1.1 408") && reply.contains("--timeout-request-body"),
+        "{reply}"
+    );
+    assert!(
+        t >= Duration::from_millis(700) && t < Duration::from_secs(5),
+        "{t:?}"
+    );
+
+    // Still serving.
+    assert_eq!(get(a, "/health").status, 200);
+}
+
+/// More body than the routes take is refused with a 413 as soon as it has arrived.
+#[test]
+fn an_oversized_body_is_refused() {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr()).unwrap();
+    let len = (64 << 20) + 1;
+    write!(
+        s,
+        "POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // The server may answer and close before the last bytes are sent.
+    let _ = s.write_all(&vec![b' '; len]);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let reply = String::from_utf8_lossy(&raw);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("larger than"), "{reply}");
+}
+
+/// Parsing and tokenizing run off the threads that answer requests: while four clients each
+/// have 16 MB of text tokenized, `/health` answers before any of them is done (with the work
+/// on those threads, it waited for the first to finish).
+#[test]
+fn large_prompts_do_not_stall_other_requests() {
+    use std::time::Instant;
+    let server = start(|c| c.max_model_len = None);
+    let a = server.addr();
+    let words: String =
+        "lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat((16 << 20) / 57);
+    let body = serde_json::to_vec(&json!({"prompt": words})).unwrap();
+    let t0 = Instant::now();
+    let done: Vec<_> = (0..4)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let r = request(a, "POST", "/tokenize", &[], Some(&body));
+                assert_eq!(r.status, 200, "{}", r.text());
+                t0.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let h = request(a, "GET", "/health", &[], None);
+    assert_eq!(h.status, 200);
+    let health = t0.elapsed();
+    let first = done.into_iter().map(|d| d.join().unwrap()).min().unwrap();
+    assert!(
+        health < first,
+        "/health answered after {health:?}, the first tokenize after {first:?}"
+    );
+}

@@ -352,3 +352,66 @@ fn text_types_can_be_shared_across_threads() {
     owned::<qnext::text::DecodeStream>();
     owned::<qnext::sampling::Sampler>();
 }
+
+/// A template that loops without end stops at the instruction bound, one that writes without
+/// end at the output bound, each with an error that says so; the real templates render the
+/// largest conversation a request may carry (8,192 messages, 128 tools) well within both.
+#[test]
+fn rendering_is_bounded_in_work_and_output() {
+    use qnext::text::RenderLimits;
+    let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let none = serde_json::Map::new();
+    let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let t = ChatTemplate::from_source(spin, "spin.jinja").unwrap();
+    let e = format!("{:#}", t.render(&msgs, None, true, &none).unwrap_err());
+    assert!(
+        e.contains("spin.jinja") && e.contains("template instructions"),
+        "{e}"
+    );
+
+    let flood = "{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}";
+    let mut t = ChatTemplate::from_source(flood, "flood.jinja").unwrap();
+    t.set_limits(RenderLimits {
+        max_output_bytes: 1 << 20,
+        ..RenderLimits::default()
+    });
+    let e = format!("{:#}", t.render(&msgs, None, true, &none).unwrap_err());
+    assert!(
+        e.contains("flood.jinja") && e.contains("1048576 bytes"),
+        "{e}"
+    );
+
+    let messages: Vec<serde_json::Value> = (0..8192)
+        .map(|i| match i % 4 {
+            0 => serde_json::json!({"role": "user", "content": format!("question {i}")}),
+            1 => serde_json::json!({"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "f0", "arguments": {"x": i}}}]}),
+            2 => serde_json::json!({"role": "tool", "content": format!("result {i}")}),
+            _ => serde_json::json!({"role": "assistant", "content": format!("answer {i}")}),
+        })
+        .collect();
+    let tools: Vec<serde_json::Value> = (0..128)
+        .map(|i| {
+            serde_json::json!({"type": "function", "function": {"name": format!("f{i}"),
+            "description": "a tool", "parameters": {"type": "object",
+            "properties": {"x": {"type": "integer"}}}}})
+        })
+        .collect();
+    for variant in ["instruct", "thinking"] {
+        let mut t = template(variant);
+        // A tenth of the default instruction bound is enough.
+        t.set_limits(RenderLimits {
+            fuel: RenderLimits::default().fuel / 10,
+            ..RenderLimits::default()
+        });
+        let text = t
+            .render(
+                &serde_json::Value::Array(messages.clone()),
+                Some(&serde_json::Value::Array(tools.clone())),
+                true,
+                &none,
+            )
+            .unwrap_or_else(|e| panic!("{variant}: {e:#}"));
+        assert!(text.contains("answer 8191"));
+    }
+}

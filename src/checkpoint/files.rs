@@ -108,6 +108,18 @@ impl Checkpoint {
                         index_path.display()
                     )
                 })?;
+                // Shards are files of this folder: a name with a path in it would have qnext
+                // map whatever file (or device) an index written by someone else points to.
+                let plain = Path::new(file)
+                    .file_name()
+                    .is_some_and(|f| f == std::ffi::OsStr::new(file));
+                if !plain || file.contains('\\') {
+                    bail!(
+                        "{}: `weight_map.{name}` is {file:?}, not the name of a file in the \
+                         checkpoint folder",
+                        index_path.display()
+                    );
+                }
                 weight_map.insert(name.clone(), file.to_owned());
             }
             let mut files: Vec<String> = weight_map.values().cloned().collect();
@@ -320,6 +332,32 @@ fn map_file(path: &Path, populate: bool) -> Result<Mmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An index whose shard names carry a path (out of the folder, or to a device) is refused
+    /// before anything is opened, naming the entry.
+    #[test]
+    fn shard_names_are_plain_file_names() {
+        for bad in [
+            "../model.safetensors",
+            "/dev/zero",
+            "sub/model.safetensors",
+            "..",
+            "",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let index = serde_json::json!({"weight_map": {"model.embed_tokens.weight": bad}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let e = format!("{:#}", Checkpoint::open(dir.path()).err().unwrap());
+            assert!(
+                e.contains("weight_map.model.embed_tokens.weight") && e.contains("not the name"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 
     /// Every mode serves the same bytes for every tensor, and `Auto` resolves to a concrete
     /// mode.

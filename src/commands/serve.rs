@@ -88,6 +88,14 @@ pub struct Args {
     /// (method `qwen3_next_mtp` or `mtp`).
     #[arg(long, value_parser = parse_object)]
     speculative_config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds a connection may take to send a request's headers, from connecting or from
+    /// its previous response; idle keep-alive connections close after this (uvicorn's and
+    /// vLLM's 5 s by default).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    timeout_keep_alive: f64,
+    /// Seconds a request's body may take to arrive after its headers (408 after that).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+    timeout_request_body: f64,
     #[command(flatten)]
     load: super::LoadArg,
     #[command(flatten)]
@@ -128,6 +136,16 @@ fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, S
         Ok(serde_json::Value::Object(m)) => Ok(m),
         Ok(other) => Err(format!("expected a JSON object, got {other}")),
         Err(e) => Err(format!("not valid JSON: {e}")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 86_400.0 => Ok(x),
+        Ok(x) => Err(format!(
+            "{x} s: give a number of seconds above 0 and at most 86400"
+        )),
+        Err(e) => Err(format!("not a number of seconds: {e}")),
     }
 }
 
@@ -193,6 +211,10 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         overrides: qnext::config::Overrides {
             hf: a.hf_overrides,
             rope_scaling: a.rope_scaling,
+        },
+        timeouts: server::Timeouts {
+            keep_alive: std::time::Duration::from_secs_f64(a.timeout_keep_alive),
+            request_body: std::time::Duration::from_secs_f64(a.timeout_request_body),
         },
     };
     let handle = server::start(cfg)?;

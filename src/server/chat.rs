@@ -206,7 +206,15 @@ const NEXT_USER: &str = "\u{1}qnext: the next user message\u{1}";
 /// template keeps the reasoning of an answer only while no user message follows it), so
 /// both continuations are rendered: followed by a user message (cut where it begins) and as
 /// the last message (a tool result follows). Where they agree the engine computes one.
-fn warm_next_turn(st: &AppState, next: &NextTurn, answer: Value) {
+///
+/// Rendering and tokenizing the whole conversation runs off the runtime's threads; it is
+/// awaited before the response ends so that the next request finds it queued.
+async fn warm_next_turn(st: &Arc<AppState>, next: NextTurn, answer: Value) {
+    let state = st.clone();
+    let _ = super::off_runtime(st, move || warm_now(&state, &next, answer)).await;
+}
+
+fn warm_now(st: &AppState, next: &NextTurn, answer: Value) {
     let Ok(template) = st.template.as_ref() else {
         return;
     };
@@ -491,6 +499,22 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     t0: Instant,
 ) -> ApiResult<Response> {
+    let state = st.clone();
+    let (job, stream_usage) = super::off_runtime(&st, move || prepare(state, body, t0)).await??;
+    match stream_usage {
+        Some(include_usage) => Ok(sse::response(move |tx| stream(job, include_usage, tx))),
+        None => complete(job).await,
+    }
+}
+
+/// Everything before the engine's answers: the body parsed and checked, the conversation
+/// rendered and tokenized, the choices submitted. With `Some(include_usage)` where the
+/// answer streams.
+fn prepare(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    t0: Instant,
+) -> ApiResult<(Job, Option<bool>)> {
     let body = read_body(body)?;
     st.check_model(&body)?;
     let common = params::common(&body, &st)?;
@@ -563,12 +587,7 @@ async fn run(
         want_logprobs: logprobs,
         t0,
     };
-    if common.stream {
-        let include_usage = common.include_usage;
-        Ok(sse::response(move |tx| stream(job, include_usage, tx)))
-    } else {
-        complete(job).await
-    }
+    Ok((job, common.stream.then_some(common.include_usage)))
 }
 
 /// One HTTP request's choices; dropped when it ends, including when the client goes away
@@ -630,8 +649,8 @@ async fn complete(mut job: Job) -> ApiResult<Response> {
         }
         let parsed = parse_output(&texts[i], job.parsers, &mut ToolCallIds::new());
         let message = assistant_message(&parsed, job.parsers.reasoning);
-        if let (1, Some(next)) = (n, &job.next_turn) {
-            warm_next_turn(&job.st, next, Value::Object(message.clone()));
+        if let (1, Some(next)) = (n, job.next_turn.take()) {
+            warm_next_turn(&job.st, next, Value::Object(message.clone())).await;
         }
         let reason = parsed.finish_reason(finish.reason());
         job.st.metrics.count_finish(finish.reason());
@@ -758,10 +777,10 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                     }
                     out.extend(deltas(parsers[i].finish()));
                     job.st.metrics.count_finish(finish.reason());
-                    if let (1, Some(next)) = (n, &job.next_turn) {
+                    if let (1, Some(next)) = (n, job.next_turn.take()) {
                         let parsed = parse_output(&whole, job.parsers, &mut ToolCallIds::new());
                         let message = assistant_message(&parsed, job.parsers.reasoning);
-                        warm_next_turn(&job.st, next, Value::Object(message));
+                        warm_next_turn(&job.st, next, Value::Object(message)).await;
                     }
                     Some(finish)
                 } else {

@@ -100,6 +100,21 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     t0: Instant,
 ) -> ApiResult<Response> {
+    let state = st.clone();
+    let (job, stream_usage) = super::off_runtime(&st, move || prepare(state, body, t0)).await??;
+    match stream_usage {
+        Some(include_usage) => Ok(sse::response(move |tx| stream(job, include_usage, tx))),
+        None => complete(job).await,
+    }
+}
+
+/// Everything before the engine's answers: the body parsed and checked, the prompts
+/// tokenized, the choices submitted. With `Some(include_usage)` where the answer streams.
+fn prepare(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    t0: Instant,
+) -> ApiResult<(Job, Option<bool>)> {
     let body = read_body(body)?;
     st.check_model(&body)?;
     let common = params::common(&body, &st)?;
@@ -197,12 +212,7 @@ async fn run(
         want_logprobs: logprobs.is_some(),
         t0,
     };
-    if common.stream {
-        let include_usage = common.include_usage;
-        Ok(sse::response(move |tx| stream(job, include_usage, tx)))
-    } else {
-        complete(job).await
-    }
+    Ok((job, common.stream.then_some(common.include_usage)))
 }
 
 struct Job {

@@ -313,7 +313,21 @@ pub async fn tokenize(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    reply(tokenize_inner(&st, body))
+    reply_from(&st, move |st| tokenize_inner(st, body)).await
+}
+
+/// [`reply`] with what `work` answers, computed off the runtime's threads
+/// ([`super::off_runtime`]).
+pub async fn reply_from(
+    st: &Arc<AppState>,
+    work: impl FnOnce(&AppState) -> ApiResult<Value> + Send + 'static,
+) -> Response {
+    let state = st.clone();
+    reply(
+        super::off_runtime(st, move || work(&state))
+            .await
+            .and_then(|r| r),
+    )
 }
 
 /// A JSON answer, or the error's.
@@ -367,7 +381,7 @@ pub async fn detokenize(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> ApiResult<Value> {
+    let run = move |st: &AppState| -> ApiResult<Value> {
         let body = read_body(body)?;
         st.check_model(&body)?;
         let v = body
@@ -387,5 +401,5 @@ pub async fn detokenize(
             .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))?;
         Ok(json!({"prompt": text}))
     };
-    reply(run())
+    reply_from(&st, run).await
 }

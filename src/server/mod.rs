@@ -14,6 +14,7 @@ mod completions;
 pub mod error;
 pub mod generate;
 pub mod hub;
+mod listener;
 mod misc;
 pub mod params;
 mod router_api;
@@ -42,9 +43,10 @@ use crate::engine::stats::Histogram;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::Model;
 use crate::sampling::{GenerationConfig, SamplingParams};
-use crate::text::{ChatTemplate, Tokenizer};
+use crate::text::{ChatTemplate, RenderLimits, Tokenizer};
 use error::ApiError;
 use generate::TokenText;
+pub use listener::Timeouts;
 
 /// Largest request body accepted (a prompt at the full context length fits easily).
 const MAX_BODY_BYTES: usize = 64 << 20;
@@ -105,6 +107,9 @@ pub struct ServerConfig {
     pub kv_cache_memory: Option<usize>,
     /// Tokens the MTP head drafts per decode step (`--speculative-tokens`); 0: none.
     pub speculative_tokens: usize,
+    /// How long a connection may take to send a request (`--timeout-keep-alive`,
+    /// `--timeout-request-body`).
+    pub timeouts: Timeouts,
 }
 
 /// The prefix cache's default budget: a quarter of the memory available at start-up, at
@@ -173,6 +178,7 @@ impl Default for ServerConfig {
             kv_cache_memory: None,
             overrides: Overrides::default(),
             speculative_tokens: 0,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -240,6 +246,11 @@ pub struct AppState {
     pub tool_call_parser: ToolCallParser,
     pub created: u64,
     pub metrics: ServerMetrics,
+    pub timeouts: Timeouts,
+    /// Parsing, template rendering and tokenizing run on blocking threads, this many at a time
+    /// (the cores): a flood of large requests queues there instead of stalling the runtime's
+    /// threads, which answer everything else (`/health` included).
+    text_work: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the server's memory goes to, planned at start-up: weights, per token of K/V, per
@@ -397,6 +408,21 @@ impl AppState {
             cfg.served_model_name.clone()
         };
         let max_prompt_bytes = max_model_len.saturating_mul(tokenizer.max_token_bytes());
+        let mut template = template;
+        if let Ok(t) = &mut template {
+            // Text longer than this cannot fit the context; rendering stops there.
+            t.set_limits(RenderLimits {
+                max_output_bytes: max_prompt_bytes,
+                ..RenderLimits::default()
+            });
+            let probe = serde_json::json!([
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Hello."}
+            ]);
+            if let Err(e) = t.render(&probe, None, true, &serde_json::Map::new()) {
+                eprintln!("warning: the chat template fails on a system and a user message: {e:#}");
+            }
+        }
         Ok(AppState {
             engine,
             token_text: TokenText::new(&tokenizer),
@@ -415,6 +441,10 @@ impl AppState {
             tool_call_parser: cfg.tool_call_parser,
             created: unix_time(),
             metrics: ServerMetrics::default(),
+            timeouts: cfg.timeouts,
+            text_work: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         })
     }
 
@@ -603,6 +633,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle> {
     let app = router(state.clone());
     let signal_stop = stop.clone();
     let handle_signals = cfg.handle_signals;
+    let timeouts = cfg.timeouts;
     let thread = std::thread::Builder::new()
         .name("qnext-server".into())
         .spawn(move || -> Result<()> {
@@ -613,18 +644,8 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle> {
                         let _ = signal_stop.send(true);
                     });
                 }
-                let mut graceful = stop_rx.clone();
-                let mut hard = stop_rx;
-                let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = graceful.wait_for(|s| *s).await;
-                });
-                tokio::select! {
-                    r = server => r.context("serving"),
-                    _ = async move {
-                        let _ = hard.wait_for(|s| *s).await;
-                        tokio::time::sleep(SHUTDOWN_GRACE).await;
-                    } => Ok(()),
-                }
+                listener::serve(listener, app, timeouts, stop_rx, SHUTDOWN_GRACE).await;
+                Ok(())
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
             result
@@ -686,6 +707,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/get_server_info", get(router_api::server_info))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            listener::body_deadline,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -765,6 +790,26 @@ pub(crate) fn read_body(
             format!("cannot read the request body: {}", rej.body_text()),
         )),
     }
+}
+
+/// Runs `work` (request parsing, template rendering, tokenizing: milliseconds to seconds for
+/// the largest bodies) on a blocking thread once one of the state's permits is free.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    st: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> error::ApiResult<T> {
+    let permit = st
+        .text_work
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::internal("the server is shutting down"))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))
 }
 
 pub(crate) fn unix_time() -> u64 {

@@ -153,7 +153,27 @@ pub struct Common {
 /// Reads the fields shared by both completion endpoints, with the checkpoint's generation
 /// defaults (vLLM's `--generation-config auto`) for those the request leaves out.
 pub fn common(body: &Body, st: &AppState) -> ApiResult<Common> {
-    let mut s = st.default_sampling.clone();
+    common_with(
+        body,
+        &Defaults {
+            sampling: &st.default_sampling,
+            vocab_size: st.vocab_size,
+            eos_token_ids: &st.eos_token_ids,
+        },
+    )
+}
+
+/// What [`common`] takes from the server: the checkpoint's sampling defaults, vocabulary size
+/// and end-of-sequence ids.
+pub struct Defaults<'a> {
+    pub sampling: &'a SamplingParams,
+    pub vocab_size: usize,
+    pub eos_token_ids: &'a [u32],
+}
+
+/// [`common`] with the server's part given apart (the fuzz target calls it so).
+pub fn common_with(body: &Body, st: &Defaults) -> ApiResult<Common> {
+    let mut s = st.sampling.clone();
     if let Some(t) = body.f32("temperature")? {
         if t < 0.0 {
             return Err(ApiError::invalid(
@@ -265,7 +285,7 @@ pub fn common(body: &Body, st: &AppState) -> ApiResult<Common> {
         }
     }
     if !body.bool("ignore_eos")?.unwrap_or(false) {
-        stop_token_ids.extend(&st.eos_token_ids);
+        stop_token_ids.extend(st.eos_token_ids);
     }
     stop_token_ids.sort_unstable();
     stop_token_ids.dedup();

@@ -15,7 +15,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::misc::{self, reply};
+use super::misc;
 use super::{chat, completions, read_body, AppState};
 
 /// The token ids a chat request's prompt becomes (`POST /v1/chat/completions/render`), as
@@ -25,14 +25,14 @@ pub async fn render_chat(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> ApiResult<Value> {
+    let run = move |st: &AppState| -> ApiResult<Value> {
         let body = read_body(body)?;
         st.check_model(&body)?;
-        let rendered = chat::render(&st, &body)?;
-        let ids = misc::encode(&st, &rendered.text, false, "messages")?;
+        let rendered = chat::render(st, &body)?;
+        let ids = misc::encode(st, &rendered.text, false, "messages")?;
         Ok(json!({"token_ids": ids}))
     };
-    reply(run())
+    misc::reply_from(&st, run).await
 }
 
 /// The same for a completion request (`POST /v1/completions/render`): one entry per prompt.
@@ -40,10 +40,10 @@ pub async fn render_completions(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = || -> ApiResult<Value> {
+    let run = move |st: &AppState| -> ApiResult<Value> {
         let body = read_body(body)?;
         st.check_model(&body)?;
-        let prompts = completions::prompts(&st, &body)?;
+        let prompts = completions::prompts(st, &body)?;
         Ok(Value::Array(
             prompts
                 .into_iter()
@@ -51,7 +51,7 @@ pub async fn render_completions(
                 .collect(),
         ))
     };
-    reply(run())
+    misc::reply_from(&st, run).await
 }
 
 fn running(st: &AppState) -> usize {

@@ -58,6 +58,30 @@ pub struct ChatTemplate {
     special_tokens: Vec<(String, String)>,
     /// Where the template came from, for errors.
     origin: String,
+    limits: RenderLimits,
+}
+
+/// Bounds on one rendering, so that a template that loops or grows its output without end
+/// (a checkpoint's is code its author wrote) ends with an error instead of taking the
+/// process's time and memory.
+#[derive(Clone, Copy, Debug)]
+pub struct RenderLimits {
+    /// Bytes of rendered text.
+    pub max_output_bytes: usize,
+    /// Template instructions executed (minijinja's fuel): the real templates take about
+    /// 60 per message and 40 per tool.
+    pub fuel: u64,
+}
+
+impl Default for RenderLimits {
+    /// 256 MiB of text and 100 million instructions (about a second of rendering): far above
+    /// any conversation a request can carry (64 MiB, 8,192 messages, 128 tools).
+    fn default() -> Self {
+        RenderLimits {
+            max_output_bytes: 256 << 20,
+            fuel: 100_000_000,
+        }
+    }
 }
 
 impl ChatTemplate {
@@ -149,6 +173,12 @@ impl ChatTemplate {
         &self.names
     }
 
+    /// Bounds every later rendering by `limits`.
+    pub fn set_limits(&mut self, limits: RenderLimits) {
+        self.env.set_fuel(Some(limits.fuel));
+        self.limits = limits;
+    }
+
     /// Renders `messages` (a JSON array of message objects) with optional `tools` (a JSON array of
     /// OpenAI tool objects). `extra` are further template variables (e.g. `enable_thinking`).
     ///
@@ -236,9 +266,26 @@ impl ChatTemplate {
             set(k, v.to_template_value());
         }
         let ctx: Value = ctx.into_iter().collect();
-        template
-            .render(ctx)
-            .map_err(|e| anyhow!("chat template {}: {}", self.origin, describe(&e)))
+        let mut out = Bounded {
+            text: Vec::new(),
+            max: self.limits.max_output_bytes,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.text)
+                .map_err(|_| anyhow!("chat template {}: output is not UTF-8", self.origin)),
+            Err(_) if out.text.len() > out.max => bail!(
+                "chat template {}: its output passed {} bytes, the bound on one rendering",
+                self.origin,
+                out.max
+            ),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => bail!(
+                "chat template {}: rendering took more than {} template instructions, the \
+                 bound on one rendering",
+                self.origin,
+                self.limits.fuel
+            ),
+            Err(e) => bail!("chat template {}: {}", self.origin, describe(&e)),
+        }
     }
 
     fn build(
@@ -253,12 +300,15 @@ impl ChatTemplate {
                 .map_err(|e| anyhow!("chat template {origin} ({name}): {}", describe(&e)))?;
             names.push(name);
         }
-        Ok(Self {
+        let mut template = Self {
             env,
             names,
             special_tokens,
             origin: origin.to_owned(),
-        })
+            limits: RenderLimits::default(),
+        };
+        template.set_limits(RenderLimits::default());
+        Ok(template)
     }
 
     /// transformers' `get_chat_template`: "tool_use" when tools are given and it exists, else
@@ -279,6 +329,28 @@ impl ChatTemplate {
                 self.names.join(", ")
             ),
         }
+    }
+}
+
+/// Rendered text, refused past `max` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.max {
+            self.text
+                .extend_from_slice(&buf[..(self.max + 1 - self.text.len()).min(buf.len())]);
+            return Err(std::io::Error::other("the rendering's output bound"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -16,7 +16,7 @@ mod strftime;
 pub mod tokenizer;
 pub mod tool_calls;
 
-pub use chat_template::ChatTemplate;
+pub use chat_template::{ChatTemplate, RenderLimits};
 pub use detokenizer::DecodeStream;
 pub use ordered_json::OrderedJson;
 pub use reasoning::{parse_reasoning, ReasoningDelta, ReasoningStream};
