@@ -217,6 +217,68 @@ fn an_empty_api_key_is_refused() {
 /// A checkpoint whose chat template does not compile: the server says so at start-up, chat
 /// requests get a 500 that says it is the server's template (not the client's request), and
 /// completions keep working.
+/// Ids named by the checkpoint's files must exist in the model's vocabulary: an
+/// end-of-sequence id beyond it in generation_config.json, or a tokenizer with more tokens
+/// than the embedding has rows, stops the start with an error naming the file.
+#[test]
+fn ids_beyond_the_vocabulary_are_refused_at_start() {
+    let copy = |skip: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(fixture("qwen-vocab")).unwrap() {
+            let f = f.unwrap().path();
+            if f.file_name().unwrap() != skip {
+                std::os::unix::fs::symlink(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        tmp
+    };
+    let start = |dir: &Path| {
+        let out = qnext()
+            .args([
+                "serve",
+                dir.to_str().unwrap(),
+                "--port",
+                "0",
+                "--max-model-len",
+                "256",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let tmp = copy("generation_config.json");
+    std::fs::write(
+        tmp.path().join("generation_config.json"),
+        r#"{"eos_token_id": [151645, 999999]}"#,
+    )
+    .unwrap();
+    let err = start(tmp.path());
+    assert!(
+        err.contains("generation_config.json") && err.contains("999999"),
+        "{err}"
+    );
+
+    // The bundled model (a vocabulary of its own) with Qwen's 151,669-token tokenizer.
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/qnext-tiny");
+    for f in std::fs::read_dir(&tiny).unwrap() {
+        let f = f.unwrap().path();
+        std::os::unix::fs::symlink(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(
+        fixture("qwen-vocab").join("tokenizer.json"),
+        tmp.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let err = start(tmp.path());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("more than the model's vocabulary"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_broken_chat_template_is_the_servers_error() {
     let tmp = tempfile::tempdir().unwrap();

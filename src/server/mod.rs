@@ -373,6 +373,26 @@ impl AppState {
         eos.sort_unstable();
         eos.dedup();
         let vocab_size = model.cfg.vocab_size;
+        // Ids the tokenizer or the generation defaults name must exist in the embedding: a
+        // prompt or stop id beyond it would fail every request that meets it.
+        if tokenizer.vocab_size() > vocab_size {
+            bail!(
+                "{}: {} tokens, more than the model's vocabulary (config.json vocab_size {})",
+                tokenizer.path().display(),
+                tokenizer.vocab_size(),
+                vocab_size
+            );
+        }
+        if let Some(bad) = gen
+            .eos_token_ids
+            .iter()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            bail!(
+                "{}: eos_token_id {bad} is outside the vocabulary ({vocab_size} entries)",
+                dir.join("generation_config.json").display()
+            );
+        }
         let default_sampling = gen.sampling_params();
         default_sampling
             .validate()

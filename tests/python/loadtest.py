@@ -8,6 +8,7 @@ waiting and every slot free, and that the server's resident memory stayed stable
 
   python3 tests/python/loadtest.py --model tests/fixtures/qwen-vocab --max-num-seqs 8
   python3 tests/python/loadtest.py --url http://127.0.0.1:8000 --pid 1234
+  python3 tests/python/loadtest.py --model tests/fixtures/qwen-vocab --duration 600 --mix 0.4  # soak
 
 Exit status 0 when there were no errors, no leaked slots and RSS was stable."""
 
@@ -66,6 +67,8 @@ class Stats:
         self.tokens = 0
         self.ttft = []
         self.e2e = []
+        self.refused = 0
+        self.by_kind = {}
 
     def error(self, what):
         self.errors += 1
@@ -162,6 +165,99 @@ async def stream_request(host, port, key, path, body, stats, hang_up_after):
             pass
 
 
+async def plain_request(host, port, key, path, payload):
+    """One non-streamed request (raw bytes as the body); returns (status, parsed JSON or None)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n")
+        if key:
+            head += f"Authorization: Bearer {key}\r\n"
+        writer.write(head.encode() + b"\r\n" + payload)
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1]) if lines and len(lines[0].split()) > 1 else 0
+    if any(l.lower().startswith(b"transfer-encoding:") and b"chunked" in l.lower() for l in lines):
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
+# Requests every server must refuse with a 400 and a JSON error (the soak's invalid traffic).
+INVALID = [
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}',
+    b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+    b'{"messages": "not a list"}',
+    b'{"prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}',
+    b'{"prompt": "x", "n": 0}',
+    b'{"prompt": "x", "logit_bias": {"-5": 1}}',
+    b'{"prompt": "x", "max_tokens": 100000000}',
+    b'{"prompt": 12}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 7',
+    b'\xff\xfe not json',
+]
+
+
+async def mixed_request(rng, args, host, port, stats, words):
+    """One request of the soak's mix: non-streamed, n > 1, invalid, or a long prompt."""
+    kind = rng.random()
+    common = {"max_tokens": rng.randint(args.min_tokens, args.max_tokens),
+              "temperature": rng.choice([0.0, 0.7, 1.0]), "ignore_eos": True}
+    if args.model_name:
+        common["model"] = args.model_name
+    t0 = time.monotonic()
+    if kind < 0.3:
+        label = "invalid"
+        status, body = await plain_request(host, port, args.api_key, rng.choice(
+            ["/v1/chat/completions", "/v1/completions"]), rng.choice(INVALID))
+        if status == 400 and isinstance(body, dict) and "error" in body:
+            stats.refused += 1
+        else:
+            stats.error(f"invalid request answered {status}: {str(body)[:200]}")
+        return
+    if kind < 0.55:
+        label, n = "n>1", rng.randint(2, 4)
+    elif kind < 0.8:
+        label, n = "non-streamed", 1
+    else:
+        label, n = "long prompt", 1
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(args.max_model_len // 5,
+                                                                        args.max_model_len // 3)))
+    if rng.random() < 0.5:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": words}]}
+    else:
+        path, body = "/v1/completions", {"prompt": words}
+    body.update(common, n=n)
+    try:
+        status, out = await plain_request(host, port, args.api_key, path, json.dumps(body).encode())
+    except (OSError, asyncio.IncompleteReadError) as e:
+        stats.error(f"{label}: {type(e).__name__}: {e}")
+        return
+    if status != 200 or not isinstance(out, dict) or len(out.get("choices", [])) != n:
+        stats.error(f"{label}: HTTP {status}: {str(out)[:200]}")
+        return
+    stats.completed += 1
+    stats.tokens += out["usage"]["completion_tokens"]
+    stats.by_kind.setdefault(label, []).append(time.monotonic() - t0)
+
+
 async def client(i, args, host, port, deadline, stats, budget):
     rng = random.Random(args.seed * 1000 + i)
     while time.monotonic() < deadline and budget[0] > 0:
@@ -177,6 +273,9 @@ async def client(i, args, host, port, deadline, stats, budget):
             path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": words}], **common}
         else:
             path, body = "/v1/completions", {"prompt": words, **common}
+        if rng.random() < args.mix:
+            await mixed_request(rng, args, host, port, stats, words)
+            continue
         hang_up = rng.randint(1, 8) if rng.random() < args.hang_up_fraction else None
         await stream_request(host, port, args.api_key, path, body, stats, hang_up)
 
@@ -229,6 +328,9 @@ def main():
     ap.add_argument("--max-prompt-words", type=int, default=300)
     ap.add_argument("--hang-up-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="fraction of requests drawn from the soak's mix instead of plain streams: "
+                         "invalid (expect 400), n > 1, non-streamed, long prompts")
     args = ap.parse_args()
     if args.duration > 3600 or args.clients > 1024:
         sys.exit("bounded: --duration <= 3600 and --clients <= 1024")
@@ -288,7 +390,8 @@ def main():
         gen = metric(m, "qnext:generation_tokens_total") - gen0
 
         print(f"requests: {stats.requests} sent, {stats.completed} completed, "
-              f"{stats.cancelled} hung up on purpose, {stats.errors} errors")
+              f"{stats.cancelled} hung up on purpose, {stats.refused} invalid ones refused with "
+              f"a 400 as expected, {stats.errors} unexpected errors")
         for e in stats.error_samples:
             print(f"  error: {e}")
         print(f"tokens: {stats.tokens} in completed streams; {gen:.0f} generated by the engine "
@@ -297,6 +400,12 @@ def main():
             print(f"time to first token: median {statistics.median(stats.ttft) * 1000:.0f} ms, "
                   f"p90 {pct(stats.ttft, 0.9) * 1000:.0f} ms; request latency median "
                   f"{statistics.median(stats.e2e):.2f} s, p90 {pct(stats.e2e, 0.9):.2f} s")
+        for label, xs in sorted(stats.by_kind.items()):
+            print(f"  {label}: {len(xs)} completed, latency p50 {pct(xs, 0.5):.2f} s, "
+                  f"p95 {pct(xs, 0.95):.2f} s")
+        if stats.e2e:
+            print(f"  streams: latency p50 {pct(stats.e2e, 0.5):.2f} s, p95 {pct(stats.e2e, 0.95):.2f} s; "
+                  f"TTFT p50 {pct(stats.ttft, 0.5) * 1000:.0f} ms, p95 {pct(stats.ttft, 0.95) * 1000:.0f} ms")
         print(f"after: running {running:.0f}, waiting {waiting:.0f}, free slots {free:.0f}/{slots}")
         leaked = not (running == 0 and waiting == 0 and free == slots)
         stable = True
