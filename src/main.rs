@@ -35,6 +35,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         _args: Vec<String>,
     },
+    /// The process `serve` renders chat templates in (memory-limited); not run by hand.
+    #[cfg(feature = "serve")]
+    #[command(hide = true)]
+    RenderWorker(commands::render_worker::Args),
     /// Prompt-processing and generation throughput (like llama-bench).
     Bench(commands::bench::Args),
     /// Write a random checkpoint with the real shapes and fewer experts, for benchmarks.
@@ -80,6 +84,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::main(a, cli.verbose),
         #[cfg(feature = "serve")]
         Command::Serve(a) => commands::serve::main(*a, cli.verbose),
+        #[cfg(feature = "serve")]
+        Command::RenderWorker(a) => commands::render_worker::main(a),
         #[cfg(not(feature = "serve"))]
         Command::Serve { .. } => Err(anyhow::anyhow!(
             "this qnext was built without the server (cargo feature `serve`); build it with the \

@@ -217,6 +217,57 @@ fn an_empty_api_key_is_refused() {
 /// A checkpoint whose chat template does not compile: the server says so at start-up, chat
 /// requests get a 500 that says it is the server's template (not the client's request), and
 /// completions keep working.
+/// A chat template that builds a string without end in a variable (no instruction or output
+/// bound catches it) ends only its render worker: that request gets a 400 saying so, and the
+/// next chat request is served by a fresh worker.
+#[test]
+fn a_template_that_grows_without_end_ends_only_its_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture("qwen-vocab")).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap();
+        if name != "tokenizer_config.json" {
+            std::os::unix::fs::symlink(&f, tmp.path().join(name)).unwrap();
+        }
+    }
+    std::fs::write(
+        tmp.path().join("chat_template.jinja"),
+        "{%- set ns = namespace(s='x') -%}\
+         {%- if messages[0]['content'] == 'boom' -%}\
+         {%- for i in range(64) -%}{%- set ns.s = ns.s ~ ns.s -%}{%- endfor -%}{%- endif -%}\
+         {%- for m in messages -%}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+         {%- endfor -%}<|im_start|>assistant\n",
+    )
+    .unwrap();
+    let mut cmd = qnext();
+    cmd.args([
+        "serve",
+        tmp.path().to_str().unwrap(),
+        "--port",
+        "0",
+        "--max-model-len",
+        "256",
+    ]);
+    let (child, addr) = spawn(&mut cmd);
+    let chat = |text: &str| {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": text}], "max_tokens": 2}),
+        )
+    };
+    let e = chat("boom").error(400);
+    assert!(
+        e["message"].as_str().unwrap().contains("worker process"),
+        "{e}"
+    );
+    for _ in 0..2 {
+        let r = chat("hello");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    terminate(child);
+}
+
 /// Ids named by the checkpoint's files must exist in the model's vocabulary: an
 /// end-of-sequence id beyond it in generation_config.json, or a tokenizer with more tokens
 /// than the embedding has rows, stops the start with an error naming the file.

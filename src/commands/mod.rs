@@ -6,6 +6,8 @@ pub mod bundled;
 pub mod compare;
 pub mod inspect;
 pub mod quantize;
+#[cfg(feature = "serve")]
+pub mod render_worker;
 pub mod run;
 pub mod score;
 #[cfg(feature = "serve")]

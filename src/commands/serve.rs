@@ -212,6 +212,8 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
             hf: a.hf_overrides,
             rope_scaling: a.rope_scaling,
         },
+        // Chat templates render in child processes of this executable, memory-bounded.
+        render_worker: std::env::current_exe().ok(),
         timeouts: server::Timeouts {
             keep_alive: std::time::Duration::from_secs_f64(a.timeout_keep_alive),
             request_body: std::time::Duration::from_secs_f64(a.timeout_request_body),

@@ -44,7 +44,7 @@ pub struct NextTurn {
 
 /// Checks and normalises `messages` and `tools` as vLLM does, and renders the chat template.
 pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
-    let template = st.template.as_ref().map_err(|e| {
+    st.template.as_ref().map_err(|e| {
         if e.broken {
             ApiError::internal(format!(
                 "the server's chat template does not load ({}); its operator must fix it or \
@@ -148,8 +148,9 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
         extra: extra.clone(),
     });
     let msgs = Value::Array(messages);
-    let mut text = template
-        .render(&msgs, tools.as_ref(), add_generation_prompt, &extra)
+    let mut text = st
+        .render_chat(&msgs, tools.as_ref(), add_generation_prompt, &extra)
+        .unwrap_or_else(|no| Err(anyhow::anyhow!("{}", no.why)))
         .map_err(|e| {
             let msg = format!("{e:#}");
             let param = if msg.contains("extra template argument") {
@@ -215,9 +216,6 @@ async fn warm_next_turn(st: &Arc<AppState>, next: NextTurn, answer: Value) {
 }
 
 fn warm_now(st: &AppState, next: &NextTurn, answer: Value) {
-    let Ok(template) = st.template.as_ref() else {
-        return;
-    };
     let Ok(answer) = normalize_message(next.messages.len(), &answer) else {
         return;
     };
@@ -225,8 +223,8 @@ fn warm_now(st: &AppState, next: &NextTurn, answer: Value) {
     let mut msgs = next.messages.clone();
     msgs.push(answer);
     let render = |msgs: Vec<Value>| {
-        template
-            .render(&Value::Array(msgs), next.tools.as_ref(), false, &next.extra)
+        st.render_chat(&Value::Array(msgs), next.tools.as_ref(), false, &next.extra)
+            .ok()?
             .ok()
     };
     let last = render(msgs.clone());

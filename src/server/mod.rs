@@ -17,6 +17,7 @@ pub mod hub;
 mod listener;
 mod misc;
 pub mod params;
+pub mod render_worker;
 mod router_api;
 mod sse;
 
@@ -110,6 +111,9 @@ pub struct ServerConfig {
     /// How long a connection may take to send a request (`--timeout-keep-alive`,
     /// `--timeout-request-body`).
     pub timeouts: Timeouts,
+    /// The executable to run as `render-worker` (the chat template rendered in child processes
+    /// with bounded memory, [`render_worker`]); `None`: rendered in this process.
+    pub render_worker: Option<PathBuf>,
 }
 
 /// The prefix cache's default budget: a quarter of the memory available at start-up, at
@@ -179,6 +183,7 @@ impl Default for ServerConfig {
             overrides: Overrides::default(),
             speculative_tokens: 0,
             timeouts: Timeouts::default(),
+            render_worker: None,
         }
     }
 }
@@ -251,6 +256,8 @@ pub struct AppState {
     /// (the cores): a flood of large requests queues there instead of stalling the runtime's
     /// threads, which answer everything else (`/health` included).
     text_work: Arc<tokio::sync::Semaphore>,
+    /// Where the chat template renders when not in this process.
+    renderer: Option<render_worker::RenderPool>,
 }
 
 /// What the server's memory goes to, planned at start-up: weights, per token of K/V, per
@@ -326,6 +333,22 @@ impl NoTemplate {
 }
 
 impl AppState {
+    /// The chat template applied to a conversation: in a worker process where the server has
+    /// them, else here. `Err` of the outer result: no template (the reason).
+    pub fn render_chat(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<Result<String>, &NoTemplate> {
+        let template = self.template.as_ref()?;
+        Ok(match &self.renderer {
+            Some(pool) => pool.render(messages, tools, add_generation_prompt, extra),
+            None => template.render(messages, tools, add_generation_prompt, extra),
+        })
+    }
+
     /// Loads the checkpoint of `dir` and starts the engine.
     pub fn load(cfg: &ServerConfig, dir: PathBuf) -> Result<AppState> {
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
@@ -429,6 +452,28 @@ impl AppState {
         };
         let max_prompt_bytes = max_model_len.saturating_mul(tokenizer.max_token_bytes());
         let mut template = template;
+        let renderer = match (&template, &cfg.render_worker) {
+            (Ok(_), Some(program)) => {
+                let mut args = vec!["render-worker".to_owned(), "--dir".to_owned()];
+                args.push(dir.display().to_string());
+                if let Some(f) = &cfg.chat_template {
+                    args.extend(["--chat-template".to_owned(), f.display().to_string()]);
+                }
+                args.extend([
+                    "--max-output".to_owned(),
+                    max_prompt_bytes.to_string(),
+                    "--memory".to_owned(),
+                    render_worker::WORKER_MEMORY.to_string(),
+                ]);
+                Some(render_worker::RenderPool::start(
+                    render_worker::WorkerCommand {
+                        program: program.clone(),
+                        args,
+                    },
+                )?)
+            }
+            _ => None,
+        };
         if let Ok(t) = &mut template {
             // Text longer than this cannot fit the context; rendering stops there.
             t.set_limits(RenderLimits {
@@ -465,6 +510,7 @@ impl AppState {
             text_work: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            renderer,
         })
     }
 
