@@ -98,11 +98,12 @@ fn templates() -> &'static [ChatTemplate] {
 /// `{"messages": …, "tools": …, "kwargs": {…}, "add_generation_prompt": …}` rendered by the
 /// real Qwen3-Next templates: hostile messages and tools give text or an error.
 pub fn chat_template(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(doc) = OrderedJson::parse(text) else {
-        return;
+    let doc = match std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| OrderedJson::parse(t).ok())
+    {
+        Some(doc) => doc,
+        None => conversation_of(data),
     };
     let messages = doc.get("messages").cloned().unwrap_or(OrderedJson::Null);
     let tools = doc.get("tools").cloned();
@@ -119,6 +120,87 @@ pub fn chat_template(data: &[u8]) {
             assert!(out.len() <= 1 << 20);
         }
     }
+}
+
+/// Bytes that are not a JSON document, read as a conversation, so that most inputs reach the
+/// templates: pieces split at 0xFF, each a message whose first byte picks its role and shape
+/// (plain text, a list of parts, reasoning, tool calls with JSON or text arguments, a tool
+/// result) and whose other bytes are its text; a first piece starting with 0xFE declares tools.
+fn conversation_of(data: &[u8]) -> OrderedJson {
+    use OrderedJson as J;
+    let text = |b: &[u8]| J::String(String::from_utf8_lossy(b).into_owned());
+    let obj =
+        |kv: Vec<(&str, J)>| J::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
+    let mut messages = Vec::new();
+    let mut tools = None;
+    for (i, piece) in data.split(|&b| b == 0xFF).enumerate() {
+        let Some((&kind, rest)) = piece.split_first() else {
+            continue;
+        };
+        if i == 0 && kind == 0xFE {
+            let names = rest.split(|&b| b == b',').map(|n| {
+                obj(vec![
+                    ("type", J::String("function".into())),
+                    (
+                        "function",
+                        obj(vec![("name", text(n)), ("parameters", obj(vec![]))]),
+                    ),
+                ])
+            });
+            tools = Some(J::Array(names.collect()));
+            continue;
+        }
+        let role = ["system", "user", "assistant", "tool", "developer", ""][kind as usize % 6];
+        let mut m = vec![("role", J::String(role.into()))];
+        match (kind / 6) % 5 {
+            0 => m.push(("content", text(rest))),
+            1 => m.push((
+                "content",
+                J::Array(vec![obj(vec![
+                    ("type", J::String("text".into())),
+                    ("text", text(rest)),
+                ])]),
+            )),
+            2 => {
+                m.push(("content", text(rest)));
+                m.push(("reasoning_content", text(&rest[..rest.len() / 2])));
+            }
+            3 => {
+                let args = match OrderedJson::parse(&String::from_utf8_lossy(rest)) {
+                    Ok(v) => v,
+                    Err(_) => text(rest),
+                };
+                m.push(("content", J::Null));
+                m.push((
+                    "tool_calls",
+                    J::Array(vec![obj(vec![
+                        ("type", J::String("function".into())),
+                        (
+                            "function",
+                            obj(vec![
+                                ("name", text(&rest[..rest.len().min(8)])),
+                                ("arguments", args),
+                            ]),
+                        ),
+                    ])]),
+                ));
+            }
+            _ => {
+                m.push(("content", text(rest)));
+                m.push(("tool_call_id", text(&rest[..rest.len().min(4)])));
+            }
+        }
+        messages.push(obj(m));
+    }
+    let mut doc = vec![("messages", J::Array(messages))];
+    if let Some(t) = tools {
+        doc.push(("tools", t));
+    }
+    doc.push((
+        "add_generation_prompt",
+        J::Bool(data.first().is_some_and(|b| b & 1 == 0)),
+    ));
+    obj(doc)
 }
 
 /// Model output (any text, cut into pieces where the input says) through the reasoning and
