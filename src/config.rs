@@ -5,6 +5,11 @@
 //! transformers v5 writes, with a nested `rope_parameters` and explicit `layer_types`.
 //! Both end up here as the same struct; anything missing or inconsistent is an error
 //! that names the field.
+//!
+//! The Qwen3.5 / 3.6 family (`qwen3_5`, `qwen3_5_moe`) is the same architecture saved as a
+//! vision-language model: the text model's fields sit under `text_config`, with the v5 rope
+//! layout plus multimodal-RoPE fields that text-only positions make inert (spec §9 applies
+//! unchanged: the three position streams of a text token are equal).
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
@@ -90,8 +95,31 @@ pub struct Fp8Config {
     pub modules_to_not_convert: Vec<String>,
 }
 
+/// Which release family a checkpoint belongs to; it decides the tensor layout of the
+/// DeltaNet projections (`model::deltanet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Qwen3-Next: `in_proj_qkvz` / `in_proj_ba` interleaved per key-head group.
+    Qwen3Next,
+    /// Qwen3.5 / 3.6, dense or MoE: plain `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    Qwen35,
+}
+
+impl Family {
+    /// The family of a `model_type`, and whether its text fields are nested in `text_config`.
+    fn of_model_type(mt: &str) -> Option<(Family, bool)> {
+        match mt {
+            "qwen3_next" => Some((Family::Qwen3Next, false)),
+            "qwen3_5" | "qwen3_5_moe" => Some((Family::Qwen35, true)),
+            "qwen3_5_text" | "qwen3_5_moe_text" => Some((Family::Qwen35, false)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -172,13 +200,25 @@ impl Config {
         Config::from_json(obj)
     }
 
-    pub fn from_json(o: &Map<String, Value>) -> Result<Config> {
-        if let Some(mt) = o.get("model_type") {
-            let mt = mt.as_str().unwrap_or("");
-            if mt != "qwen3_next" {
-                bail!("field `model_type`: expected \"qwen3_next\", found {mt:?}");
+    pub fn from_json(top: &Map<String, Value>) -> Result<Config> {
+        let (family, nested) = match top.get("model_type") {
+            None => (Family::Qwen3Next, false),
+            Some(mt) => {
+                let mt = mt.as_str().unwrap_or("");
+                Family::of_model_type(mt).ok_or_else(|| {
+                    anyhow!("field `model_type`: expected \"qwen3_next\", \"qwen3_5\" or \"qwen3_5_moe\", found {mt:?}")
+                })?
             }
+        };
+        if nested {
+            Config::parse(&text_fields(top)?, family).context("in `text_config`")
+        } else {
+            Config::parse(top, family)
         }
+    }
+
+    /// The text model's fields `o` of a `family` checkpoint.
+    fn parse(o: &Map<String, Value>, family: Family) -> Result<Config> {
         if let Some(act) = o.get("hidden_act") {
             if act.as_str() != Some("silu") {
                 bail!("field `hidden_act`: only \"silu\" is supported, found {act}");
@@ -202,6 +242,7 @@ impl Config {
         let rope = parse_rope(o)?;
 
         let cfg = Config {
+            family,
             vocab_size: req_usize(o, "vocab_size")?,
             hidden_size,
             num_hidden_layers,
@@ -396,6 +437,30 @@ impl Config {
     pub fn linear_conv_dim(&self) -> usize {
         2 * self.linear_key_dim() + self.linear_value_dim()
     }
+}
+
+/// The text model's fields of a vision-language config: `text_config`, with what the
+/// checkpoint keeps at the top level (`quantization_config`; `tie_word_embeddings`, true if
+/// either level says so; token ids the text config lacks). Errors name `text_config.<field>`.
+fn text_fields(top: &Map<String, Value>) -> Result<Map<String, Value>> {
+    let mut o = match top.get("text_config") {
+        Some(Value::Object(t)) => t.clone(),
+        Some(_) => bail!("field `text_config`: expected an object"),
+        None => bail!(
+            "field `text_config` is missing (the text model's settings of a Qwen3.5 checkpoint)"
+        ),
+    };
+    for k in ["quantization_config", "eos_token_id", "bos_token_id"] {
+        if let Some(v) = top.get(k).filter(|v| !v.is_null()) {
+            o.entry(k).or_insert_with(|| v.clone());
+        }
+    }
+    let tied = opt_bool(top, "tie_word_embeddings")?.unwrap_or(false)
+        || opt_bool(&o, "tie_word_embeddings")
+            .context("in `text_config`")?
+            .unwrap_or(false);
+    o.insert("tie_word_embeddings".into(), Value::Bool(tied));
+    Ok(o)
 }
 
 fn parse_layer_types(o: &Map<String, Value>, n: usize) -> Result<Vec<LayerType>> {

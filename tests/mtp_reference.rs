@@ -118,6 +118,15 @@ fn mtp_fp8_matches_transformers() {
     check("fp8-f32scale");
 }
 
+/// The Qwen3.5 family's MTP heads: a dense one; a MoE one with its experts one by one next to
+/// a main model with fused experts (as Qwen3.5-35B-A3B ships them); FP8.
+#[test]
+fn mtp_qwen35_matches_transformers() {
+    check("q35-dense");
+    check("q35-moe-bf16");
+    check("q35-moe-fp8");
+}
+
 /// The bundled trained model's MTP head (tools/tiny_model/), BF16 and FP8.
 #[test]
 fn mtp_bundled_trained_model() {

@@ -61,6 +61,9 @@ fn checkpoint(name: &str) -> PathBuf {
 struct Reference {
     ids: Vec<u32>,
     logprobs: Vec<f32>,
+    /// Where the reference is float64 (the Qwen3.5 fixtures): how far transformers' own
+    /// float32 run is from it, the scale of f32 rounding on that checkpoint.
+    f32_max_abs: Option<f32>,
 }
 
 fn reference(dir: &Path) -> Reference {
@@ -80,11 +83,26 @@ fn reference(dir: &Path) -> Reference {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    Reference { ids, logprobs }
+    let f32_max_abs = st
+        .tensor("f32_max_abs")
+        .ok()
+        .map(|t| f32::from_le_bytes(t.data()[..4].try_into().unwrap()));
+    Reference {
+        ids,
+        logprobs,
+        f32_max_abs,
+    }
 }
 
+/// On a float64 reference, an f32 engine summing in another order than transformers is off
+/// by about what transformers' own f32 run is (twice that allowed); q35-dense measures 1.8e-4
+/// there, ours 2.9e-4 (its gated norms rescale near-zero DeltaNet outputs). Elsewhere
+/// `MAX_ABS`.
 fn check(name: &str, feeds: &[Feed]) {
-    check_with(name, feeds, Precision::Exact, false, MAX_ABS, f64::INFINITY);
+    let bound = reference(&fixture(name))
+        .f32_max_abs
+        .map_or(MAX_ABS, |d| MAX_ABS.max(2.0 * d));
+    check_with(name, feeds, Precision::Exact, false, bound, f64::INFINITY);
 }
 
 /// Transformers' BF16 deviation on fixture `name`: (max, mean).
@@ -195,6 +213,28 @@ fn fp8_f32_scales_partial_blocks() {
 #[test]
 fn fp8_bf16_scales() {
     check("fp8-bf16scale", &FEEDS);
+}
+
+/// The Qwen3.5 / 3.6 family (`tools/gen_qwen35_fixtures.py`): references from transformers'
+/// `Qwen3_5ForConditionalGeneration` / `Qwen3_5MoeForConditionalGeneration` fed token ids only,
+/// so with their text-only interleaved multimodal RoPE. Dense with tied embeddings and a
+/// vision tower in the checkpoint that must be skipped.
+#[test]
+fn qwen35_dense_tied_f32() {
+    check("q35-dense", &FEEDS);
+}
+
+/// MoE with fused 3-D experts (the BF16 releases), split over two shards.
+#[test]
+fn qwen35_moe_fused_experts_bf16() {
+    check("q35-moe-bf16", &FEEDS);
+}
+
+/// MoE with experts one by one in FP8 with BF16 block scales, ragged 128-blocks (the FP8
+/// releases).
+#[test]
+fn qwen35_moe_fp8_per_expert() {
+    check("q35-moe-fp8", &FEEDS);
 }
 
 #[test]

@@ -194,6 +194,40 @@ impl Matrix {
         Ok(Matrix { rows, cols, data })
     }
 
+    /// Rows `rows` of entry `e` of `name`, a stacked `[E, R, cols]` tensor: the fused experts
+    /// of the Qwen3.5 checkpoints (`experts.gate_up_proj` `[E, 2I, H]`, gate rows first;
+    /// `experts.down_proj` `[E, H, I]`), read where they lie like a tensor of their own.
+    /// 16- and 32-bit only: the FP8 releases store their experts one by one, each with its
+    /// own block scales, and no fused FP8 layout has been released.
+    pub fn load_stacked(
+        ck: &Checkpoint,
+        name: &str,
+        [experts, total_rows, cols]: [usize; 3],
+        e: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Matrix> {
+        let t = ck.get(name)?;
+        t.expect_shape(&[experts, total_rows, cols])?;
+        debug_assert!(e < experts && rows.end <= total_rows);
+        let first = (e * total_rows + rows.start) * cols;
+        let part = first..first + rows.len() * cols;
+        let data = match t.dtype {
+            DType::F32 => MatrixData::F32(t.elems_in(part)),
+            DType::BF16 => MatrixData::Bf16(t.elems_in(part)),
+            DType::F16 => MatrixData::F16(t.elems_in(part)),
+            other => bail!(
+                "tensor `{name}` in {} has dtype {}: fused (3-D) experts are read in F32, BF16 or F16; FP8 experts must be stored one by one (`experts.{{e}}.gate_proj.weight` with its `weight_scale_inv`), as the released FP8 checkpoints are",
+                t.file.display(),
+                other.name()
+            ),
+        };
+        Ok(Matrix {
+            rows: rows.len(),
+            cols,
+            data,
+        })
+    }
+
     pub fn dtype_name(&self) -> &'static str {
         match self.data {
             MatrixData::F32(_) => "F32",

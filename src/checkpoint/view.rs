@@ -147,6 +147,14 @@ impl<'a> TensorRef<'a> {
         Elems::new(self.map, self.range.clone())
     }
 
+    /// Elements `part` of the tensor (in storage order), in place like [`TensorRef::elems`].
+    pub fn elems_in<T: bytemuck::Pod>(&self, part: Range<usize>) -> Elems<T> {
+        let size = std::mem::size_of::<T>();
+        debug_assert!(part.end * size <= self.range.len());
+        let start = self.range.start + part.start * size;
+        Elems::new(self.map, start..start + part.len() * size)
+    }
+
     /// The values widened to f32 (for small tensors: norms, gates, scales, conv taps).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let b = self.bytes();

@@ -1,5 +1,6 @@
-//! Gated DeltaNet mixer ("linear_attn", spec §7): interleaved projections, causal depthwise
-//! conv with SiLU, gates, the delta rule from the carried state, gated RMSNorm, out_proj.
+//! Gated DeltaNet mixer ("linear_attn", spec §7): input projections (Qwen3-Next's interleaved
+//! or Qwen3.5's plain ones), causal depthwise conv with SiLU, gates, the delta rule from the
+//! carried state, gated RMSNorm, out_proj.
 
 use anyhow::Result;
 use std::ops::Range;
@@ -8,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use super::Step;
 use crate::cache::{HeadRecord, LayerState};
 use crate::checkpoint::{Checkpoint, Matrix};
-use crate::config::{Config, Fp8Config};
+use crate::config::{Config, Family, Fp8Config};
 use crate::kernels::activation::{sigmoid, silu, silu_in_place, softplus};
 use crate::kernels::delta_rule::{self, HeadInputs};
 use crate::kernels::matmul::products;
@@ -40,9 +41,39 @@ fn lock<'a, 'b>(m: &'a Mutex<&'b mut [f32]>) -> MutexGuard<'a, &'b mut [f32]> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The input projections as the checkpoint family stores them (spec §7.1).
+enum Projections {
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, interleaved per key-head group.
+    Interleaved { qkvz: Matrix, ba: Matrix },
+    /// Qwen3.5 / 3.6: `in_proj_qkv` (already `[q | k | v]`), `in_proj_z`, `in_proj_b`,
+    /// `in_proj_a`.
+    Split {
+        qkv: Matrix,
+        z: Matrix,
+        b: Matrix,
+        a: Matrix,
+    },
+}
+
+/// The batch's projected inputs, de-interleaved: per token `mixed` `[q | k | v]` (the conv's
+/// channels), `z` `[HV·dv]`, `b` and `a` `[HV]`.
+struct Inputs {
+    mixed: Vec<f32>,
+    z: Vec<f32>,
+    b: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// One sequence's rows of [`Inputs`].
+struct SeqInputs<'a> {
+    mixed: &'a [f32],
+    z: &'a [f32],
+    b: &'a [f32],
+    a: &'a [f32],
+}
+
 pub struct DeltaNet {
-    in_qkvz: Matrix,
-    in_ba: Matrix,
+    proj: Projections,
     /// `[conv_dim, Kc]`.
     conv_w: Vec<f32>,
     dt_bias: Vec<f32>,
@@ -72,22 +103,29 @@ impl DeltaNet {
         let (dk, dv) = (cfg.linear_key_head_dim, cfg.linear_value_head_dim);
         let kc = cfg.linear_conv_kernel_dim;
         let conv_dim = cfg.linear_conv_dim();
-        let qkvz_rows = 2 * hk * dk + 2 * hv * dv;
         let vec = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let t = ck.get(&format!("{prefix}{name}"))?;
             t.expect_shape(shape)?;
             t.to_f32()
         };
+        let matrix = |name: &str, rows: usize| {
+            Matrix::load(ck, &format!("{prefix}{name}.weight"), rows, h, fp8)
+        };
+        let proj = match cfg.family {
+            Family::Qwen3Next => Projections::Interleaved {
+                qkvz: matrix("in_proj_qkvz", 2 * hk * dk + 2 * hv * dv)?,
+                ba: matrix("in_proj_ba", 2 * hv)?,
+            },
+            Family::Qwen35 => Projections::Split {
+                qkv: matrix("in_proj_qkv", conv_dim)?,
+                z: matrix("in_proj_z", hv * dv)?,
+                b: matrix("in_proj_b", hv)?,
+                a: matrix("in_proj_a", hv)?,
+            },
+        };
         let a_log = vec("A_log", &[hv])?;
         Ok(DeltaNet {
-            in_qkvz: Matrix::load(
-                ck,
-                &format!("{prefix}in_proj_qkvz.weight"),
-                qkvz_rows,
-                h,
-                fp8,
-            )?,
-            in_ba: Matrix::load(ck, &format!("{prefix}in_proj_ba.weight"), 2 * hv, h, fp8)?,
+            proj,
             // Stored [channel, 1, tap]; kept tap-major so the conv runs along channels.
             conv_w: {
                 let w = vec("conv1d.weight", &[conv_dim, 1, kc])?;
@@ -108,75 +146,48 @@ impl DeltaNet {
         })
     }
 
-    pub fn bytes(&self) -> usize {
-        self.in_qkvz.bytes() + self.in_ba.bytes() + self.out_proj.bytes() + 4 * self.conv_w.len()
+    fn projections(&self) -> Vec<&Matrix> {
+        match &self.proj {
+            Projections::Interleaved { qkvz, ba } => vec![qkvz, ba],
+            Projections::Split { qkv, z, b, a } => vec![qkv, z, b, a],
+        }
     }
 
-    /// `x` is the normed input `[t, hidden]` of the whole batch; `seqs` gives each sequence's
-    /// rows and its state. Returns `[t, hidden]`.
-    pub fn forward(
-        &self,
-        x: &[f32],
-        t: usize,
-        seqs: &mut [(Range<usize>, &mut LayerState)],
-        step: Step,
-    ) -> Vec<f32> {
-        let mut pb = time(Kind::DeltaNetProj, || {
-            products(
-                &[step.job(x, t, &self.in_qkvz), step.job(x, t, &self.in_ba)],
-                step.precision,
-            )
-        });
-        let ba = pb.pop().unwrap_or_default();
-        let p = pb.pop().unwrap_or_default();
-        let vd = self.hv * self.dv;
-        let mut y = vec![0.0f32; t * vd];
-        for (rows, state) in seqs.iter_mut() {
-            let LayerState::Linear { conv, ssm, replay } = &mut **state else {
-                unreachable!("DeltaNet layer given an attention cache");
-            };
-            let n = rows.len();
-            let recording = replay.armed;
-            let pw = self.in_qkvz.rows;
-            let bw = self.in_ba.rows;
-            self.sequence(
-                &p[rows.start * pw..rows.end * pw],
-                &ba[rows.start * bw..rows.end * bw],
-                n,
-                (conv, ssm),
-                replay,
-                &mut y[rows.start * vd..rows.end * vd],
-            );
-            if recording {
-                replay.finish(ssm);
+    pub fn bytes(&self) -> usize {
+        let proj: usize = self.projections().iter().map(|m| m.bytes()).sum();
+        proj + self.out_proj.bytes() + 4 * self.conv_w.len()
+    }
+
+    /// The input projections of the batch's `t` rows of `x`, de-interleaved.
+    fn project(&self, x: &[f32], t: usize, step: Step) -> Inputs {
+        let mats = self.projections();
+        let jobs: Vec<_> = mats.iter().map(|m| step.job(x, t, m)).collect();
+        let mut out = time(Kind::DeltaNetProj, || products(&jobs, step.precision));
+        match &self.proj {
+            Projections::Split { .. } => {
+                let a = out.pop().unwrap_or_default();
+                let b = out.pop().unwrap_or_default();
+                let z = out.pop().unwrap_or_default();
+                let mixed = out.pop().unwrap_or_default();
+                Inputs { mixed, z, b, a }
+            }
+            Projections::Interleaved { .. } => {
+                let ba = out.pop().unwrap_or_default();
+                let p = out.pop().unwrap_or_default();
+                time(Kind::DeltaNetConv, || self.deinterleave(&p, &ba, t))
             }
         }
-        time(Kind::DeltaNetOut, || {
-            products(&[step.job(&y, t, &self.out_proj)], step.precision).remove(0)
-        })
     }
 
-    /// One sequence's `n` tokens: projections `p`, `ba` in, gated-norm output `y` (`[n, HV·dv]`) out.
-    /// An armed `replay` records the step (`cache::rollback`).
-    fn sequence(
-        &self,
-        p: &[f32],
-        ba: &[f32],
-        n: usize,
-        (conv, ssm): (&mut [f32], &mut [f32]),
-        replay: &mut crate::cache::Replay,
-        y: &mut [f32],
-    ) {
-        let (hk, hv, dk, dv, kc) = (self.hk, self.hv, self.dk, self.dv, self.kc);
+    /// Qwen3-Next's per-key-head groups `[q_j | k_j | v (r heads) | z (r heads)]` and
+    /// `[b (r) | a (r)]` (spec §7.1) taken apart into [`Inputs`].
+    fn deinterleave(&self, p: &[f32], ba: &[f32], n: usize) -> Inputs {
+        let (hk, hv, dk, dv) = (self.hk, self.hv, self.dk, self.dv);
         let r = hv / hk;
         let key_dim = hk * dk;
         let conv_dim = 2 * key_dim + hv * dv;
         let group = 2 * dk + 2 * r * dv;
         let vd = hv * dv;
-
-        let conv_span = Span::new(Kind::DeltaNetConv);
-        // De-interleave per key-head group (spec §7.1) into [q | k | v], z, b, a.
-        let hist = kc - 1;
         let mut mixed = vec![0.0f32; n * conv_dim];
         let mut z = vec![0.0f32; n * vd];
         let (mut b, mut a) = (vec![0.0f32; n * hv], vec![0.0f32; n * hv]);
@@ -196,7 +207,67 @@ impl DeltaNet {
                 a[t * hv + j * r..t * hv + (j + 1) * r].copy_from_slice(&bat[r..]);
             }
         }
+        Inputs { mixed, z, b, a }
+    }
 
+    /// `x` is the normed input `[t, hidden]` of the whole batch; `seqs` gives each sequence's
+    /// rows and its state. Returns `[t, hidden]`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        seqs: &mut [(Range<usize>, &mut LayerState)],
+        step: Step,
+    ) -> Vec<f32> {
+        let inputs = self.project(x, t, step);
+        let (hv, vd) = (self.hv, self.hv * self.dv);
+        let conv_dim = inputs.mixed.len() / t.max(1);
+        let mut y = vec![0.0f32; t * vd];
+        for (rows, state) in seqs.iter_mut() {
+            let LayerState::Linear { conv, ssm, replay } = &mut **state else {
+                unreachable!("DeltaNet layer given an attention cache");
+            };
+            let recording = replay.armed;
+            let (r0, r1) = (rows.start, rows.end);
+            self.sequence(
+                SeqInputs {
+                    mixed: &inputs.mixed[r0 * conv_dim..r1 * conv_dim],
+                    z: &inputs.z[r0 * vd..r1 * vd],
+                    b: &inputs.b[r0 * hv..r1 * hv],
+                    a: &inputs.a[r0 * hv..r1 * hv],
+                },
+                rows.len(),
+                (conv, ssm),
+                replay,
+                &mut y[r0 * vd..r1 * vd],
+            );
+            if recording {
+                replay.finish(ssm);
+            }
+        }
+        time(Kind::DeltaNetOut, || {
+            products(&[step.job(&y, t, &self.out_proj)], step.precision).remove(0)
+        })
+    }
+
+    /// One sequence's `n` tokens: its [`Inputs`] rows in, gated-norm output `y`
+    /// (`[n, HV·dv]`) out. An armed `replay` records the step (`cache::rollback`).
+    fn sequence(
+        &self,
+        SeqInputs { mixed, z, b, a }: SeqInputs,
+        n: usize,
+        (conv, ssm): (&mut [f32], &mut [f32]),
+        replay: &mut crate::cache::Replay,
+        y: &mut [f32],
+    ) {
+        let (hk, hv, dk, dv, kc) = (self.hk, self.hv, self.dk, self.dv, self.kc);
+        let r = hv / hk;
+        let key_dim = hk * dk;
+        let conv_dim = 2 * key_dim + hv * dv;
+        let vd = hv * dv;
+        let hist = kc - 1;
+
+        let conv_span = Span::new(Kind::DeltaNetConv);
         // Causal depthwise conv + SiLU over the carried last Kc−1 raw inputs followed by the
         // new ones; tap Kc−1 multiplies the current token. Channels are independent, so tasks
         // take ranges of them (for all tokens), and each moves its channels of the carried
@@ -204,7 +275,7 @@ impl DeltaNet {
         // which one thread would read while the other waits.
         let mut records: Vec<Option<HeadRecord>> = if replay.armed {
             replay
-                .record(n, (dk, dv, hv), conv, &mixed)
+                .record(n, (dk, dv, hv), conv, mixed)
                 .into_iter()
                 .map(Some)
                 .collect()

@@ -30,6 +30,31 @@ impl SwiGlu {
         })
     }
 
+    /// Expert `e` of the fused tensors `{prefix}gate_up_proj` `[E, 2I, H]` (gate rows first)
+    /// and `{prefix}down_proj` `[E, H, I]`, in place.
+    pub fn load_fused(
+        ck: &Checkpoint,
+        prefix: &str,
+        experts: usize,
+        e: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<SwiGlu> {
+        let gate_up = format!("{prefix}gate_up_proj");
+        let shape = [experts, 2 * inter, hidden];
+        Ok(SwiGlu {
+            gate: Matrix::load_stacked(ck, &gate_up, shape, e, 0..inter)?,
+            up: Matrix::load_stacked(ck, &gate_up, shape, e, inter..2 * inter)?,
+            down: Matrix::load_stacked(
+                ck,
+                &format!("{prefix}down_proj"),
+                [experts, hidden, inter],
+                e,
+                0..hidden,
+            )?,
+        })
+    }
+
     /// `x` is `[t, hidden]`; returns `[t, hidden]`.
     pub fn forward(&self, x: &[f32], t: usize, step: Step) -> Vec<f32> {
         let p = step.precision;

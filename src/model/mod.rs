@@ -202,12 +202,24 @@ impl Layer {
     }
 }
 
+/// Where the text model's tensors live: `model.` in Qwen3-Next and text-only checkpoints,
+/// `model.language_model.` in the Qwen3.5 / 3.6 releases (saved as vision-language models;
+/// their `model.visual.*` tensors are never read).
+fn text_prefix(ck: &Checkpoint) -> &'static str {
+    if ck.contains("model.language_model.embed_tokens.weight") {
+        "model.language_model."
+    } else {
+        "model."
+    }
+}
+
 /// config.json's layer count against the layers the checkpoint holds, before anything is
 /// allocated per layer (a config that claims a billion layers is an error, not an abort).
-fn check_layer_count(cfg: &Config, ck: &Checkpoint) -> Result<()> {
+fn check_layer_count(cfg: &Config, ck: &Checkpoint, prefix: &str) -> Result<()> {
+    let layers_prefix = format!("{prefix}layers.");
     let layers = ck
         .names()
-        .filter_map(|n| n.strip_prefix("model.layers."))
+        .filter_map(|n| n.strip_prefix(layers_prefix.as_str()))
         .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |l| l + 1);
@@ -243,12 +255,14 @@ impl Model {
     }
 
     pub fn from_checkpoint(cfg: Config, ck: &Checkpoint) -> Result<Model> {
-        check_layer_count(&cfg, ck)?;
+        let prefix = text_prefix(ck);
+        check_layer_count(&cfg, ck, prefix)?;
         let h = cfg.hidden_size;
         let fp8 = cfg.quantization.as_ref();
-        let embed = Matrix::load(ck, "model.embed_tokens.weight", cfg.vocab_size, h, fp8)?;
+        let embed_name = format!("{prefix}embed_tokens.weight");
+        let embed = Matrix::load(ck, &embed_name, cfg.vocab_size, h, fp8)?;
         let lm_name = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
-            "model.embed_tokens.weight"
+            &embed_name
         } else {
             "lm_head.weight"
         };
@@ -258,7 +272,7 @@ impl Model {
         for (l, &kind) in cfg.layer_types.iter().enumerate() {
             let layer = Layer::load(
                 ck,
-                &format!("model.layers.{l}."),
+                &format!("{prefix}layers.{l}."),
                 &cfg,
                 kind,
                 cfg.is_moe_layer(l),
@@ -274,7 +288,7 @@ impl Model {
             cfg,
             embed,
             layers,
-            norm: load_norm(ck, "model.norm.weight", h)?,
+            norm: load_norm(ck, &format!("{prefix}norm.weight"), h)?,
             lm_head,
             rope,
             mtp,

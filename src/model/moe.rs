@@ -46,15 +46,17 @@ impl Moe {
     ) -> Result<Moe> {
         let h = cfg.hidden_size;
         let router = Matrix::load(ck, &format!("{prefix}gate.weight"), cfg.num_experts, h, fp8)?;
-        let experts = (0..cfg.num_experts)
+        // The experts one by one (Qwen3-Next, the FP8 releases) or stacked in two 3-D
+        // tensors (the Qwen3.5 / 3.6 BF16 releases), whichever the layer has.
+        let (n, inter) = (cfg.num_experts, cfg.moe_intermediate_size);
+        let fused = ck.contains(&format!("{prefix}experts.gate_up_proj"));
+        let experts = (0..n)
             .map(|e| {
-                SwiGlu::load(
-                    ck,
-                    &format!("{prefix}experts.{e}."),
-                    h,
-                    cfg.moe_intermediate_size,
-                    fp8,
-                )
+                if fused {
+                    SwiGlu::load_fused(ck, &format!("{prefix}experts."), n, e, h, inter)
+                } else {
+                    SwiGlu::load(ck, &format!("{prefix}experts.{e}."), h, inter, fp8)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let (shared, shared_gate) = if cfg.shared_expert_intermediate_size > 0 {
