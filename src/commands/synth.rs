@@ -1,7 +1,8 @@
-//! `qnext synth`: a random checkpoint in the released layout with the real Qwen3-Next-80B-A3B
-//! shapes but a chosen number of experts (and layers), for benchmarks. Per-token work equals
-//! the real model's; only the expert pool is smaller so it fits in RAM. Written shard by
-//! shard, tensor by tensor.
+//! `qnext synth`: a random checkpoint in the released layout with the real shapes of
+//! Qwen3-Next-80B-A3B, Qwen3.6-35B-A3B (`--family qwen3_5_moe`) or Qwen3.5-27B
+//! (`--family qwen3_5`), but a chosen number of experts (and layers), for benchmarks.
+//! Per-token work equals the real model's; only the expert pool (or the layer count) is
+//! smaller so it fits in RAM. Written shard by shard, tensor by tensor.
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
@@ -10,17 +11,34 @@ use qnext::checkpoint::writer::{write_safetensors, TensorSpec};
 use qnext::checkpoint::DType;
 use std::path::PathBuf;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Family {
+    /// Qwen3-Next-80B-A3B.
+    #[value(name = "qwen3_next")]
+    Qwen3Next,
+    /// Qwen3.6-35B-A3B (and Qwen3.5-35B-A3B): MoE.
+    #[value(name = "qwen3_5_moe")]
+    Qwen35Moe,
+    /// Qwen3.5-27B: dense.
+    #[value(name = "qwen3_5")]
+    Qwen35,
+}
+
 #[derive(ClapArgs)]
 pub struct Args {
     /// Output folder (created).
     #[arg(long)]
     out: PathBuf,
-    /// Routed experts per layer (the real model has 512).
+    /// Whose shapes and layout: qwen3_next (80B-A3B), qwen3_5_moe (Qwen3.6-35B-A3B),
+    /// qwen3_5 (Qwen3.5-27B).
+    #[arg(long, value_enum, default_value = "qwen3_next")]
+    family: Family,
+    /// Routed experts per layer (the real models have 512 and 256; none for qwen3_5).
     #[arg(long, default_value_t = 32)]
     experts: usize,
-    /// Decoder layers (the real model has 48); every 4th is attention.
-    #[arg(long, default_value_t = 48)]
-    layers: usize,
+    /// Decoder layers (the real models have 48, 40 and 64); every 4th is attention.
+    #[arg(long)]
+    layers: Option<usize>,
     /// Write the fine-grained FP8 layout (e4m3 + 128×128 block scales) instead of BF16.
     #[arg(long)]
     fp8: bool,
@@ -31,83 +49,234 @@ pub struct Args {
     seed: u64,
 }
 
-const H: usize = 2048;
-const VOCAB: usize = 151936;
-const HEADS: usize = 16;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = 256;
-const HK: usize = 16;
-const HV: usize = 32;
-const DK: usize = 128;
-const DV: usize = 128;
+/// The real model's sizes (config.json) of each family.
+struct Shape {
+    family: Family,
+    layers: usize,
+    h: usize,
+    vocab: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+    /// Routed and shared expert width (MoE families).
+    moe_i: usize,
+    top_k: usize,
+    /// Dense MLP width (qwen3_5).
+    inter: usize,
+    bos: u64,
+    eos: u64,
+}
+
+impl Shape {
+    fn of(family: Family) -> Shape {
+        let next = Shape {
+            family,
+            layers: 48,
+            h: 2048,
+            vocab: 151936,
+            heads: 16,
+            kv_heads: 2,
+            head_dim: 256,
+            hk: 16,
+            hv: 32,
+            dk: 128,
+            dv: 128,
+            moe_i: 512,
+            top_k: 10,
+            inter: 5120,
+            bos: 151643,
+            eos: 151645,
+        };
+        match family {
+            Family::Qwen3Next => next,
+            Family::Qwen35Moe => Shape {
+                layers: 40,
+                vocab: 248320,
+                top_k: 8,
+                bos: 248044,
+                eos: 248046,
+                ..next
+            },
+            Family::Qwen35 => Shape {
+                layers: 64,
+                h: 5120,
+                vocab: 248320,
+                heads: 24,
+                kv_heads: 4,
+                hv: 48,
+                moe_i: 0,
+                top_k: 0,
+                inter: 17408,
+                bos: 248044,
+                eos: 248046,
+                ..next
+            },
+        }
+    }
+
+    fn moe(&self) -> bool {
+        self.family != Family::Qwen35
+    }
+
+    fn next(&self) -> bool {
+        self.family == Family::Qwen3Next
+    }
+
+    /// Where the text model's tensors live.
+    fn prefix(&self) -> &'static str {
+        if self.next() {
+            "model."
+        } else {
+            "model.language_model."
+        }
+    }
+
+    fn conv_dim(&self) -> usize {
+        2 * self.hk * self.dk + self.hv * self.dv
+    }
+}
+
 const KC: usize = 4;
-const MOE_I: usize = 512;
-const TOP_K: usize = 10;
 const BLOCK: usize = 128;
 
-fn config(a: &Args) -> serde_json::Value {
+/// The text model's settings, as config.json holds them (flat for Qwen3-Next, the
+/// `text_config` of the Qwen3.5 releases).
+fn text_config(a: &Args, s: &Shape, layers: usize) -> serde_json::Value {
     let mut c = serde_json::json!({
-        "architectures": ["Qwen3NextForCausalLM"],
-        "model_type": "qwen3_next",
         "attention_bias": false,
         "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "decoder_sparse_step": 1,
+        "bos_token_id": s.bos,
+        "eos_token_id": s.eos,
         "full_attention_interval": 4,
-        "head_dim": HEAD_DIM,
+        "head_dim": s.head_dim,
         "hidden_act": "silu",
-        "hidden_size": H,
+        "hidden_size": s.h,
         "initializer_range": 0.02,
-        "intermediate_size": 5120,
         "linear_conv_kernel_dim": KC,
-        "linear_key_head_dim": DK,
-        "linear_num_key_heads": HK,
-        "linear_num_value_heads": HV,
-        "linear_value_head_dim": DV,
+        "linear_key_head_dim": s.dk,
+        "linear_num_key_heads": s.hk,
+        "linear_num_value_heads": s.hv,
+        "linear_value_head_dim": s.dv,
         "max_position_embeddings": 262144,
-        "mlp_only_layers": [],
-        "moe_intermediate_size": MOE_I,
-        "norm_topk_prob": true,
-        "num_attention_heads": HEADS,
-        "num_experts": a.experts,
-        "num_experts_per_tok": TOP_K.min(a.experts),
-        "num_hidden_layers": a.layers,
-        "num_key_value_heads": KV_HEADS,
-        "partial_rotary_factor": 0.25,
+        "num_attention_heads": s.heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": s.kv_heads,
         "rms_norm_eps": 1e-6,
-        "rope_scaling": null,
-        "rope_theta": 10000000,
-        "shared_expert_intermediate_size": MOE_I,
         "tie_word_embeddings": false,
-        "torch_dtype": "bfloat16",
         "use_cache": true,
-        "use_sliding_window": false,
-        "vocab_size": VOCAB
+        "vocab_size": s.vocab
     });
+    let o = c.as_object_mut().expect("object");
+    let mut set = |k: &str, v: serde_json::Value| {
+        o.insert(k.to_owned(), v);
+    };
+    if s.moe() {
+        set("moe_intermediate_size", s.moe_i.into());
+        set("shared_expert_intermediate_size", s.moe_i.into());
+        set("num_experts", a.experts.into());
+        set("num_experts_per_tok", s.top_k.min(a.experts).into());
+    } else {
+        set("intermediate_size", s.inter.into());
+    }
+    if s.next() {
+        set("decoder_sparse_step", 1.into());
+        set("intermediate_size", s.inter.into());
+        set("mlp_only_layers", serde_json::json!([]));
+        set("norm_topk_prob", true.into());
+        set("partial_rotary_factor", 0.25.into());
+        set("rope_scaling", serde_json::Value::Null);
+        set("rope_theta", 10000000.into());
+        set("torch_dtype", "bfloat16".into());
+        set("use_sliding_window", false.into());
+    } else {
+        let types: Vec<&str> = (0..layers)
+            .map(|l| {
+                if is_attention(l) {
+                    "full_attention"
+                } else {
+                    "linear_attention"
+                }
+            })
+            .collect();
+        set("layer_types", types.into());
+        set("attn_output_gate", true.into());
+        set("dtype", "bfloat16".into());
+        set("mtp_num_hidden_layers", 1.into());
+        set("mtp_use_dedicated_embeddings", false.into());
+        set(
+            "model_type",
+            if s.moe() {
+                "qwen3_5_moe_text"
+            } else {
+                "qwen3_5_text"
+            }
+            .into(),
+        );
+        set(
+            "rope_parameters",
+            serde_json::json!({"mrope_interleaved": true, "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"}),
+        );
+    }
+    c
+}
+
+fn config(a: &Args, s: &Shape, layers: usize) -> serde_json::Value {
+    let text = text_config(a, s, layers);
+    let mut c = if s.next() {
+        let mut c = text;
+        c["architectures"] = serde_json::json!(["Qwen3NextForCausalLM"]);
+        c["model_type"] = "qwen3_next".into();
+        c
+    } else {
+        let (arch, mt) = if s.moe() {
+            ("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe")
+        } else {
+            ("Qwen3_5ForConditionalGeneration", "qwen3_5")
+        };
+        // The vision tower is not written: the engine never reads `model.visual.*`.
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": mt,
+            "text_config": text,
+            "tie_word_embeddings": false,
+            "image_token_id": 248056,
+            "video_token_id": 248057,
+            "vision_start_token_id": 248053,
+            "vision_end_token_id": 248054,
+            "vision_config": {"depth": 27, "hidden_size": 1152, "out_hidden_size": s.h,
+                "model_type": mt},
+        })
+    };
     if a.fp8 {
         c["quantization_config"] = serde_json::json!({
             "activation_scheme": "dynamic",
             "fmt": "e4m3",
             "quant_method": "fp8",
             "weight_block_size": [BLOCK, BLOCK],
-            "modules_to_not_convert": not_converted(a),
+            "modules_to_not_convert": not_converted(a, s, layers),
         });
     }
     c
 }
 
-/// `modules_to_not_convert` as the released FP8 checkpoints list it (spec §4.2).
-fn not_converted(a: &Args) -> Vec<String> {
+/// `modules_to_not_convert` as the released FP8 checkpoints list it (spec §4.2; for Qwen3.5,
+/// what their block scales show: `in_proj_a`/`in_proj_b`, router and shared-expert gate).
+fn not_converted(a: &Args, s: &Shape, layers: usize) -> Vec<String> {
     let mut v = vec!["lm_head".to_owned()];
-    for l in 0..a.layers {
-        let p = format!("model.layers.{l}");
-        let mut names = vec![
-            "input_layernorm",
-            "post_attention_layernorm",
-            "mlp.gate",
-            "mlp.shared_expert_gate",
-        ];
+    let moe = if s.moe() {
+        &["mlp.gate", "mlp.shared_expert_gate"][..]
+    } else {
+        &[]
+    };
+    for l in 0..layers {
+        let p = format!("{}layers.{l}", s.prefix());
+        let mut names = vec!["input_layernorm", "post_attention_layernorm"];
+        names.extend(moe);
         if is_attention(l) {
             names.extend(["self_attn.q_norm", "self_attn.k_norm"]);
         } else {
@@ -115,9 +284,13 @@ fn not_converted(a: &Args) -> Vec<String> {
                 "linear_attn.A_log",
                 "linear_attn.conv1d",
                 "linear_attn.dt_bias",
-                "linear_attn.in_proj_ba",
                 "linear_attn.norm",
             ]);
+            if s.next() {
+                names.push("linear_attn.in_proj_ba");
+            } else {
+                names.extend(["linear_attn.in_proj_a", "linear_attn.in_proj_b"]);
+            }
         }
         v.extend(names.iter().map(|n| format!("{p}.{n}")));
     }
@@ -130,14 +303,14 @@ fn not_converted(a: &Args) -> Vec<String> {
         ] {
             v.push(n.to_owned());
         }
-        for n in [
+        let mut names = vec![
             "input_layernorm",
             "post_attention_layernorm",
             "self_attn.k_norm",
             "self_attn.q_norm",
-            "mlp.gate",
-            "mlp.shared_expert_gate",
-        ] {
+        ];
+        names.extend(moe);
+        for n in names {
             v.push(format!("mtp.layers.0.{n}"));
         }
     }
@@ -215,155 +388,105 @@ fn vector(out: &mut Vec<Planned>, name: String, shape: Vec<usize>, init: Init, d
     });
 }
 
-fn attention_and_moe(out: &mut Vec<Planned>, p: &str, attention: bool, experts: usize, fp8: bool) {
-    let bf16 = DType::BF16;
-    vector(
-        out,
-        format!("{p}input_layernorm.weight"),
-        vec![H],
-        Init::NormZc,
-        bf16,
-    );
-    vector(
-        out,
-        format!("{p}post_attention_layernorm.weight"),
-        vec![H],
-        Init::NormZc,
-        bf16,
-    );
+/// A stack of `e` matrices `[n, k]` in one BF16 tensor `[e, n, k]` (the fused experts of the
+/// Qwen3.5 BF16 releases).
+fn stacked(out: &mut Vec<Planned>, name: String, e: usize, n: usize, k: usize) {
+    let std = 1.0 / (k as f32).sqrt();
+    let init = Init::Uniform {
+        std,
+        quantize: false,
+    };
+    vector(out, name, vec![e, n, k], init, DType::BF16);
+}
+
+/// The SwiGLU weights `{p}gate_proj`, `{p}up_proj`, `{p}down_proj` of width `inter`.
+fn swiglu(out: &mut Vec<Planned>, p: &str, h: usize, inter: usize, fp8: bool) {
+    linear(out, format!("{p}gate_proj.weight"), inter, h, fp8);
+    linear(out, format!("{p}up_proj.weight"), inter, h, fp8);
+    linear(out, format!("{p}down_proj.weight"), h, inter, fp8);
+}
+
+fn attention_and_moe(
+    out: &mut Vec<Planned>,
+    p: &str,
+    s: &Shape,
+    attention: bool,
+    experts: usize,
+    fp8: bool,
+) {
+    let (h, bf16) = (s.h, DType::BF16);
+    let norm = |out: &mut Vec<Planned>, name: String, len: usize| {
+        vector(out, name, vec![len], Init::NormZc, bf16)
+    };
+    norm(out, format!("{p}input_layernorm.weight"), h);
+    norm(out, format!("{p}post_attention_layernorm.weight"), h);
     if attention {
-        linear(
-            out,
-            format!("{p}self_attn.q_proj.weight"),
-            2 * HEADS * HEAD_DIM,
-            H,
-            fp8,
-        );
-        linear(
-            out,
-            format!("{p}self_attn.k_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            H,
-            fp8,
-        );
-        linear(
-            out,
-            format!("{p}self_attn.v_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            H,
-            fp8,
-        );
-        linear(
-            out,
-            format!("{p}self_attn.o_proj.weight"),
-            H,
-            HEADS * HEAD_DIM,
-            fp8,
-        );
-        vector(
-            out,
-            format!("{p}self_attn.q_norm.weight"),
-            vec![HEAD_DIM],
-            Init::NormZc,
-            bf16,
-        );
-        vector(
-            out,
-            format!("{p}self_attn.k_norm.weight"),
-            vec![HEAD_DIM],
-            Init::NormZc,
-            bf16,
-        );
+        let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        linear(out, format!("{p}self_attn.q_proj.weight"), 2 * qd, h, fp8);
+        linear(out, format!("{p}self_attn.k_proj.weight"), kvd, h, fp8);
+        linear(out, format!("{p}self_attn.v_proj.weight"), kvd, h, fp8);
+        linear(out, format!("{p}self_attn.o_proj.weight"), h, qd, fp8);
+        norm(out, format!("{p}self_attn.q_norm.weight"), s.head_dim);
+        norm(out, format!("{p}self_attn.k_norm.weight"), s.head_dim);
     } else {
         let la = format!("{p}linear_attn.");
-        linear(
-            out,
-            format!("{la}in_proj_qkvz.weight"),
-            2 * HK * DK + 2 * HV * DV,
-            H,
-            fp8,
-        );
-        linear(out, format!("{la}in_proj_ba.weight"), 2 * HV, H, false);
-        linear(out, format!("{la}out_proj.weight"), H, HV * DV, fp8);
+        let vd = s.hv * s.dv;
+        if s.next() {
+            let rows = 2 * s.hk * s.dk + 2 * vd;
+            linear(out, format!("{la}in_proj_qkvz.weight"), rows, h, fp8);
+            linear(out, format!("{la}in_proj_ba.weight"), 2 * s.hv, h, false);
+        } else {
+            linear(out, format!("{la}in_proj_qkv.weight"), s.conv_dim(), h, fp8);
+            linear(out, format!("{la}in_proj_z.weight"), vd, h, fp8);
+            linear(out, format!("{la}in_proj_b.weight"), s.hv, h, false);
+            linear(out, format!("{la}in_proj_a.weight"), s.hv, h, false);
+        }
+        linear(out, format!("{la}out_proj.weight"), h, vd, fp8);
+        let uniform = |std| Init::Uniform {
+            std,
+            quantize: false,
+        };
+        let conv_shape = vec![s.conv_dim(), 1, KC];
         vector(
             out,
             format!("{la}conv1d.weight"),
-            vec![2 * HK * DK + HV * DV, 1, KC],
-            Init::Uniform {
-                std: 0.5,
-                quantize: false,
-            },
+            conv_shape,
+            uniform(0.5),
             bf16,
         );
+        vector(out, format!("{la}dt_bias"), vec![s.hv], uniform(1.0), bf16);
         vector(
             out,
-            format!("{la}dt_bias"),
-            vec![HV],
-            Init::Uniform {
-                std: 1.0,
-                quantize: false,
-            },
-            bf16,
-        );
-        vector(out, format!("{la}A_log"), vec![HV], Init::ALog, DType::F32);
-        vector(
-            out,
-            format!("{la}norm.weight"),
-            vec![DV],
-            Init::NormPlain,
+            format!("{la}A_log"),
+            vec![s.hv],
+            Init::ALog,
             DType::F32,
         );
+        let norm_w = format!("{la}norm.weight");
+        vector(out, norm_w, vec![s.dv], Init::NormPlain, DType::F32);
     }
-    linear(out, format!("{p}mlp.gate.weight"), experts, H, false);
-    for e in 0..experts {
-        linear(
-            out,
-            format!("{p}mlp.experts.{e}.gate_proj.weight"),
-            MOE_I,
-            H,
-            fp8,
-        );
-        linear(
-            out,
-            format!("{p}mlp.experts.{e}.up_proj.weight"),
-            MOE_I,
-            H,
-            fp8,
-        );
-        linear(
-            out,
-            format!("{p}mlp.experts.{e}.down_proj.weight"),
-            H,
-            MOE_I,
-            fp8,
-        );
+    if !s.moe() {
+        swiglu(out, &format!("{p}mlp."), h, s.inter, fp8);
+        return;
     }
-    linear(
-        out,
-        format!("{p}mlp.shared_expert.gate_proj.weight"),
-        MOE_I,
-        H,
-        fp8,
-    );
-    linear(
-        out,
-        format!("{p}mlp.shared_expert.up_proj.weight"),
-        MOE_I,
-        H,
-        fp8,
-    );
-    linear(
-        out,
-        format!("{p}mlp.shared_expert.down_proj.weight"),
-        H,
-        MOE_I,
-        fp8,
-    );
+    linear(out, format!("{p}mlp.gate.weight"), experts, h, false);
+    // Qwen3-Next and every FP8 release store experts one by one; the Qwen3.5 / 3.6 BF16
+    // releases stack them.
+    if s.next() || fp8 {
+        for e in 0..experts {
+            swiglu(out, &format!("{p}mlp.experts.{e}."), h, s.moe_i, fp8);
+        }
+    } else {
+        let x = format!("{p}mlp.experts.");
+        stacked(out, format!("{x}gate_up_proj"), experts, 2 * s.moe_i, h);
+        stacked(out, format!("{x}down_proj"), experts, h, s.moe_i);
+    }
+    swiglu(out, &format!("{p}mlp.shared_expert."), h, s.moe_i, fp8);
     linear(
         out,
         format!("{p}mlp.shared_expert_gate.weight"),
         1,
-        H,
+        h,
         false,
     );
 }
@@ -424,18 +547,21 @@ fn quantize(v: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    if a.experts == 0 || a.layers == 0 {
+    let s = Shape::of(a.family);
+    let layers = a.layers.unwrap_or(s.layers);
+    if (s.moe() && a.experts == 0) || layers == 0 {
         bail!("--experts and --layers must be positive");
     }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let prefix = s.prefix();
     // Shards: embeddings, then 4 layers each, then the head (and MTP).
     let mut shards: Vec<Vec<Planned>> = Vec::new();
     let mut first = Vec::new();
     vector(
         &mut first,
-        "model.embed_tokens.weight".into(),
-        vec![VOCAB, H],
+        format!("{prefix}embed_tokens.weight"),
+        vec![s.vocab, s.h],
         Init::Uniform {
             std: 1.0,
             quantize: false,
@@ -443,38 +569,28 @@ pub fn main(a: Args) -> Result<()> {
         DType::BF16,
     );
     shards.push(first);
-    for chunk in (0..a.layers).collect::<Vec<_>>().chunks(4) {
-        let mut s = Vec::new();
+    for chunk in (0..layers).collect::<Vec<_>>().chunks(4) {
+        let mut shard = Vec::new();
         for &l in chunk {
-            attention_and_moe(
-                &mut s,
-                &format!("model.layers.{l}."),
-                is_attention(l),
-                a.experts,
-                a.fp8,
-            );
+            let p = format!("{prefix}layers.{l}.");
+            attention_and_moe(&mut shard, &p, &s, is_attention(l), a.experts, a.fp8);
         }
-        shards.push(s);
+        shards.push(shard);
     }
     let mut last = Vec::new();
-    vector(
-        &mut last,
-        "model.norm.weight".into(),
-        vec![H],
-        Init::NormZc,
-        DType::BF16,
-    );
-    linear(&mut last, "lm_head.weight".into(), VOCAB, H, false);
+    let norm = format!("{prefix}norm.weight");
+    vector(&mut last, norm, vec![s.h], Init::NormZc, DType::BF16);
+    linear(&mut last, "lm_head.weight".into(), s.vocab, s.h, false);
     if !a.no_mtp {
-        linear(&mut last, "mtp.fc.weight".into(), H, 2 * H, false);
+        linear(&mut last, "mtp.fc.weight".into(), s.h, 2 * s.h, false);
         for n in [
             "mtp.pre_fc_norm_embedding.weight",
             "mtp.pre_fc_norm_hidden.weight",
             "mtp.norm.weight",
         ] {
-            vector(&mut last, n.into(), vec![H], Init::NormZc, DType::BF16);
+            vector(&mut last, n.into(), vec![s.h], Init::NormZc, DType::BF16);
         }
-        attention_and_moe(&mut last, "mtp.layers.0.", true, a.experts, a.fp8);
+        attention_and_moe(&mut last, "mtp.layers.0.", &s, true, a.experts, a.fp8);
     }
     shards.push(last);
 
@@ -533,13 +649,13 @@ pub fn main(a: Args) -> Result<()> {
     )?;
     std::fs::write(
         a.out.join("config.json"),
-        serde_json::to_string_pretty(&config(&a))?,
+        serde_json::to_string_pretty(&config(&a, &s, layers))?,
     )?;
     std::fs::write(
         a.out.join("generation_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({
-            "bos_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643],
-            "pad_token_id": 151643, "temperature": 0.7, "top_k": 20, "top_p": 0.8
+            "bos_token_id": s.bos, "do_sample": true, "eos_token_id": [s.eos, s.bos],
+            "pad_token_id": s.bos, "temperature": 0.7, "top_k": 20, "top_p": 0.8
         }))?,
     )?;
     eprintln!(
