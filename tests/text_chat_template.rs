@@ -415,3 +415,62 @@ fn rendering_is_bounded_in_work_and_output() {
         assert!(text.contains("answer 8191"));
     }
 }
+
+/// The Qwen3.5 / 3.6 family's templates (`qwen3.5.jinja`, `qwen3.5-small.jinja`,
+/// `qwen3.6.jinja`) against transformers: `goldens_qwen35.json`, the same scenarios with
+/// tool-call arguments as objects (as vLLM passes them), `enable_thinking` both ways and
+/// Qwen3.6's `preserve_thinking`. A case the template refuses must be refused here too.
+#[test]
+fn qwen35_goldens_render_byte_identical() {
+    let text = std::fs::read_to_string(fixtures().join("goldens_qwen35.json")).unwrap();
+    let doc = OrderedJson::parse(&text).unwrap();
+    let Some(OrderedJson::Object(files)) = doc.get("templates") else {
+        panic!("goldens_qwen35.json: no templates");
+    };
+    let templates: Vec<(String, ChatTemplate)> = files
+        .iter()
+        .map(|(name, file)| {
+            let path = fixtures().join(file.as_str().unwrap());
+            (name.clone(), ChatTemplate::from_file(path).unwrap())
+        })
+        .collect();
+    let Some(OrderedJson::Array(cases)) = doc.get("cases") else {
+        panic!("goldens_qwen35.json: no cases");
+    };
+    assert!(cases.len() >= 60, "only {} cases", cases.len());
+    let mut failures = Vec::new();
+    for c in cases {
+        let name = c.get("name").and_then(OrderedJson::as_str).unwrap();
+        let variant = c.get("template").and_then(OrderedJson::as_str).unwrap();
+        let tpl = &templates.iter().find(|(n, _)| n == variant).unwrap().1;
+        let extra = match c.get("extra") {
+            Some(OrderedJson::Object(e)) => e.clone(),
+            _ => Vec::new(),
+        };
+        let got = tpl.render_ordered(
+            c.get("messages").unwrap(),
+            c.get("tools").filter(|t| !t.is_null()),
+            matches!(
+                c.get("add_generation_prompt"),
+                Some(OrderedJson::Bool(true))
+            ),
+            &extra,
+        );
+        match (got, c.get("expected").and_then(OrderedJson::as_str)) {
+            (Ok(got), Some(want)) if got == want => {}
+            (Ok(got), Some(want)) => {
+                failures.push(format!("{name}: {}", first_difference(&got, want)))
+            }
+            (Err(e), Some(_)) => failures.push(format!("{name}: error {e:#}")),
+            (Err(_), None) => {}
+            (Ok(_), None) => failures.push(format!("{name}: rendered, transformers refused it")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/chat_templates/goldens.json: prompts rendered by
 `transformers` `apply_chat_template(..., tokenize=False)` for the Qwen3-Next Instruct and
-Thinking templates, which `tests/text_chat_template.rs` must reproduce byte for byte.
+Thinking templates, which `tests/text_chat_template.rs` must reproduce byte for byte; and
+goldens_qwen35.json for the Qwen3.5 / 3.6 family's templates (qwen3.5.jinja: 4B and up;
+qwen3.5-small.jinja: 0.8B and 2B; qwen3.6.jinja: Qwen3.6-35B-A3B; provenance in
+tests/fixtures/README.md). Their tool calls carry arguments as objects, as vLLM passes them
+(the OpenAI API's JSON-string arguments parsed), and a case that the template refuses
+(`raise_exception`) is recorded as an expected error.
 
 Inputs (committed next to the output): tests/fixtures/qwen-vocab/tokenizer.json and
 tests/fixtures/chat_templates/tokenizer_config.{instruct,thinking}.json (copied from
@@ -25,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 TEMPLATES = FIXTURES / "chat_templates"
 OUT = TEMPLATES / "goldens.json"
+OUT_Q35 = TEMPLATES / "goldens_qwen35.json"
+Q35_TEMPLATES = {"qwen3.5": "qwen3.5.jinja", "qwen3.5-small": "qwen3.5-small.jinja", "qwen3.6": "qwen3.6.jinja"}
 
 WEATHER_TOOL = {
     "type": "function",
@@ -295,6 +302,89 @@ SCENARIOS = [
 ]
 
 
+def parsed_arguments(messages):
+    """Assistant tool calls with JSON-string arguments parsed, as vLLM renders them."""
+    out = json.loads(json.dumps(messages))
+    for m in out:
+        for c in m.get("tool_calls") or []:
+            f = c.get("function", {})
+            if isinstance(f.get("arguments"), str):
+                f["arguments"] = json.loads(f["arguments"])
+    return out
+
+
+Q35_SCENARIOS = [
+    (
+        "typed_arguments_and_reasoning",
+        [
+            {"role": "system", "content": "Use the tools."},
+            {"role": "user", "content": "Search twice"},
+            {"role": "assistant", "reasoning_content": "\nI should search.\n", "content": "",
+             "tool_calls": [call("search", {"query": "rust \"quoted\" <tag>", "max_results": 3, "threshold": 0.25,
+                                             "safe": False, "filters": {"lang": "en", "n": [1, 2]},
+                                             "tags": ["a", "b"], "pattern": None}),
+                            call("search", {"query": "多语言 🚀"}, "call_1")]},
+            {"role": "tool", "content": "result one"},
+            {"role": "tool", "content": "result two"},
+            {"role": "assistant", "content": "<think>\nold reasoning\n</think>\n\nBoth done."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        [SEARCH_TOOL],
+    ),
+    (
+        "image_parts_and_text_parts",
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"},
+                                         {"type": "text", "text": " and tell me."}]},
+        ],
+        None,
+    ),
+]
+
+
+def q35_main(scenarios):
+    tok = load_tokenizer("tokenizer_config.instruct.json")
+    cases = []
+    for variant, file in Q35_TEMPLATES.items():
+        source = (TEMPLATES / file).read_text(encoding="utf-8")
+        for name, messages, tools in scenarios + Q35_SCENARIOS:
+            messages = parsed_arguments(messages)
+            for agp in [True, False] if name in ("multi_turn_no_system", "single_user") else [True]:
+                extras = [{}]
+                if name in ("multi_turn_no_system", "tool_round_trip", "typed_arguments_and_reasoning"):
+                    extras += [{"enable_thinking": False}, {"enable_thinking": True}]
+                    if variant == "qwen3.6":
+                        extras.append({"preserve_thinking": True})
+                for extra in extras:
+                    case = {
+                        "name": f"{variant}/{name}" + ("" if agp else "/no_gen_prompt")
+                        + "".join(f"/{k}={v}" for k, v in extra.items()),
+                        "template": variant,
+                        "messages": messages,
+                        "tools": tools,
+                        "add_generation_prompt": agp,
+                        "extra": extra,
+                    }
+                    try:
+                        case["expected"] = tok.apply_chat_template(
+                            messages, tools=tools, add_generation_prompt=agp, tokenize=False,
+                            chat_template=source, **extra)
+                    except Exception as e:  # the template's raise_exception
+                        case["expected_error"] = str(e)
+                    cases.append(case)
+    doc = {
+        "generated_by": "tools/gen_chat_goldens.py",
+        "transformers": transformers.__version__,
+        "jinja2": jinja2.__version__,
+        "templates": Q35_TEMPLATES,
+        "cases": cases,
+    }
+    OUT_Q35.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    errors = sum("expected_error" in c for c in cases)
+    print(f"wrote {len(cases)} cases ({errors} refused by the template) to {OUT_Q35.relative_to(ROOT)}",
+          file=sys.stderr)
+
+
 def load_tokenizer(config_name):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(FIXTURES / "qwen-vocab" / "tokenizer.json", Path(tmp) / "tokenizer.json")
@@ -335,6 +425,7 @@ def main():
     }
     OUT.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {len(cases)} cases to {OUT.relative_to(ROOT)}", file=sys.stderr)
+    q35_main(SCENARIOS)
 
 
 if __name__ == "__main__":
