@@ -35,6 +35,7 @@ pub fn is_quantized(name: &str) -> bool {
     let Some(module) = name.strip_suffix(".weight") else {
         return false;
     };
+    let module = text_module(module);
     if !(module.starts_with("model.layers.") || module.starts_with("mtp.layers.")) {
         return false;
     }
@@ -42,8 +43,10 @@ pub fn is_quantized(name: &str) -> bool {
     let tail = &parts[3..];
     matches!(
         tail,
-        ["linear_attn", "in_proj_qkvz" | "out_proj"]
-            | ["self_attn", "q_proj" | "k_proj" | "v_proj" | "o_proj"]
+        [
+            "linear_attn",
+            "in_proj_qkvz" | "in_proj_qkv" | "in_proj_z" | "out_proj"
+        ] | ["self_attn", "q_proj" | "k_proj" | "v_proj" | "o_proj"]
             | ["mlp", "gate_proj" | "up_proj" | "down_proj"]
             | [
                 "mlp",
@@ -52,6 +55,40 @@ pub fn is_quantized(name: &str) -> bool {
             ]
             | ["mlp", "experts", _, "gate_proj" | "up_proj" | "down_proj"]
     )
+}
+
+/// A module of the Qwen3.5 releases' text model (`model.language_model.…`) under the name it
+/// has in Qwen3-Next (`model.…`), so that one set of rules covers both.
+fn text_module(module: &str) -> Cow<'_, str> {
+    match module.strip_prefix("model.language_model.") {
+        Some(rest) => Cow::Owned(format!("model.{rest}")),
+        None => Cow::Borrowed(module),
+    }
+}
+
+/// The Qwen3.5 BF16 releases stack each layer's experts in two 3-D tensors; the FP8 releases
+/// store them one by one, each with its scales. For `…mlp.experts.gate_up_proj` `[E, 2I, H]`
+/// (gate rows first) and `…mlp.experts.down_proj` `[E, H, I]`: the per-expert matrices it
+/// becomes, as (name, first row in the stack) with `rows` rows each.
+fn unstacked(name: &str, shape: &[usize]) -> Option<(Vec<(String, usize)>, usize)> {
+    let &[e, r, _] = shape else { return None };
+    if let Some(stem) = name.strip_suffix("mlp.experts.gate_up_proj") {
+        let i = r / 2;
+        let names = (0..e)
+            .flat_map(|x| {
+                [
+                    (format!("{stem}mlp.experts.{x}.gate_proj.weight"), x * r),
+                    (format!("{stem}mlp.experts.{x}.up_proj.weight"), x * r + i),
+                ]
+            })
+            .collect();
+        return Some((names, i));
+    }
+    let stem = name.strip_suffix("mlp.experts.down_proj")?;
+    let names = (0..e)
+        .map(|x| (format!("{stem}mlp.experts.{x}.down_proj.weight"), x * r))
+        .collect();
+    Some((names, r))
 }
 
 /// `modules_to_not_convert` for the tensors that stay unquantised: the module of each (its
@@ -65,11 +102,18 @@ pub fn modules_to_not_convert<'a>(kept: impl Iterator<Item = &'a str>) -> Vec<St
             .strip_suffix(".weight")
             .or_else(|| name.strip_suffix(".bias"))
             .unwrap_or(name);
-        if module == "model.embed_tokens" || module == "model.norm" {
+        // The vision tower of the Qwen3.5 releases, as one module.
+        let module = if module.starts_with("model.visual.") {
+            "model.visual"
+        } else {
+            module
+        };
+        let plain = text_module(module);
+        if plain == "model.embed_tokens" || plain == "model.norm" {
             continue;
         }
         let layer = |p: &str| {
-            module
+            plain
                 .strip_prefix(p)
                 .and_then(|r| r.split('.').next())
                 .and_then(|l| l.parse::<usize>().ok())
@@ -134,9 +178,15 @@ fn quantize_tensor(t: &TensorRef) -> Result<Fp8Matrix> {
             t.shape
         );
     };
+    quantize_rows(t, 0, n, k)
+}
+
+/// Rows `first..first + n` (of width `k`) of `t`, quantised as one matrix.
+fn quantize_rows(t: &TensorRef, first: usize, n: usize, k: usize) -> Result<Fp8Matrix> {
+    let part = first * k..(first + n) * k;
     let q = match t.dtype {
         DType::BF16 => {
-            let e = t.elems::<u16>();
+            let e = t.elems_in::<u16>(part);
             quantize_fp8_serial(
                 n,
                 k,
@@ -147,7 +197,7 @@ fn quantize_tensor(t: &TensorRef) -> Result<Fp8Matrix> {
             )
         }
         DType::F32 => {
-            let e = t.elems::<f32>();
+            let e = t.elems_in::<f32>(part);
             quantize_fp8_serial(
                 n,
                 k,
@@ -159,7 +209,8 @@ fn quantize_tensor(t: &TensorRef) -> Result<Fp8Matrix> {
         }
         DType::F16 => {
             let v = t.to_f32()?;
-            quantize_fp8_serial(n, k, &F32Rows { values: &v, k })
+            let values = &v[part];
+            quantize_fp8_serial(n, k, &F32Rows { values, k })
         }
         other => bail!(
             "tensor `{}` in {} has dtype {}, expected BF16 (or F32/F16) to quantise",
@@ -253,7 +304,23 @@ pub fn main(a: Args) -> Result<()> {
         for &name in names {
             let t = ck.get(name)?;
             let start = specs.len();
-            if is_quantized(name) {
+            if let Some((matrices, rows)) = unstacked(name, t.shape) {
+                let k = t.shape[2];
+                quantised += matrices.len();
+                quantised_in += t.bytes().len();
+                for (m, _) in matrices {
+                    specs.push(TensorSpec {
+                        name: format!("{m}_scale_inv"),
+                        dtype: DType::F32,
+                        shape: vec![rows.div_ceil(BLOCK), k.div_ceil(BLOCK)],
+                    });
+                    specs.push(TensorSpec {
+                        name: m,
+                        dtype: DType::F8E4M3,
+                        shape: vec![rows, k],
+                    });
+                }
+            } else if is_quantized(name) {
                 let &[n, k] = t.shape else {
                     bail!(
                         "tensor `{name}` in {} has shape {:?}; a quantised Linear weight must be 2-D",
@@ -297,7 +364,18 @@ pub fn main(a: Args) -> Result<()> {
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
-            let parts: Parts = if groups[g].len() == 2 {
+            let parts: Parts = if let Some((matrices, rows)) = unstacked(names[g], t.shape) {
+                let k = t.shape[2];
+                let mut parts = Vec::with_capacity(2 * matrices.len());
+                for (_, first) in matrices {
+                    let q = quantize_rows(&t, first, rows, k)?;
+                    parts.push(Cow::Owned(
+                        q.scale_inv.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                    ));
+                    parts.push(Cow::Owned(q.codes));
+                }
+                parts
+            } else if groups[g].len() == 2 {
                 let q = quantize_tensor(&t)?;
                 let scales = q.scale_inv.iter().flat_map(|s| s.to_le_bytes()).collect();
                 vec![Cow::Owned(q.codes), Cow::Owned(scales)]
