@@ -237,6 +237,12 @@ fn qwen35_moe_fp8_per_expert() {
     check("q35-moe-fp8", &FEEDS);
 }
 
+/// The server tests' Qwen3.5 checkpoint (1,024-token vocabulary, the family's template).
+#[test]
+fn qwen35_chat_fixture() {
+    check("q35-chat", &FEEDS);
+}
+
 #[test]
 fn fast_bf16_within_transformers_bf16_deviation() {
     check_fast("bf16-interval2", false);

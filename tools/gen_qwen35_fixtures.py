@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -48,9 +49,10 @@ torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 transformers.logging.set_verbosity_error()
 
+ROOT = Path(__file__).resolve().parent.parent
 TEXT = "model.language_model."
 GENERATED = ["model*.safetensors", "model.safetensors.index.json", "reference.safetensors", "config.json",
-             "generation_config.json"]
+             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +392,8 @@ def build(s) -> dict:
                                                "mtp_logprobs": mtp_lp.contiguous(),
                                                "f32_max_abs": torch.tensor([f32_dev])})
     roundtrip(folder, s, ids, logits)
+    if s.get("chat"):
+        add_chat_files(folder)
     std = logits.std(-1).mean().item()
     print(f"  logit std {std:.3f}; min router gap {margin:.1e}; mRoPE vs partial RoPE {rope_d:.1e}; "
           f"transformers f32 vs the f64 reference {f32_dev:.1e}; "
@@ -449,7 +453,23 @@ def specs() -> list[dict]:
                     pattern="LF", hidden=160, heads=4, kv_heads=2, head_dim=40, partial=0.25,
                     mrope_section=[3, 1, 1], hk=2, hv=4, dk=32, dv=24, experts=4, topk=2, moe_i=96, shared_i=136,
                     vocab=290, tied=False, bos=287, eos=289, T=150, shards=1, experts_layout="per-expert"))
+    # For the server tests: the bundled model's small byte-level BPE (Qwen's special and added
+    # tokens, ids 0-25) with the Qwen3.5 chat template as the releases ship it (chat_template.jinja,
+    # which takes priority over tokenizer_config.json's).
+    out.append(dict(name="q35-chat", seed=1010, moe=True, dtype="bf16", pattern="LLLF", hidden=32, heads=2,
+                    kv_heads=1, head_dim=32, partial=0.25, mrope_section=[2, 1, 1], hk=1, hv=2, dk=16, dv=16,
+                    experts=4, topk=2, moe_i=16, shared_i=16, vocab=1024, tied=False, bos=0, eos=2, T=140,
+                    shards=1, experts_layout="fused, MTP per-expert", chat=True))
     return out
+
+
+def add_chat_files(folder: Path) -> None:
+    tiny = ROOT / "models" / "qnext-tiny"
+    shutil.copyfile(tiny / "tokenizer.json", folder / "tokenizer.json")
+    cfg = json.loads((tiny / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    write_json(folder / "tokenizer_config.json", cfg)
+    shutil.copyfile(FIX / "chat_templates" / "qwen3.5.jinja", folder / "chat_template.jinja")
 
 
 def main():
