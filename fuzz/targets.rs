@@ -224,12 +224,9 @@ pub fn output_parsers(data: &[u8]) {
         k += 1;
     }
     for (reasoning, tool_calls) in [(true, true), (true, false), (false, true), (false, false)] {
-        let parsers = OutputParsers {
-            reasoning,
-            tool_calls,
-        };
-        let whole = parse_output(&text, parsers, &mut ToolCallIds::from_seed(7));
-        let mut s = OutputStream::new(parsers, ToolCallIds::from_seed(7));
+        let parsers = OutputParsers::qwen3_next(reasoning, tool_calls);
+        let whole = parse_output(&text, &parsers, &mut ToolCallIds::from_seed(7));
+        let mut s = OutputStream::new(&parsers, ToolCallIds::from_seed(7));
         let (mut r, mut c, mut calls) = (String::new(), String::new(), 0usize);
         let mut deltas: Vec<_> = pieces.iter().map(|p| s.push(p)).collect();
         deltas.push(s.finish());

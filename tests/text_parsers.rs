@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use qnext::text::{
-    finish_reason, parse_output, parse_reasoning, parse_tool_calls, DecodeStream, OutputParsers,
-    OutputStream, ParsedOutput, ReasoningStream, Tokenizer, ToolCall, ToolCallIds, ToolCallStream,
+    finish_reason, parse_output, parse_reasoning, parse_reasoning_with, parse_tool_calls,
+    parse_tool_calls_as, DecodeStream, OutputParsers, OutputStream, ParsedOutput, ReasoningRule,
+    ReasoningStream, Tokenizer, ToolCall, ToolCallIds, ToolCallStream, ToolFormat, ToolSchemas,
 };
 
 const THINK_END_ID: u32 = 151668;
@@ -501,7 +502,7 @@ fn tool_call_ids() {
 // Both parsers chained (Thinking model with tools)
 
 fn stream_output(parsers: OutputParsers, pieces: &[String]) -> (ParsedOutput, bool) {
-    let mut s = OutputStream::new(parsers, ToolCallIds::from_seed(SEED));
+    let mut s = OutputStream::new(&parsers, ToolCallIds::from_seed(SEED));
     let (mut r, mut c) = (String::new(), String::new());
     let mut calls: BTreeMap<usize, ToolCall> = BTreeMap::new();
     let mut deltas = Vec::new();
@@ -527,7 +528,7 @@ fn stream_output(parsers: OutputParsers, pieces: &[String]) -> (ParsedOutput, bo
         }
     }
     let out = ParsedOutput {
-        reasoning: parsers.reasoning.then_some(r),
+        reasoning: parsers.reasoning.is_some().then_some(r),
         content: (!c.is_empty()).then_some(c),
         tool_calls: calls.into_values().collect(),
     };
@@ -536,10 +537,10 @@ fn stream_output(parsers: OutputParsers, pieces: &[String]) -> (ParsedOutput, bo
 
 #[track_caller]
 fn check_output(text: &str, parsers: OutputParsers, expected: &ParsedOutput) {
-    let got = parse_output(text, parsers, &mut ToolCallIds::from_seed(SEED));
+    let got = parse_output(text, &parsers, &mut ToolCallIds::from_seed(SEED));
     assert_eq!(&got, expected, "non-streamed: {text:?}");
     for (how, pieces) in all_chunkings(text) {
-        let (streamed, called) = stream_output(parsers, &pieces);
+        let (streamed, called) = stream_output(parsers.clone(), &pieces);
         assert_eq!(&streamed, expected, "streamed by {how}: {text:?}");
         assert_eq!(called, !expected.tool_calls.is_empty());
     }
@@ -555,10 +556,9 @@ fn call(id_index: usize, name: &str, arguments: &str) -> ToolCall {
     }
 }
 
-const BOTH: OutputParsers = OutputParsers {
-    reasoning: true,
-    tool_calls: true,
-};
+fn both() -> OutputParsers {
+    OutputParsers::qwen3_next(true, true)
+}
 
 #[test]
 fn thinking_then_tool_call() {
@@ -571,7 +571,7 @@ fn thinking_then_tool_call() {
         content: Some("\n\n".into()),
         tool_calls: vec![call(0, "get_weather", WEATHER_ARGS)],
     };
-    check_output(&text, BOTH, &expected);
+    check_output(&text, both(), &expected);
     assert_eq!(expected.finish_reason("stop"), "tool_calls");
 }
 
@@ -584,13 +584,13 @@ fn tool_call_inside_reasoning_is_not_parsed() {
         content: None,
         tool_calls: Vec::new(),
     };
-    check_output(&text, BOTH, &expected);
+    check_output(&text, both(), &expected);
     assert_eq!(expected.finish_reason("length"), "length");
     // A call mentioned while thinking, then a real one after `</think>`.
     let text = format!("I could use {WEATHER} here.\n</think>\n\nSure.\n{WEATHER}");
     check_output(
         &text,
-        BOTH,
+        both(),
         &ParsedOutput {
             reasoning: Some(format!("I could use {WEATHER} here.\n")),
             content: Some("\n\nSure.\n".into()),
@@ -605,10 +605,7 @@ fn parser_combinations() {
     // Reasoning only: the tool call stays in the content.
     check_output(
         &text,
-        OutputParsers {
-            reasoning: true,
-            tool_calls: false,
-        },
+        OutputParsers::qwen3_next(true, false),
         &ParsedOutput {
             reasoning: Some("Plan.\n".into()),
             content: Some(format!("\n\n{WEATHER}")),
@@ -618,10 +615,7 @@ fn parser_combinations() {
     // Instruct with tools: no reasoning field, `</think>` is ordinary content.
     check_output(
         &text,
-        OutputParsers {
-            reasoning: false,
-            tool_calls: true,
-        },
+        OutputParsers::qwen3_next(false, true),
         &ParsedOutput {
             reasoning: None,
             content: Some("Plan.\n</think>\n\n".into()),
@@ -642,7 +636,7 @@ fn parser_combinations() {
     let text = "Plan.\n</think>\n\n<tool_call>\n{\"name\": \"f\"\n</tool_call>";
     check_output(
         text,
-        BOTH,
+        both(),
         &ParsedOutput {
             reasoning: Some("Plan.\n".into()),
             content: Some("\n\n<tool_call>\n{\"name\": \"f\"\n</tool_call>".into()),
@@ -756,13 +750,272 @@ fn arbitrary_inputs() {
             assert_eq!(s_calls, calls, "{text:?}");
         }
 
-        for parsers in [BOTH, OutputParsers::default()] {
-            let _ = parse_output(&text, parsers, &mut ToolCallIds::from_seed(SEED));
-            let _ = stream_output(parsers, &pieces);
+        for parsers in [both(), OutputParsers::default()] {
+            let _ = parse_output(&text, &parsers, &mut ToolCallIds::from_seed(SEED));
+            let _ = stream_output(parsers.clone(), &pieces);
         }
     }
     assert!(
         split > 500 && called > 500,
         "split {split}, called {called}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// qwen3_coder (Qwen3.5 / 3.6): vLLM 0.22–0.23's `qwen3coder_tool_parser.py`, whose results
+// below were produced by running that released code.
+
+fn qwen3_coder_format() -> ToolFormat {
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {
+            "s": {"type": "string"}, "sn": {"type": ["string", "null"]}, "i": {"type": "integer"},
+            "n": {"type": "number"}, "b": {"type": "boolean"}, "o": {"type": "object"},
+            "a": {"type": "array"}, "any_s": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "en": {"enum": [1, 2]}, "noschema": {}, "foo": {"type": "foo"},
+            "I": {"type": "Integer"}, "ns": {"type": ["null", "string"]},
+            "any": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "ni": {"type": ["null", "integer"]}, "e": {"type": "string"},
+            "u": {"type": "foo"}}}}}]);
+    ToolFormat::Qwen3Coder(ToolSchemas::from_tools(Some(&tools)))
+}
+
+fn one_call(params: &[(&str, &str)]) -> String {
+    let body: String = params
+        .iter()
+        .map(|(k, v)| format!("<parameter={k}>\n{v}\n</parameter>\n"))
+        .collect();
+    format!("<tool_call>\n<function=f>\n{body}</function>\n</tool_call>")
+}
+
+/// The argument JSON of one call, or `None` when the parse gives none.
+fn qwen3_arguments(text: &str) -> Option<String> {
+    let (_, calls) =
+        parse_tool_calls_as(text, &qwen3_coder_format(), &mut ToolCallIds::from_seed(1));
+    calls.first().map(|c| c.arguments.clone())
+}
+
+#[test]
+fn qwen3_coder_values_typed_as_vllm_types_them() {
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("s", "null", Some("\"null\"")),
+        ("s", "123", Some("\"123\"")),
+        ("sn", "123", Some("\"123\"")),
+        ("sn", "null", Some("null")),
+        ("sn", "hello", Some("\"hello\"")),
+        ("i", "42", Some("42")),
+        ("i", " 42 ", Some("42")),
+        ("i", "4_2", Some("42")),
+        ("i", "5.0", Some("5.0")),
+        ("i", "null", Some("null")),
+        ("i", "abc", Some("\"abc\"")),
+        ("n", "3.0", Some("3")),
+        ("n", "3.5", Some("3.5")),
+        ("n", "1e3", Some("1000")),
+        ("n", "nan", Some("\"nan\"")),
+        ("n", "inf", None),
+        ("n", "-0.0", Some("0")),
+        ("n", "12345678901234567890", Some("12345678901234567168")),
+        ("b", "True", Some("true")),
+        ("b", "1", Some("true")),
+        ("b", "no", Some("\"no\"")),
+        ("b", " true ", Some("true")),
+        ("o", "{\"a\": 1}", Some("{\"a\": 1}")),
+        ("o", "{'a': 1}", Some("\"{'a': 1}\"")),
+        ("o", "not json", Some("\"not json\"")),
+        ("a", "[1, 'x']", Some("\"[1, 'x']\"")),
+        ("a", "(1, 2)", Some("\"(1, 2)\"")),
+        ("any_s", "123", Some("\"123\"")),
+        ("any_s", "hi", Some("\"hi\"")),
+        ("any_s", "null", Some("null")),
+        ("en", "2", Some("2")),
+        ("noschema", "42", Some("\"42\"")),
+        ("noschema", "[1]", Some("\"[1]\"")),
+        ("foo", "[1,2]", Some("[1, 2]")),
+        ("foo", "hello", Some("\"hello\"")),
+        ("foo", "{1,2}", Some("\"{1,2}\"")),
+        ("unknown", "42", Some("\"42\"")),
+    ];
+    for &(key, value, want) in cases {
+        let got = qwen3_arguments(&one_call(&[(key, value)]));
+        let want = want.map(|w| format!("{{\"{key}\": {w}}}"));
+        assert_eq!(got, want, "{key}={value:?}");
+    }
+}
+
+#[test]
+fn qwen3_coder_outputs_as_vllm_parses_them() {
+    /// (output, content, calls as (name, arguments)).
+    type Case<'a> = (&'a str, Option<&'a str>, &'a [(&'a str, &'a str)]);
+    let cases: &[Case] = &[
+        (
+            "<tool_call>\n<function=f>\n<parameter=s>\nhello\n</parameter>\n<parameter=i>\n5\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"s\": \"hello\", \"i\": 5}")],
+        ),
+        (
+            "Let me check.\n\n<tool_call>\n<function=f>\n<parameter=s>\nx\n</parameter>\n</function>\n</tool_call>",
+            Some("Let me check.\n\n"),
+            &[("f", "{\"s\": \"x\"}")],
+        ),
+        // Whitespace alone before the call: `None` (vLLM's serving layer).
+        (
+            "\n\n<tool_call>\n<function=f>\n<parameter=s>\nx\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"s\": \"x\"}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=i>\n1\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n<parameter=q>\nz\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"i\": 1}"), ("g", "{\"q\": \"z\"}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=n>\n3.0\n</parameter>\n<parameter=b>\nTrue\n</parameter>\n<parameter=o>\n{\"k\": [1, 2]}\n</parameter>\n<parameter=a>\n['a', 'b']\n</parameter>\n<parameter=e>\nx\n</parameter>\n<parameter=u>\n[1,2]\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"n\": 3, \"b\": true, \"o\": {\"k\": [1, 2]}, \"a\": \"['a', 'b']\", \"e\": \"x\", \"u\": [1, 2]}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=s>\nnull\n</parameter>\n<parameter=ns>\nnull\n</parameter>\n<parameter=i>\nNone\n</parameter>\n<parameter=any>\nnull\n</parameter>\n<parameter=ni>\n7\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"s\": \"null\", \"ns\": null, \"i\": \"None\", \"any\": null, \"ni\": 7}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=i>\n5.5\n</parameter>\n<parameter=n>\nabc\n</parameter>\n<parameter=b>\nyes\n</parameter>\n<parameter=o>\nnot json\n</parameter>\n<parameter=zzz>\n42\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"i\": 5.5, \"n\": \"abc\", \"b\": \"yes\", \"o\": \"not json\", \"zzz\": \"42\"}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=s>\n\nline1\nline2\n\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"s\": \"\\nline1\\nline2\\n\"}")],
+        ),
+        (
+            "<tool_call><function=f><parameter=s>  spaced  </parameter><parameter=i>  7 </parameter></function></tool_call>",
+            None,
+            &[("f", "{\"s\": \"  spaced  \", \"i\": 7}")],
+        ),
+        (
+            "<tool_call>\n<function=f>\n<parameter=s>\nhéllo \"q\" \\ 中文\n</parameter>\n</function>\n</tool_call>",
+            None,
+            &[("f", "{\"s\": \"héllo \\\"q\\\" \\\\ 中文\"}")],
+        ),
+        // Cut off inside a value: Python's `$` before the final newline, then the trim.
+        (
+            "<tool_call>\n<function=f>\n<parameter=s>\nabc\n\n\n",
+            None,
+            &[("f", "{\"s\": \"abc\"}")],
+        ),
+    ];
+    let format = qwen3_coder_format();
+    for &(text, content, calls) in cases {
+        let want = ParsedOutput {
+            reasoning: None,
+            content: content.map(str::to_owned),
+            tool_calls: calls
+                .iter()
+                .enumerate()
+                .map(|(i, (n, a))| call(i, n, a))
+                .collect(),
+        };
+        let parsers = OutputParsers {
+            reasoning: None,
+            tool_calls: Some(format.clone()),
+        };
+        check_output(text, parsers, &want);
+    }
+    // A parameter without its `>` fails the whole parse: everything is content.
+    let text = "<tool_call>\n<function=f>\n<parameter=s>\nx\n</parameter>\n<parameter=i";
+    let (content, calls) = parse_tool_calls_as(text, &format, &mut ToolCallIds::from_seed(1));
+    assert_eq!((content.as_deref(), calls.len()), (Some(text), 0));
+}
+
+/// vLLM `qwen3` (0.20–0.23) with Qwen3.5's prompts: thinking on (the prompt opens `<think>`)
+/// or off (`enable_thinking: false`, or the prompt closes it).
+#[test]
+fn qwen3_reasoning_split() {
+    let on = ReasoningRule::Qwen3 { thinking: true };
+    let off = ReasoningRule::Qwen3 { thinking: false };
+    let s = |x: &str| Some(x.to_owned());
+    type Split = (Option<String>, Option<String>);
+    let cases: &[(&str, ReasoningRule, Split)] = &[
+        (
+            "<think>\nabc\n</think>\n\nanswer",
+            on,
+            (s("\nabc\n"), s("\n\nanswer")),
+        ),
+        ("abc\n</think>\n\nanswer", on, (s("abc\n"), s("\n\nanswer"))),
+        ("still thinking", on, (s("still thinking"), None)),
+        ("answer only", off, (None, s("answer only"))),
+        // A tool call ends unfinished reasoning; the call is content, for the tool parser.
+        (
+            "plan\n<tool_call>\n<function=f>\n</function>\n</tool_call>",
+            on,
+            (
+                s("plan\n"),
+                s("<tool_call>\n<function=f>\n</function>\n</tool_call>"),
+            ),
+        ),
+        (
+            "<tool_call>x</tool_call>",
+            on,
+            (None, s("<tool_call>x</tool_call>")),
+        ),
+    ];
+    for (text, rule, want) in cases {
+        assert_eq!(
+            &parse_reasoning_with(text, *rule),
+            want,
+            "{text:?} {rule:?}"
+        );
+        let parsers = OutputParsers {
+            reasoning: Some(*rule),
+            tool_calls: None,
+        };
+        // Through the chained parsers, whole and streamed (where "no reasoning" and empty
+        // reasoning read the same).
+        let got = parse_output(text, &parsers, &mut ToolCallIds::from_seed(SEED));
+        let nonempty = |r: Option<String>| r.filter(|r| !r.is_empty());
+        assert_eq!(
+            (nonempty(got.reasoning), got.content),
+            want.clone(),
+            "{text:?}"
+        );
+        for (how, pieces) in all_chunkings(text) {
+            let (streamed, _) = stream_output(parsers.clone(), &pieces);
+            assert_eq!(
+                (nonempty(streamed.reasoning), streamed.content),
+                want.clone(),
+                "streamed by {how}: {text:?}"
+            );
+        }
+    }
+}
+
+/// Thinking with tools under the Qwen3.5 parsers, streamed and whole.
+#[test]
+fn qwen3_reasoning_then_qwen3_coder_calls() {
+    let parsers = OutputParsers {
+        reasoning: Some(ReasoningRule::Qwen3 { thinking: true }),
+        tool_calls: Some(qwen3_coder_format()),
+    };
+    let text = "I need the weather.\n</think>\n\n<tool_call>\n<function=f>\n<parameter=s>\nParis\n</parameter>\n</function>\n</tool_call>";
+    check_output(
+        text,
+        parsers.clone(),
+        &ParsedOutput {
+            reasoning: Some("I need the weather.\n".into()),
+            content: None,
+            tool_calls: vec![call(0, "f", "{\"s\": \"Paris\"}")],
+        },
+    );
+    // The call inside unclosed reasoning is still found.
+    let text = "I need the weather.\n<tool_call>\n<function=f>\n<parameter=s>\nParis\n</parameter>\n</function>\n</tool_call>";
+    check_output(
+        text,
+        parsers,
+        &ParsedOutput {
+            reasoning: Some("I need the weather.\n".into()),
+            content: None,
+            tool_calls: vec![call(0, "f", "{\"s\": \"Paris\"}")],
+        },
     );
 }

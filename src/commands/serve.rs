@@ -10,13 +10,21 @@ enum Reasoning {
     /// `<think>…</think>` → `reasoning_content` (Qwen3-Next-Thinking).
     #[value(name = "deepseek_r1")]
     DeepseekR1,
+    /// As deepseek_r1, also ended by `<tool_call>`, and all content when thinking is off
+    /// (Qwen3.5 / 3.6).
+    Qwen3,
     None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ToolParser {
+    /// The model's own: hermes for Qwen3-Next, qwen3_coder for Qwen3.5 / 3.6.
+    Auto,
     /// `<tool_call>{json}</tool_call>` → `tool_calls` (Qwen3-Next).
     Hermes,
+    /// `<tool_call><function=…><parameter=…>` → `tool_calls` (Qwen3.5 / 3.6).
+    #[value(name = "qwen3_coder")]
+    Qwen3Coder,
     None,
 }
 
@@ -43,7 +51,7 @@ pub struct Args {
     max_num_seqs: usize,
     #[arg(long, value_enum, default_value = "none")]
     reasoning_parser: Reasoning,
-    #[arg(long, value_enum, default_value = "hermes")]
+    #[arg(long, value_enum, default_value = "auto")]
     tool_call_parser: ToolParser,
     /// Chat template replacing the checkpoint's (.jinja, or JSON with `chat_template`).
     #[arg(long)]
@@ -193,10 +201,13 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         max_num_seqs: a.max_num_seqs,
         reasoning_parser: match a.reasoning_parser {
             Reasoning::DeepseekR1 => ReasoningParser::DeepseekR1,
+            Reasoning::Qwen3 => ReasoningParser::Qwen3,
             Reasoning::None => ReasoningParser::None,
         },
         tool_call_parser: match a.tool_call_parser {
+            ToolParser::Auto => ToolCallParser::Auto,
             ToolParser::Hermes => ToolCallParser::Hermes,
+            ToolParser::Qwen3Coder => ToolCallParser::Qwen3Coder,
             ToolParser::None => ToolCallParser::None,
         },
         chat_template: a.chat_template,

@@ -18,7 +18,10 @@ use super::generate::{
 use super::params::{self, as_bool, Body, MAX_LOGPROBS};
 use super::{misc, read_body, sse, AppState, ReasoningParser, ToolCallParser};
 use crate::text::tool_calls::ParsedOutput;
-use crate::text::{parse_output, OutputDelta, OutputParsers, OutputStream, ToolCallIds};
+use crate::text::{
+    parse_output, OutputDelta, OutputParsers, OutputStream, ReasoningRule, ToolCallIds, ToolFormat,
+    ToolSchemas,
+};
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 /// Messages per request: each is a pass of the template's loop, however short.
@@ -185,16 +188,44 @@ pub fn render(st: &AppState, body: &Body) -> ApiResult<Rendered> {
             })?;
         text.truncate(end);
     }
+    let reasoning = match st.reasoning_parser {
+        ReasoningParser::None => None,
+        ReasoningParser::DeepseekR1 => Some(ReasoningRule::DeepseekR1),
+        ReasoningParser::Qwen3 => Some(ReasoningRule::Qwen3 {
+            thinking: thinking_on(&text, &extra),
+        }),
+    };
+    let tool_calls = match st.tool_call_parser {
+        _ if !(has_tools && tool_choice == "auto") => None,
+        ToolCallParser::Hermes => Some(ToolFormat::Hermes),
+        ToolCallParser::Qwen3Coder => Some(ToolFormat::Qwen3Coder(ToolSchemas::from_tools(
+            tools.as_ref(),
+        ))),
+        ToolCallParser::None | ToolCallParser::Auto => None,
+    };
     Ok(Rendered {
         text,
         next_turn,
         parsers: OutputParsers {
-            reasoning: st.reasoning_parser == ReasoningParser::DeepseekR1,
-            tool_calls: has_tools
-                && tool_choice == "auto"
-                && st.tool_call_parser == ToolCallParser::Hermes,
+            reasoning,
+            tool_calls,
         },
     })
+}
+
+/// Whether the model starts its answer thinking: not when the request says
+/// `enable_thinking: false`, nor when the prompt's last think tag closes the block (the
+/// Qwen3.5 templates write `<think>\n\n</think>\n\n` when thinking is off, which the 0.8B
+/// and 2B templates do by default).
+fn thinking_on(prompt: &str, extra: &Map<String, Value>) -> bool {
+    if extra.get("enable_thinking") == Some(&Value::Bool(false)) {
+        return false;
+    }
+    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(open), Some(close)) => open > close,
+    }
 }
 
 /// Stands in for the next user message when the conversation is rendered ahead.
@@ -645,8 +676,8 @@ async fn complete(mut job: Job) -> ApiResult<Response> {
         if let Finish::Error(msg) = &finish {
             return Err(ApiError::internal(format!("generation failed: {msg}")));
         }
-        let parsed = parse_output(&texts[i], job.parsers, &mut ToolCallIds::new());
-        let message = assistant_message(&parsed, job.parsers.reasoning);
+        let parsed = parse_output(&texts[i], &job.parsers, &mut ToolCallIds::new());
+        let message = assistant_message(&parsed, job.parsers.reasoning.is_some());
         if let (1, Some(next)) = (n, job.next_turn.take()) {
             warm_next_turn(&job.st, next, Value::Object(message.clone())).await;
         }
@@ -748,7 +779,7 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                 }
             }
             let mut parsers: Vec<OutputStream> = (0..n)
-                .map(|_| OutputStream::new(job.parsers, ToolCallIds::new()))
+                .map(|_| OutputStream::new(&job.parsers, ToolCallIds::new()))
                 .collect();
             // The whole text of a single choice, for the conversation's next turn.
             let mut whole = String::new();
@@ -776,8 +807,8 @@ async fn stream(mut job: Job, include_usage: bool, tx: sse::Sender) {
                     out.extend(deltas(parsers[i].finish()));
                     job.st.metrics.count_finish(finish.reason());
                     if let (1, Some(next)) = (n, job.next_turn.take()) {
-                        let parsed = parse_output(&whole, job.parsers, &mut ToolCallIds::new());
-                        let message = assistant_message(&parsed, job.parsers.reasoning);
+                        let parsed = parse_output(&whole, &job.parsers, &mut ToolCallIds::new());
+                        let message = assistant_message(&parsed, job.parsers.reasoning.is_some());
                         warm_next_turn(&job.st, next, Value::Object(message)).await;
                     }
                     Some(finish)
@@ -847,10 +878,7 @@ mod tests {
                       \"arguments\": {\"city\": \"Paris\", \"unit\": \"°C\"}}\n</tool_call>\n<tool_call>\n\
                       {\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
         let ids = tok.encode(output, false).unwrap();
-        let parsers = OutputParsers {
-            reasoning: true,
-            tool_calls: true,
-        };
+        let parsers = OutputParsers::qwen3_next(true, true);
         let settings = GenSettings {
             sampling: Default::default(),
             seed: None,
@@ -861,7 +889,7 @@ mod tests {
             logprobs: None,
         };
         let mut choice = Choice::new(0, 5, &settings, Arc::new(Vec::new()));
-        let mut stream = OutputStream::new(parsers, ToolCallIds::from_seed(7));
+        let mut stream = OutputStream::new(&parsers, ToolCallIds::from_seed(7));
         let mut out = Vec::new();
         let mut text = String::new();
         let events = ids
@@ -922,7 +950,7 @@ mod tests {
                     .push_str(t["function"]["arguments"].as_str().unwrap_or(""));
             }
         }
-        let parsed = parse_output(output, parsers, &mut ToolCallIds::from_seed(7));
+        let parsed = parse_output(output, &parsers, &mut ToolCallIds::from_seed(7));
         assert_eq!(Some(reasoning), parsed.reasoning);
         assert_eq!(Some(content), parsed.content);
         assert_eq!(parsed.content.as_deref(), Some("\n\nSure. "));

@@ -58,16 +58,34 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub enum ReasoningParser {
     #[default]
     None,
-    /// `<think>…</think>` → `reasoning_content` (vLLM `deepseek_r1`).
+    /// `<think>…</think>` → `reasoning_content` (vLLM `deepseek_r1`; Qwen3-Next-Thinking).
     DeepseekR1,
+    /// vLLM `qwen3` (Qwen3.5 / 3.6): also ended by `<tool_call>`; all content when thinking
+    /// is off (`enable_thinking: false`, or the prompt closes `<think>` itself).
+    Qwen3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ToolCallParser {
     None,
-    /// `<tool_call>{json}</tool_call>` → `tool_calls` (vLLM `hermes`).
-    #[default]
+    /// `<tool_call>{json}</tool_call>` → `tool_calls` (vLLM `hermes`; Qwen3-Next).
     Hermes,
+    /// `<tool_call><function=…><parameter=…>` → `tool_calls` (vLLM `qwen3_coder`; Qwen3.5 / 3.6).
+    Qwen3Coder,
+    /// The model family's own: hermes for Qwen3-Next, qwen3_coder for Qwen3.5 / 3.6.
+    #[default]
+    Auto,
+}
+
+impl ToolCallParser {
+    /// `Auto` resolved for a model of `family`.
+    pub fn for_family(self, family: crate::config::Family) -> ToolCallParser {
+        match (self, family) {
+            (ToolCallParser::Auto, crate::config::Family::Qwen3Next) => ToolCallParser::Hermes,
+            (ToolCallParser::Auto, crate::config::Family::Qwen35) => ToolCallParser::Qwen3Coder,
+            (p, _) => p,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +462,7 @@ impl AppState {
             ..EngineConfig::default()
         };
         eprintln!("{}", memory_plan(&model, &engine_cfg));
+        let family = model.cfg.family;
         let engine = Engine::start(Arc::new(model), engine_cfg);
         let served_names = if cfg.served_model_name.is_empty() {
             vec![cfg.model.clone()]
@@ -503,7 +522,7 @@ impl AppState {
             default_max_tokens: gen.max_new_tokens,
             api_key: cfg.api_key.clone(),
             reasoning_parser: cfg.reasoning_parser,
-            tool_call_parser: cfg.tool_call_parser,
+            tool_call_parser: cfg.tool_call_parser.for_family(family),
             created: unix_time(),
             metrics: ServerMetrics::default(),
             timeouts: cfg.timeouts,

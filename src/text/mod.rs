@@ -11,6 +11,7 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod ordered_json;
 mod pyjson;
+pub mod qwen3_coder;
 pub mod reasoning;
 mod strftime;
 pub mod tokenizer;
@@ -19,9 +20,13 @@ pub mod tool_calls;
 pub use chat_template::{ChatTemplate, RenderLimits};
 pub use detokenizer::DecodeStream;
 pub use ordered_json::OrderedJson;
-pub use reasoning::{parse_reasoning, ReasoningDelta, ReasoningStream};
+pub use qwen3_coder::ToolSchemas;
+pub use reasoning::{
+    parse_reasoning, parse_reasoning_with, ReasoningDelta, ReasoningRule, ReasoningStream,
+};
 pub use tokenizer::Tokenizer;
 pub use tool_calls::{
-    finish_reason, parse_output, parse_tool_calls, OutputDelta, OutputParsers, OutputStream,
-    ParsedOutput, ToolCall, ToolCallDelta, ToolCallIds, ToolCallStream, ToolStreamDelta,
+    finish_reason, parse_output, parse_tool_calls, parse_tool_calls_as, OutputDelta, OutputParsers,
+    OutputStream, ParsedOutput, ToolCall, ToolCallDelta, ToolCallIds, ToolCallStream, ToolFormat,
+    ToolStreamDelta,
 };

@@ -30,6 +30,53 @@ pub const THINK_START: &str = "<think>";
 /// Closes the reasoning block; what follows is the answer.
 pub const THINK_END: &str = "</think>";
 
+/// Opens a tool call; under the `qwen3` rule it also ends the reasoning.
+const TOOL_CALL_OPEN: &str = "<tool_call>";
+
+/// How an output is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningRule {
+    /// vLLM `deepseek_r1` (Qwen3-Next-Thinking): see the module docs.
+    DeepseekR1,
+    /// vLLM `qwen3` as released in 0.20–0.23, for Qwen3.5 / 3.6, whose templates open
+    /// `<think>` in the prompt, or close it there empty when thinking is off.
+    /// With `thinking`, as `deepseek_r1` except that a `<tool_call>` also ends the reasoning
+    /// (content starts at it; the reasoning before it is `None` when empty): Qwen3.5 may call a
+    /// tool without closing its thoughts. Where a `<tool_call>` comes before `</think>`, the
+    /// split is at the `<tool_call>` (vLLM's non-streaming parser looks for `</think>` first and
+    /// would keep the call in the reasoning). Without `thinking` (`enable_thinking: false`, or
+    /// a prompt whose last think tag is `</think>`), everything is content, as vLLM streams it
+    /// (its non-streaming parser would still split at a stray `</think>`).
+    Qwen3 { thinking: bool },
+}
+
+/// [`parse_reasoning`] under `rule`.
+pub fn parse_reasoning_with(text: &str, rule: ReasoningRule) -> (Option<String>, Option<String>) {
+    match rule {
+        ReasoningRule::DeepseekR1 => parse_reasoning(text),
+        ReasoningRule::Qwen3 { thinking: false } => {
+            (None, (!text.is_empty()).then(|| text.to_owned()))
+        }
+        ReasoningRule::Qwen3 { thinking: true } => {
+            let rest = match text.find(THINK_START) {
+                Some(i) => &text[i + THINK_START.len()..],
+                None => text,
+            };
+            let end = rest.find(THINK_END);
+            match rest.find(TOOL_CALL_OPEN) {
+                Some(t) if end.is_none_or(|e| t < e) => {
+                    let reasoning = &rest[..t];
+                    (
+                        (!reasoning.is_empty()).then(|| reasoning.to_owned()),
+                        Some(rest[t..].to_owned()),
+                    )
+                }
+                _ => parse_reasoning(rest),
+            }
+        }
+    }
+}
+
 /// Splits a complete output into `(reasoning_content, content)` exactly as vLLM's
 /// `DeepSeekR1ReasoningParser.extract_reasoning` does (see the module docs). The reasoning is
 /// always `Some` (possibly empty), because vLLM always returns a string there; the content is
@@ -87,8 +134,10 @@ impl ReasoningDelta {
 /// as content, where the non-streaming rule would restart the split at it; vLLM's streaming path
 /// also keeps later text as content there. Neither case arises with Qwen3-Next-Thinking, whose
 /// output contains no `<think>` at all.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReasoningStream {
+    /// A `<tool_call>` ends the reasoning too (the `qwen3` rule with thinking).
+    tool_call_ends: bool,
     /// Text received but not yet released: a possible partial tag, or leading whitespace.
     pending: String,
     in_content: bool,
@@ -99,9 +148,26 @@ pub struct ReasoningStream {
     released: bool,
 }
 
+impl Default for ReasoningStream {
+    fn default() -> Self {
+        Self::with_rule(ReasoningRule::DeepseekR1)
+    }
+}
+
 impl ReasoningStream {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A stream that splits as [`parse_reasoning_with`] does under `rule`.
+    pub fn with_rule(rule: ReasoningRule) -> Self {
+        Self {
+            tool_call_ends: rule == ReasoningRule::Qwen3 { thinking: true },
+            pending: String::new(),
+            in_content: rule == ReasoningRule::Qwen3 { thinking: false },
+            seen_start: false,
+            released: false,
+        }
     }
 
     /// Whether `</think>` has been seen, i.e. further text is content.
@@ -118,6 +184,27 @@ impl ReasoningStream {
         let mut reasoning = String::new();
         loop {
             let end = self.pending.find(THINK_END);
+            // Under the qwen3 rule a `<tool_call>` ends the reasoning and stays in the content.
+            let call = if self.tool_call_ends {
+                self.pending.find(TOOL_CALL_OPEN)
+            } else {
+                None
+            };
+            if let Some(t) = call.filter(|&t| end.is_none_or(|e| t < e)) {
+                let first_start = if self.seen_start {
+                    None
+                } else {
+                    self.pending.find(THINK_START)
+                };
+                if first_start.is_none_or(|s| s > t) {
+                    reasoning.push_str(&self.pending[..t]);
+                    let content = self.pending[t..].to_owned();
+                    self.pending.clear();
+                    self.in_content = true;
+                    self.released |= !reasoning.is_empty();
+                    return ReasoningDelta::new(&reasoning, &content);
+                }
+            }
             let start = if self.seen_start {
                 None
             } else {
@@ -144,7 +231,7 @@ impl ReasoningStream {
             }
             break;
         }
-        let keep = partial_tag_len(&self.pending, !self.seen_start);
+        let keep = partial_tag_len(&self.pending, !self.seen_start, self.tool_call_ends);
         let cut = self.pending.len() - keep;
         let ready = &self.pending[..cut];
         let hold_whitespace = !self.seen_start
@@ -168,12 +255,16 @@ impl ReasoningStream {
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `</think>` (or of `<think>`
-/// when `with_start`), i.e. could become a tag when more text arrives.
-fn partial_tag_len(text: &str, with_start: bool) -> usize {
+/// when `with_start`, of `<tool_call>` when `with_tool_call`), i.e. could become a tag when
+/// more text arrives.
+fn partial_tag_len(text: &str, with_start: bool, with_tool_call: bool) -> usize {
     let bytes = text.as_bytes();
     let mut tags = vec![THINK_END];
     if with_start {
         tags.push(THINK_START);
+    }
+    if with_tool_call {
+        tags.push(TOOL_CALL_OPEN);
     }
     tags.iter()
         .filter_map(|tag| {

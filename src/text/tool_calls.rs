@@ -48,9 +48,12 @@ use std::fmt::Write;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use super::ordered_json::OrderedJson;
 use super::pyjson::float_repr;
-use super::reasoning::{parse_reasoning, ReasoningStream};
+use super::qwen3_coder::{self, ToolSchemas};
+use super::reasoning::{parse_reasoning_with, ReasoningRule, ReasoningStream};
 
 /// Opens a tool-call block (added token 151657, not special).
 pub const TOOL_CALL_START: &str = "<tool_call>";
@@ -131,16 +134,55 @@ impl Default for ToolCallIds {
 /// empty); with calls, it is the text before the first `<tool_call>` (`None` when empty). Ids are
 /// drawn from `ids` in call order.
 pub fn parse_tool_calls(text: &str, ids: &mut ToolCallIds) -> (Option<String>, Vec<ToolCall>) {
+    parse_tool_calls_as(text, &ToolFormat::Hermes, ids)
+}
+
+/// Which model output format [`parse_tool_calls_as`] and [`ToolCallStream`] read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen3-Next; vLLM `hermes`).
+    Hermes,
+    /// `<tool_call><function=…><parameter=…>…` typed by the request's tools (Qwen3.5 / 3.6;
+    /// vLLM `qwen3_coder`, see [`super::qwen3_coder`]).
+    Qwen3Coder(Arc<ToolSchemas>),
+}
+
+impl ToolFormat {
+    /// One block's calls, or `None` where the whole output becomes content.
+    fn parse_block(&self, block: &str, terminated: bool) -> Option<Vec<(String, String)>> {
+        match self {
+            ToolFormat::Hermes => parse_block(block).map(|c| vec![c]),
+            ToolFormat::Qwen3Coder(schemas) => qwen3_coder::parse_block(block, terminated, schemas),
+        }
+    }
+
+    /// Content that is only whitespace becomes `None` when tools were called (vLLM's serving
+    /// layer, checked for `qwen3_coder`; Qwen3.5 writes `</think>\n\n<tool_call>`, so that is
+    /// the usual case). The hermes path keeps its parser's content as it was specified.
+    fn drops_blank_content(&self) -> bool {
+        matches!(self, ToolFormat::Qwen3Coder(_))
+    }
+}
+
+/// [`parse_tool_calls`] for the output format `format`.
+pub fn parse_tool_calls_as(
+    text: &str,
+    format: &ToolFormat,
+    ids: &mut ToolCallIds,
+) -> (Option<String>, Vec<ToolCall>) {
     let whole = || (!text.is_empty()).then(|| text.to_owned());
     let Some(first) = text.find(TOOL_CALL_START) else {
         return (whole(), Vec::new());
     };
     let mut parsed = Vec::new();
-    for block in blocks(text) {
-        match parse_block(block) {
-            Some(call) => parsed.push(call),
+    for (block, terminated) in blocks(text) {
+        match format.parse_block(block, terminated) {
+            Some(calls) => parsed.extend(calls),
             None => return (whole(), Vec::new()),
         }
+    }
+    if parsed.is_empty() {
+        return (whole(), Vec::new());
     }
     let calls = parsed
         .into_iter()
@@ -151,22 +193,24 @@ pub fn parse_tool_calls(text: &str, ids: &mut ToolCallIds) -> (Option<String>, V
         })
         .collect();
     let content = &text[..first];
-    ((!content.is_empty()).then(|| content.to_owned()), calls)
+    let blank = content.is_empty() || (format.drops_blank_content() && content.trim().is_empty());
+    ((!blank).then(|| content.to_owned()), calls)
 }
 
-/// The inner texts the hermes regex captures, in order.
-fn blocks(text: &str) -> Vec<&str> {
+/// The inner texts the block regex captures, in order, each with whether its `</tool_call>`
+/// came.
+fn blocks(text: &str) -> Vec<(&str, bool)> {
     let mut out = Vec::new();
     let mut pos = 0;
     while let Some(s) = text[pos..].find(TOOL_CALL_START) {
         let inner = pos + s + TOOL_CALL_START.len();
         match text[inner..].find(TOOL_CALL_END) {
             Some(e) => {
-                out.push(&text[inner..inner + e]);
+                out.push((&text[inner..inner + e], true));
                 pos = inner + e + TOOL_CALL_END.len();
             }
             None => {
-                out.push(&text[inner..]);
+                out.push((&text[inner..], false));
                 break;
             }
         }
@@ -192,7 +236,7 @@ fn parse_block(inner: &str) -> Option<(String, String)> {
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False)` with its default separators.
-fn write_py_json(out: &mut String, value: &OrderedJson) {
+pub(super) fn write_py_json(out: &mut String, value: &OrderedJson) {
     match value {
         OrderedJson::Null => out.push_str("null"),
         OrderedJson::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -312,7 +356,13 @@ enum ToolState {
 #[derive(Debug, Clone)]
 pub struct ToolCallStream {
     ids: ToolCallIds,
+    format: ToolFormat,
     state: ToolState,
+    /// Text: leading content that is only whitespace, held while a call may still follow
+    /// (formats whose content then becomes `None`, [`ToolFormat::drops_blank_content`]).
+    blank: String,
+    /// Text: some content has been released.
+    released: bool,
     /// Text: a possible partial `<tool_call>`. Block: the block's text so far. Between: a possible
     /// partial `<tool_call>`.
     pending: String,
@@ -323,8 +373,16 @@ pub struct ToolCallStream {
 
 impl ToolCallStream {
     pub fn new(ids: ToolCallIds) -> Self {
+        Self::with_format(ToolFormat::Hermes, ids)
+    }
+
+    /// A stream of `format`'s calls.
+    pub fn with_format(format: ToolFormat, ids: ToolCallIds) -> Self {
         Self {
             ids,
+            format,
+            blank: String::new(),
+            released: false,
             state: ToolState::Text,
             pending: String::new(),
             scanned: 0,
@@ -353,7 +411,10 @@ impl ToolCallStream {
                     let text = self.state == ToolState::Text;
                     if let Some(s) = self.pending.find(TOOL_CALL_START) {
                         if text {
-                            out.content.push_str(&self.pending[..s]);
+                            let before = self.pending[..s].to_owned();
+                            self.release(&before, &mut out);
+                            // Whitespace alone before the first call is not content.
+                            self.blank.clear();
                         }
                         self.pending.drain(..s + TOOL_CALL_START.len());
                         self.state = ToolState::Block;
@@ -363,7 +424,8 @@ impl ToolCallStream {
                     let cut =
                         self.pending.len() - partial_suffix_len(&self.pending, TOOL_CALL_START);
                     if text {
-                        out.content.push_str(&self.pending[..cut]);
+                        let ready = self.pending[..cut].to_owned();
+                        self.release(&ready, &mut out);
                     }
                     self.pending.drain(..cut);
                     break;
@@ -389,32 +451,52 @@ impl ToolCallStream {
         let mut out = Out::default();
         let pending = std::mem::take(&mut self.pending);
         match self.state {
-            ToolState::Text | ToolState::Raw => out.content.push_str(&pending),
+            ToolState::Text => {
+                out.content.push_str(&std::mem::take(&mut self.blank));
+                out.content.push_str(&pending);
+            }
+            ToolState::Raw => out.content.push_str(&pending),
             ToolState::Between => {}
             ToolState::Block => self.close_block(&pending, false, &mut out),
         }
         out.into_delta()
     }
 
+    /// Releases content before the first block; with [`ToolFormat::drops_blank_content`],
+    /// whitespace before any other content is held until it is known whether a call follows.
+    fn release(&mut self, text: &str, out: &mut Out) {
+        if self.format.drops_blank_content() && !self.released {
+            if text.chars().all(char::is_whitespace) {
+                self.blank.push_str(text);
+                return;
+            }
+            out.content.push_str(&std::mem::take(&mut self.blank));
+        }
+        self.released |= !text.is_empty();
+        out.content.push_str(text);
+    }
+
     fn close_block(&mut self, block: &str, terminated: bool, out: &mut Out) {
-        match parse_block(block) {
-            Some((name, arguments)) => {
-                let index = self.calls;
-                self.calls += 1;
-                out.calls.push(ToolCallDelta {
-                    index,
-                    id: Some(self.ids.next_id()),
-                    call_type: Some("function"),
-                    name: Some(name),
-                    arguments: None,
-                });
-                out.calls.push(ToolCallDelta {
-                    index,
-                    id: None,
-                    call_type: None,
-                    name: None,
-                    arguments: Some(arguments),
-                });
+        match self.format.parse_block(block, terminated) {
+            Some(calls) => {
+                for (name, arguments) in calls {
+                    let index = self.calls;
+                    self.calls += 1;
+                    out.calls.push(ToolCallDelta {
+                        index,
+                        id: Some(self.ids.next_id()),
+                        call_type: Some("function"),
+                        name: Some(name),
+                        arguments: None,
+                    });
+                    out.calls.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        call_type: None,
+                        name: None,
+                        arguments: Some(arguments),
+                    });
+                }
                 self.state = ToolState::Between;
             }
             None => {
@@ -473,12 +555,23 @@ pub fn finish_reason(tools_called: bool, engine_reason: &str) -> &str {
     }
 }
 
-/// Which parsers apply to a request: `reasoning` for the Thinking model (`deepseek_r1`),
-/// `tool_calls` when the request has tools and `tool_choice` is not `"none"` (`hermes`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which parsers apply to a request: `reasoning` for thinking models (`deepseek_r1` for
+/// Qwen3-Next-Thinking, `qwen3` for Qwen3.5 / 3.6), `tool_calls` when the request has tools
+/// and `tool_choice` is not `"none"` (`hermes` for Qwen3-Next, `qwen3_coder` for Qwen3.5 / 3.6).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutputParsers {
-    pub reasoning: bool,
-    pub tool_calls: bool,
+    pub reasoning: Option<ReasoningRule>,
+    pub tool_calls: Option<ToolFormat>,
+}
+
+impl OutputParsers {
+    /// `deepseek_r1` and `hermes` as asked: Qwen3-Next's parsers.
+    pub fn qwen3_next(reasoning: bool, tool_calls: bool) -> Self {
+        Self {
+            reasoning: reasoning.then_some(ReasoningRule::DeepseekR1),
+            tool_calls: tool_calls.then_some(ToolFormat::Hermes),
+        }
+    }
 }
 
 /// A complete output split into the fields of an OpenAI assistant message.
@@ -498,20 +591,19 @@ impl ParsedOutput {
 
 /// Both parsers chained as vLLM chains them: reasoning first, then tool calls from the content
 /// part only. Truncated thinking (no `</think>`) therefore never yields tool calls.
-pub fn parse_output(text: &str, parsers: OutputParsers, ids: &mut ToolCallIds) -> ParsedOutput {
-    let (reasoning, content) = if parsers.reasoning {
-        parse_reasoning(text)
-    } else {
-        (None, (!text.is_empty()).then(|| text.to_owned()))
+pub fn parse_output(text: &str, parsers: &OutputParsers, ids: &mut ToolCallIds) -> ParsedOutput {
+    let (reasoning, content) = match parsers.reasoning {
+        Some(rule) => parse_reasoning_with(text, rule),
+        None => (None, (!text.is_empty()).then(|| text.to_owned())),
     };
-    if !parsers.tool_calls {
+    let Some(format) = &parsers.tool_calls else {
         return ParsedOutput {
             reasoning,
             content,
             tool_calls: Vec::new(),
         };
-    }
-    let (content, tool_calls) = parse_tool_calls(content.as_deref().unwrap_or(""), ids);
+    };
+    let (content, tool_calls) = parse_tool_calls_as(content.as_deref().unwrap_or(""), format, ids);
     ParsedOutput {
         reasoning,
         content,
@@ -542,10 +634,13 @@ pub struct OutputStream {
 }
 
 impl OutputStream {
-    pub fn new(parsers: OutputParsers, ids: ToolCallIds) -> Self {
+    pub fn new(parsers: &OutputParsers, ids: ToolCallIds) -> Self {
         Self {
-            reasoning: parsers.reasoning.then(ReasoningStream::new),
-            tools: parsers.tool_calls.then(|| ToolCallStream::new(ids)),
+            reasoning: parsers.reasoning.map(ReasoningStream::with_rule),
+            tools: parsers
+                .tool_calls
+                .clone()
+                .map(|f| ToolCallStream::with_format(f, ids)),
         }
     }
 
