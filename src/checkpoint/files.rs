@@ -140,18 +140,31 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
-            let map = match mode {
-                LoadMode::HugePages => copy_to_huge_pages(&path)?,
-                _ => map_file(&path, mode == LoadMode::Populate)?,
-            };
+            let file_map = map_file(&path)?;
             let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                safetensors::SafeTensors::read_metadata(&file_map).map_err(|e| {
                     anyhow!(
                         "{} is truncated or not a valid safetensors file ({e:?})",
                         path.display()
                     )
                 })?;
             let data_start = 8 + header_len;
+            // The bytes the model reads: the header and every tensor but the vision tower's.
+            let mut wanted: Vec<(usize, usize)> = meta
+                .tensors()
+                .iter()
+                .filter(|(n, _)| !never_loaded(n))
+                .map(|(_, t)| (data_start + t.data_offsets.0, data_start + t.data_offsets.1))
+                .collect();
+            wanted.push((0, data_start));
+            let map = match mode {
+                LoadMode::HugePages => copy_to_huge_pages(&path, file_map.len(), &wanted)?,
+                LoadMode::Populate => {
+                    read_ahead(&file_map, &wanted);
+                    file_map
+                }
+                _ => file_map,
+            };
             for (tname, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 let prev = tensors.insert(
@@ -223,6 +236,12 @@ impl Checkpoint {
                 self.dir.display()
             )
         })?;
+        if !self.file_backed && never_loaded(name) {
+            bail!(
+                "tensor `{name}` of {} belongs to the vision tower, which qnext does not load",
+                self.dir.display()
+            );
+        }
         let shard = &self.shards[e.shard];
         Ok(TensorRef {
             name: key,
@@ -277,21 +296,72 @@ impl Checkpoint {
     }
 }
 
-/// Reads a file into a read-only anonymous mapping advised to use transparent huge pages.
-fn copy_to_huge_pages(path: &Path) -> Result<Mmap> {
-    use std::io::Read;
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = f
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .len() as usize;
+/// Tensors the engine never reads: the vision tower of the Qwen3.5 / 3.6 releases (text only
+/// here). Neither copied nor read ahead, so they cost neither memory nor load time (≈ 0.9 GB
+/// in Qwen3.6-35B-A3B).
+fn never_loaded(name: &str) -> bool {
+    name.starts_with("model.visual.")
+}
+
+/// Byte ranges merged where they touch or overlap, in order.
+fn merged(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut r = ranges.to_vec();
+    r.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(r.len());
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `MADV_POPULATE_READ` (Linux ≥ 5.14; not in every `libc` release): fault a range in now.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// Reads the pages of `ranges` of a file mapping now (what `MAP_POPULATE` does for all of it).
+fn read_ahead(map: &Mmap, ranges: &[(usize, usize)]) {
+    const PAGE: usize = 4096;
+    for (s, e) in merged(ranges) {
+        let start = s / PAGE * PAGE;
+        // SAFETY: [start, e) lies inside the mapping (start rounds down within its first
+        // page, and mappings start on a page); MADV_POPULATE_READ only faults pages in,
+        // never changes what they read.
+        let done = unsafe {
+            libc::madvise(
+                map.as_ptr().add(start) as *mut libc::c_void,
+                e - start,
+                MADV_POPULATE_READ,
+            )
+        } == 0;
+        if !done {
+            // Older kernels: touch a byte per page.
+            let sum = (s..e).step_by(PAGE).fold(0u8, |acc, at| acc ^ map[at]);
+            std::hint::black_box(sum);
+        }
+    }
+}
+
+/// Copies `ranges` of a file into a read-only anonymous mapping of its size advised to use
+/// transparent huge pages; the rest of the mapping is never touched (no memory).
+fn copy_to_huge_pages(path: &Path, len: usize, ranges: &[(usize, usize)]) -> Result<Mmap> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut anon = memmap2::MmapMut::map_anon(len.max(1))
         .with_context(|| format!("cannot allocate {len} bytes for {}", path.display()))?;
     // Only a hint: without THP support the copy still works, on small pages.
     let _ = anon.advise(memmap2::Advice::HugePage);
-    f.read_exact(&mut anon[..len])
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    collapse_to_huge_pages(&mut anon);
+    let ranges = merged(ranges);
+    // Read, not copied from a mapping of the file: its pages would count as this process's
+    // memory while they are mapped.
+    for &(s, e) in &ranges {
+        f.read_exact_at(&mut anon[s..e], s as u64)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    for &(s, e) in &ranges {
+        collapse_to_huge_pages(&mut anon[s..e]);
+    }
     anon.make_read_only()
         .with_context(|| format!("cannot protect the copy of {}", path.display()))
 }
@@ -304,24 +374,26 @@ const MADV_COLLAPSE: libc::c_int = 25;
 /// Asks the kernel to back `map` with 2 MiB pages. Best effort: older kernels answer
 /// `EINVAL`, and a range the kernel cannot collapse stays on small pages; both work the same,
 /// only with more TLB misses (`bench` reports how much of the process is on huge pages).
-fn collapse_to_huge_pages(map: &mut memmap2::MmapMut) {
-    // SAFETY: the range is this process's own private anonymous mapping, alive for the call;
-    // MADV_COLLAPSE keeps its contents (it copies them into the huge pages it allocates).
+fn collapse_to_huge_pages(range: &mut [u8]) {
+    const HUGE: usize = 2 << 20;
+    // Whole 2 MiB pages inside the range only: collapsing one that reaches into bytes never
+    // copied would allocate them.
+    let start = (range.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (range.as_ptr() as usize + range.len()) / HUGE * HUGE;
+    if end <= start {
+        return;
+    }
+    // SAFETY: [start, end) lies inside `range`, part of this process's own private anonymous
+    // mapping, alive for the call; MADV_COLLAPSE keeps its contents (it copies them into the
+    // huge pages it allocates).
     unsafe {
-        libc::madvise(
-            map.as_mut_ptr() as *mut libc::c_void,
-            map.len(),
-            MADV_COLLAPSE,
-        );
+        libc::madvise(start as *mut libc::c_void, end - start, MADV_COLLAPSE);
     }
 }
 
-fn map_file(path: &Path, populate: bool) -> Result<Mmap> {
+fn map_file(path: &Path) -> Result<Mmap> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut opts = memmap2::MmapOptions::new();
-    if populate {
-        opts.populate();
-    }
+    let opts = memmap2::MmapOptions::new();
     // SAFETY: the mapping is read-only and checkpoint files are treated as immutable while
     // qnext runs; a file truncated or rewritten underneath a running process is outside what
     // any mmap-based loader (safetensors, llama.cpp, vLLM) can defend against.
@@ -376,5 +448,36 @@ mod tests {
                 assert_eq!(a.bytes(), b.bytes(), "{name} differs under {mode:?}");
             }
         }
+    }
+
+    /// A Qwen3.5 checkpoint's vision tower is not copied: in the huge-page copy its tensors
+    /// are refused by name, everything else reads as in the files (two shards, the vision
+    /// tensors between text ones); mapped from the files, all of them read.
+    #[test]
+    fn vision_tower_is_not_loaded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/q35-moe-bf16");
+        let base = Checkpoint::open_with(&dir, LoadMode::Mmap).unwrap();
+        let visual: Vec<&str> = base.names().filter(|n| never_loaded(n)).collect();
+        assert!(visual.len() > 5, "fixture without a vision tower");
+        for mode in [LoadMode::Populate, LoadMode::HugePages] {
+            let other = Checkpoint::open_with(&dir, mode).unwrap();
+            for name in base.names() {
+                let a = base.get(name).unwrap();
+                match other.get(name) {
+                    Ok(b) => assert_eq!(a.bytes(), b.bytes(), "{name} differs under {mode:?}"),
+                    Err(e) => {
+                        assert!(
+                            mode == LoadMode::HugePages && never_loaded(name),
+                            "{name}: {e}"
+                        );
+                        assert!(e.to_string().contains("vision tower"), "{e}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            merged(&[(10, 20), (0, 5), (5, 8), (19, 30), (40, 41)]),
+            vec![(0, 8), (10, 30), (40, 41)]
+        );
     }
 }
