@@ -73,3 +73,44 @@ fn renders_like_transformers_and_parses_as_the_family() {
         "{off}"
     );
 }
+
+/// The next turn of a thinking chat reuses the last one's states: the Qwen3.5 template renders
+/// the earlier answer without its reasoning, so the prompt departs from the cached one right
+/// after the last message, where a snapshot is kept.
+#[test]
+fn next_turn_reuses_the_prefix() {
+    let server = start(|c| {
+        c.model = fixture("q35-chat").display().to_string();
+        c.reasoning_parser = ReasoningParser::Qwen3;
+    });
+    let a = server.addr();
+    let question = "Tell me about the delta rule and gated attention. ".repeat(20);
+    let mut messages = vec![json!({"role": "user", "content": question})];
+    let turn = |messages: &Vec<Value>| {
+        let r = post(
+            a,
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let first = turn(&messages);
+    let prompt1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let answer = &first["choices"][0]["message"];
+    messages.push(
+        json!({"role": "assistant", "content": answer["content"].as_str().unwrap_or("ok"),
+                         "reasoning_content": answer["reasoning_content"]}),
+    );
+    messages.push(json!({"role": "user", "content": "And in one sentence?"}));
+    let second = turn(&messages);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!("first prompt {prompt1} tokens, second turn cached {cached}");
+    // All of the first prompt but its generation prompt (`<|im_start|>assistant\n<think>\n`).
+    assert!(
+        cached + 16 >= prompt1 && cached < prompt1,
+        "cached {cached} of the first prompt's {prompt1}"
+    );
+}
