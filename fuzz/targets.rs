@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use qnext::sampling::{Sampler, SamplingParams};
 use qnext::server::params::{common_with, Body, Defaults};
 use qnext::text::{
-    parse_output, ChatTemplate, OrderedJson, OutputParsers, OutputStream, RenderLimits, ToolCallIds,
+    parse_output, ChatTemplate, OrderedJson, OutputParsers, OutputStream, ReasoningRule,
+    RenderLimits, ToolCallIds, ToolFormat, ToolSchemas,
 };
 
 /// The repository: this file is built from its root (the tests) and from `fuzz/`.
@@ -223,8 +224,35 @@ pub fn output_parsers(data: &[u8]) {
         i = end;
         k += 1;
     }
-    for (reasoning, tool_calls) in [(true, true), (true, false), (false, true), (false, false)] {
-        let parsers = OutputParsers::qwen3_next(reasoning, tool_calls);
+    // Qwen3-Next's parsers, then Qwen3.5's (`qwen3` reasoning both ways, `qwen3_coder` with a
+    // typed schema).
+    let schemas = {
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f",
+            "parameters": {"properties": {"i": {"type": "integer"}, "n": {"type": "number"},
+                "b": {"type": "boolean"}, "o": {"type": "object"},
+                "s": {"type": ["string", "null"]}}}}}]);
+        ToolSchemas::from_tools(Some(&tools))
+    };
+    let mut all: Vec<OutputParsers> = [(true, true), (true, false), (false, true), (false, false)]
+        .into_iter()
+        .map(|(r, t)| OutputParsers::qwen3_next(r, t))
+        .collect();
+    for thinking in [true, false] {
+        for tools in [true, false] {
+            all.push(OutputParsers {
+                reasoning: Some(ReasoningRule::Qwen3 { thinking }),
+                tool_calls: tools.then(|| ToolFormat::Qwen3Coder(schemas.clone())),
+            });
+        }
+    }
+    all.push(OutputParsers {
+        reasoning: None,
+        tool_calls: Some(ToolFormat::Qwen3Coder(schemas.clone())),
+    });
+    for parsers in all {
+        let (reasoning, tool_calls) = (parsers.reasoning.is_some(), parsers.tool_calls.is_some());
+        // Without thinking, the qwen3 rule makes everything content.
+        let reasoning_off = parsers.reasoning == Some(ReasoningRule::Qwen3 { thinking: false });
         let whole = parse_output(&text, &parsers, &mut ToolCallIds::from_seed(7));
         let mut s = OutputStream::new(&parsers, ToolCallIds::from_seed(7));
         let (mut r, mut c, mut calls) = (String::new(), String::new(), 0usize);
@@ -239,7 +267,7 @@ pub fn output_parsers(data: &[u8]) {
             None => true,
             Some(at) => text[..at].trim().is_empty(),
         };
-        if !reasoning && !tool_calls {
+        if (!reasoning || reasoning_off) && !tool_calls {
             assert_eq!(c, text.as_ref());
         }
         if reasoning && !tool_calls && plain {

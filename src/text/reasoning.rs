@@ -71,8 +71,22 @@ pub fn parse_reasoning_with(text: &str, rule: ReasoningRule) -> (Option<String>,
                         Some(rest[t..].to_owned()),
                     )
                 }
-                _ => parse_reasoning(rest),
+                _ => split_at_end(rest),
             }
+        }
+    }
+}
+
+/// `rest` (after any opening `<think>`) split at the first `</think>`.
+fn split_at_end(rest: &str) -> (Option<String>, Option<String>) {
+    match rest.find(THINK_END) {
+        None => (Some(rest.to_owned()), None),
+        Some(i) => {
+            let content = &rest[i + THINK_END.len()..];
+            (
+                Some(rest[..i].to_owned()),
+                (!content.is_empty()).then(|| content.to_owned()),
+            )
         }
     }
 }
@@ -86,16 +100,7 @@ pub fn parse_reasoning(text: &str) -> (Option<String>, Option<String>) {
         Some(i) => &text[i + THINK_START.len()..],
         None => text,
     };
-    match rest.find(THINK_END) {
-        None => (Some(rest.to_owned()), None),
-        Some(i) => {
-            let content = &rest[i + THINK_END.len()..];
-            (
-                Some(rest[..i].to_owned()),
-                (!content.is_empty()).then(|| content.to_owned()),
-            )
-        }
-    }
+    split_at_end(rest)
 }
 
 /// What one call to [`ReasoningStream::push`] or [`ReasoningStream::finish`] releases. Either

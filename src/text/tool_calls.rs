@@ -413,8 +413,6 @@ impl ToolCallStream {
                         if text {
                             let before = self.pending[..s].to_owned();
                             self.release(&before, &mut out);
-                            // Whitespace alone before the first call is not content.
-                            self.blank.clear();
                         }
                         self.pending.drain(..s + TOOL_CALL_START.len());
                         self.state = ToolState::Block;
@@ -478,7 +476,20 @@ impl ToolCallStream {
 
     fn close_block(&mut self, block: &str, terminated: bool, out: &mut Out) {
         match self.format.parse_block(block, terminated) {
+            // A block without a call (`<tool_call>` but no `<function=`) before any call: the
+            // whole parse keeps all text as content when no block has a call, so it is
+            // content, and a later block may still call.
+            Some(calls) if calls.is_empty() && self.calls == 0 => {
+                let mut raw = format!("{TOOL_CALL_START}{block}");
+                if terminated {
+                    raw.push_str(TOOL_CALL_END);
+                }
+                self.release(&raw, out);
+                self.state = ToolState::Text;
+            }
             Some(calls) => {
+                // Whitespace alone before the first call is not content.
+                self.blank.clear();
                 for (name, arguments) in calls {
                     let index = self.calls;
                     self.calls += 1;
@@ -500,6 +511,7 @@ impl ToolCallStream {
                 self.state = ToolState::Between;
             }
             None => {
+                out.content.push_str(&std::mem::take(&mut self.blank));
                 out.content.push_str(TOOL_CALL_START);
                 out.content.push_str(block);
                 if terminated {
