@@ -37,6 +37,29 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A fixture's reference: (token ids, log-probabilities `[T, V]`).
+fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data = |name: &str| st.tensor(name).unwrap().data().to_vec();
+    let ids = data("ids")
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logprobs = data("logprobs")
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (ids, logprobs)
+}
+
+/// The checkpoint in `dir`'s log-probabilities of `ids` on the exact path.
+fn exact_logprobs(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let mut model = Model::load_with(dir, LoadMode::Mmap).unwrap();
+    model.precision = qnext::kernels::matmul::Precision::Exact;
+    all_logprobs(&model, ids, Feed::Chunks(64)).unwrap()
+}
+
 /// Nothing of a run is left in `dir` but what was there before (`keep`).
 fn assert_only(dir: &Path, keep: &[&str]) {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -86,26 +109,8 @@ fn bytes_equal_transformers_quantiser_and_logits_match_the_reference() {
 
     // Transformers' log-probabilities on the dequantised weights, f32 throughout; the
     // tolerance of tests/reference_logits.rs (2e-4, summation order only).
-    let bytes =
-        std::fs::read(root().join("tests/fixtures/qnext-tiny-fp8/reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let reference: Vec<f32> = st
-        .tensor("logprobs")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let mut model = Model::load_with(&out, LoadMode::Mmap).unwrap();
-    model.precision = qnext::kernels::matmul::Precision::Exact;
-    let ours = all_logprobs(&model, &ids, Feed::Chunks(64)).unwrap();
+    let (ids, reference) = reference(&root().join("tests/fixtures/qnext-tiny-fp8"));
+    let ours = exact_logprobs(&out, &ids);
     let worst = ours
         .iter()
         .zip(&reference)
@@ -286,25 +291,8 @@ fn qwen35_stacked_experts_become_per_expert_fp8() {
     // transformers, run on the dequantised output, is 0.295 from the BF16 reference in mean
     // |Δ log-probability| (as is the engine); a dropped or misplaced expert matrix measures
     // several units.
-    let bytes = std::fs::read(src_dir.join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let reference: Vec<f32> = st
-        .tensor("logprobs")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let mut model = Model::load_with(&out, LoadMode::Mmap).unwrap();
-    model.precision = qnext::kernels::matmul::Precision::Exact;
-    let ours = all_logprobs(&model, &ids, Feed::Chunks(64)).unwrap();
+    let (ids, reference) = reference(&src_dir);
+    let ours = exact_logprobs(&out, &ids);
     let mean = ours
         .iter()
         .zip(&reference)

@@ -38,8 +38,8 @@ impl Mtp {
         // Every released model has one MTP layer (`mtp_num_hidden_layers: 1`); a head of
         // several would draft wrongly with only its first, so it is not used at all.
         if ck.names().any(|n| n.starts_with("mtp.layers.1.")) {
-            tracing::warn!(
-                "{}: the MTP head has more than one layer, which qnext does not run; \
+            eprintln!(
+                "warning: {}: the MTP head has more than one layer, which qnext does not run; \
                  speculative decoding is off for this model",
                 ck.dir.display()
             );
