@@ -54,6 +54,17 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
+/// Fails with every differing case listed.
+fn assert_no_failures(failures: &[String], total: usize) {
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        total,
+        failures.join("\n")
+    );
+}
+
 /// Where two renderings part, with some context, for a readable failure.
 fn first_difference(got: &str, want: &str) -> String {
     let at = got
@@ -103,13 +114,7 @@ fn goldens_render_byte_identical() {
             Err(e) => failures.push(format!("{}: error {e:#}", case.name)),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, cases.len());
 }
 
 /// True when `serde_json::Value` keeps object keys in document order (its `preserve_order`
@@ -466,11 +471,5 @@ fn qwen35_goldens_render_byte_identical() {
             (Ok(_), None) => failures.push(format!("{name}: rendered, transformers refused it")),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, cases.len());
 }

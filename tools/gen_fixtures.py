@@ -239,14 +239,19 @@ def make_config_json(s) -> dict:
         cfg["dtype"] = dtype_name
         cfg["transformers_version"] = "5.24.0"
     if s["dtype"] == "fp8":
-        cfg["quantization_config"] = {
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "quant_method": "fp8",
-            "weight_block_size": [BLOCK, BLOCK],
-            "modules_to_not_convert": modules_to_not_convert(layer_types_of(s), s["mtp"]),
-        }
+        cfg["quantization_config"] = fp8_quantization_config(modules_to_not_convert(layer_types_of(s), s["mtp"]))
     return json.loads(json.dumps(dict(sorted(cfg.items()))))
+
+
+def fp8_quantization_config(not_converted: list[str]) -> dict:
+    """`quantization_config` of the released fine-grained FP8 checkpoints (spec §4.1)."""
+    return {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [BLOCK, BLOCK],
+        "modules_to_not_convert": not_converted,
+    }
 
 
 def generation_config_json(s) -> dict:

@@ -41,8 +41,8 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as q35moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_fixtures import (BLOCK, FIX, dir_size, fp8_dequantize, fp8_quantize, gen, load_st,  # noqa: E402
-                          normal, random_param, routing_stats, save_st, small_ids, unfuse_experts,
+from gen_fixtures import (FIX, dir_size, fp8_dequantize, fp8_quantization_config, fp8_quantize, gen,  # noqa: E402
+                          load_st, normal, random_param, routing_stats, save_st, small_ids, unfuse_experts,
                           write_checkpoint, write_json)
 
 torch.set_num_threads(1)
@@ -132,13 +132,7 @@ def config_json(s) -> dict:
         "vision_start_token_id": 248053,
     }
     if s["dtype"] == "fp8":
-        cfg["quantization_config"] = {
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "quant_method": "fp8",
-            "weight_block_size": [BLOCK, BLOCK],
-            "modules_to_not_convert": not_converted(s),
-        }
+        cfg["quantization_config"] = fp8_quantization_config(not_converted(s))
     return cfg
 
 
