@@ -611,12 +611,16 @@ unsafe fn emit(acc: &[f32], tpad: usize, nr: usize, t: usize, out: OutRows) {
         let live = nr - 16 * rg;
         let mask: __mmask16 = if live >= 16 { !0 } else { (1u16 << live) - 1 };
         for tg in 0..tpad / 16 {
-            let block: [__m512i; 16] = std::array::from_fn(|m| {
+            // A loop, not `array::from_fn`: a closure is a function without the caller's
+            // target features, and the loads in it stay calls (16 % of the FP8 tile kernel's
+            // time when they were).
+            let mut block = [_mm512_setzero_si512(); 16];
+            for (m, b) in block.iter_mut().enumerate() {
                 // SAFETY: row 16·rg + m < 32 and tokens 16·tg.. are inside `acc` (asserted).
-                unsafe {
+                *b = unsafe {
                     _mm512_loadu_si512(acc.as_ptr().add((16 * rg + m) * tpad + 16 * tg) as *const _)
-                }
-            });
+                };
+            }
             // SAFETY: AVX-512 F.
             let by_token = unsafe { transpose16(block) };
             for (i, v) in by_token.iter().enumerate() {

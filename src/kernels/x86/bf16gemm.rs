@@ -290,24 +290,29 @@ fn block_scales(
     kb: usize,
     end: usize,
 ) -> [__m512; NV] {
-    std::array::from_fn(|v| {
+    // A loop, not `array::from_fn`: a closure is a function without the caller's target
+    // features, and the intrinsics in it stay calls.
+    // SAFETY: AVX-512 F in every caller.
+    let mut out = [unsafe { _mm512_setzero_ps() }; NV];
+    for (v, o) in out.iter_mut().enumerate() {
         let r = n0 + 16 * v;
-        if bn.is_multiple_of(16) && r.is_multiple_of(16) && r + 16 <= end {
+        *o = if bn.is_multiple_of(16) && r.is_multiple_of(16) && r + 16 <= end {
             // 16 rows in one scale block (the usual case: panels start on a multiple of 64,
             // blocks are 128 rows): no per-lane divisions.
             // SAFETY: AVX-512 F in every caller.
-            return unsafe { _mm512_set1_ps(sv[r / bn * sc + kb]) };
-        }
-        let lanes: [f32; 16] = std::array::from_fn(|l| {
-            if r + l < end {
-                sv[(r + l) / bn * sc + kb]
-            } else {
-                0.0
+            unsafe { _mm512_set1_ps(sv[r / bn * sc + kb]) }
+        } else {
+            let mut lanes = [0.0f32; 16];
+            for (l, x) in lanes.iter_mut().enumerate() {
+                if r + l < end {
+                    *x = sv[(r + l) / bn * sc + kb];
+                }
             }
-        });
-        // SAFETY: 16 floats (AVX-512 F in every caller).
-        unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
-    })
+            // SAFETY: 16 floats (AVX-512 F in every caller).
+            unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+        };
+    }
+    out
 }
 
 /// Row group `g` (rows `n0 + 16g ..`, of `n0..n0+nr`), columns `k0..k0+kcols`, packed into
