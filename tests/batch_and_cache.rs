@@ -264,3 +264,84 @@ fn decode_traffic_counts_the_states_twice_and_the_kv_rows_once() {
         2 * linear * per_linear + full * 5 * per_row
     );
 }
+
+/// Feeds `seq` as a prompt cut into pieces of `sizes`, the pieces grouped into steps of
+/// `groups` pieces each (cycling), keeping the states after the pieces that end at `keep`
+/// (positions); returns every position's logits, the cache, and the states kept.
+fn prompt_in_steps(
+    model: &Model,
+    seq: &[u32],
+    sizes: &[usize],
+    groups: &[usize],
+    keep: &[usize],
+) -> (Vec<f32>, SeqCache, Vec<qnext::cache::Snapshot>) {
+    let mut ends = vec![];
+    let mut at = 0;
+    for s in sizes {
+        at += s;
+        ends.push(at);
+    }
+    assert_eq!(at, seq.len());
+    let mut cache = model.new_cache(seq.len());
+    let (mut logits, mut kept) = (Vec::new(), Vec::new());
+    let (mut piece, mut step) = (0, 0);
+    while piece < ends.len() {
+        let last = (piece + groups[step % groups.len()]).min(ends.len());
+        let start = cache.pos();
+        let offsets: Vec<usize> = ends[piece..last].iter().map(|e| e - start).collect();
+        let keep_here: Vec<usize> = keep
+            .iter()
+            .filter(|&&k| k > start && k < ends[last - 1])
+            .map(|k| k - start)
+            .collect();
+        cache.cut_prompt(&offsets, &keep_here);
+        let out = model
+            .forward(&mut [SeqInput {
+                tokens: &seq[start..ends[last - 1]],
+                cache: &mut cache,
+                want: Want::All,
+            }])
+            .unwrap();
+        logits.extend_from_slice(&out[0].logits);
+        for k in keep.iter().filter(|&&k| k > start && k <= ends[last - 1]) {
+            kept.push(cache.snapshot_at(*k).expect("state kept there"));
+        }
+        piece = last;
+        step += 1;
+    }
+    (logits, cache, kept)
+}
+
+#[test]
+fn pieces_give_the_same_bits_however_they_are_grouped_into_steps() {
+    // The fast path (bfloat16 products, the blocked kernels for every prompt token): the
+    // equality below is bit for bit, whatever the arithmetic.
+    let model = load("bf16-interval2");
+    let seq = ids(150, 21, model.cfg.vocab_size);
+    // Short pieces (token by token in the DeltaNet) beside chunked ones, as chat markers cut.
+    let sizes = [5, 40, 3, 64, 1, 37];
+    let keep = [45, 48, 112];
+    let (alone, cache_a, kept_a) = prompt_in_steps(&model, &seq, &sizes, &[1], &keep);
+    for groups in [vec![6], vec![2, 4], vec![3, 1, 2]] {
+        let (together, cache_b, kept_b) = prompt_in_steps(&model, &seq, &sizes, &groups, &keep);
+        assert_eq!(bits(&alone), bits(&together), "logits, groups {groups:?}");
+        assert_eq!(
+            cache_a.fingerprint(),
+            cache_b.fingerprint(),
+            "groups {groups:?}"
+        );
+        // A state kept inside a step is the one a step ending there leaves: restored, the
+        // rest of the prompt gives the same bits.
+        for (a, b) in kept_a.iter().zip(&kept_b) {
+            assert_eq!(a.pos(), b.pos());
+            let mut ca = model.new_cache(seq.len());
+            let mut cb = model.new_cache(seq.len());
+            ca.restore(a).unwrap();
+            cb.restore(b).unwrap();
+            assert_eq!(ca.fingerprint(), cb.fingerprint(), "state at {}", a.pos());
+        }
+    }
+    // And the pieces are not a no-op: one piece of 150 tokens gives other bits.
+    let (whole, _, _) = prompt_in_steps(&model, &seq, &[150], &[1], &[]);
+    assert_ne!(bits(&alone), bits(&whole));
+}

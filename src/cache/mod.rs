@@ -31,9 +31,26 @@ pub enum LayerState {
         ssm: Vec<f32>,
         /// The step being verified, kept to end it after any of its tokens.
         replay: Replay,
+        /// How the next prompt step is cut, and the states kept inside the last one.
+        pieces: Pieces,
     },
     /// `[len, kv_heads · head_dim]` keys (post-norm, post-RoPE) and values.
     Full(PagedKv),
+}
+
+/// A prompt step cut into pieces (`engine::chunking`): the DeltaNet runs each piece on its
+/// own, from the state the pieces before it left, so a token's bits depend on the cuts
+/// before it and never on how the pieces were grouped into forward steps. The states after
+/// some pieces are kept, so that a snapshot can be taken there after the step.
+#[derive(Default)]
+pub struct Pieces {
+    /// Where the pieces of the next step end, as offsets into its tokens, ascending; empty:
+    /// the step is one piece.
+    pub(crate) ends: Vec<usize>,
+    /// The offsets among `ends` after which the states are kept.
+    pub(crate) keep: Vec<usize>,
+    /// What the last step kept: (position, conv state, recurrent state).
+    pub(crate) kept: Vec<(usize, Vec<f32>, Vec<f32>)>,
 }
 
 pub struct SeqCache {
@@ -46,6 +63,8 @@ pub struct SeqCache {
     /// then what it recorded.
     pub(crate) armed: bool,
     pub(crate) spec: Option<Speculation>,
+    /// Whether the next forward step is a prompt step cut by [`SeqCache::cut_prompt`].
+    pub(crate) cut: bool,
 }
 
 /// A sequence's whole state at a position: copies of the DeltaNet states and, shared, the
@@ -98,6 +117,7 @@ impl SeqCache {
                     conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * conv_dim],
                     ssm: vec![0.0; ssm],
                     replay: Replay::default(),
+                    pieces: Pieces::default(),
                 },
                 LayerType::Full => {
                     LayerState::Full(PagedKv::new(kv, cfg.num_key_value_heads, cfg.head_dim))
@@ -111,6 +131,7 @@ impl SeqCache {
             mtp: None,
             armed: false,
             spec: None,
+            cut: false,
         }
     }
 
@@ -123,10 +144,16 @@ impl SeqCache {
     pub fn reset(&mut self) {
         for l in &mut self.layers {
             match l {
-                LayerState::Linear { conv, ssm, replay } => {
+                LayerState::Linear {
+                    conv,
+                    ssm,
+                    replay,
+                    pieces,
+                } => {
                     conv.fill(0.0);
                     ssm.fill(0.0);
                     replay.disarm();
+                    *pieces = Pieces::default();
                 }
                 LayerState::Full(p) => p.truncate(0),
             }
@@ -136,6 +163,7 @@ impl SeqCache {
         }
         self.armed = false;
         self.spec = None;
+        self.cut = false;
         self.pos = 0;
     }
 
@@ -210,11 +238,17 @@ impl SeqCache {
         let (mut lin, mut full) = (snap.linear.iter(), snap.kv.iter());
         for l in &mut self.layers {
             match l {
-                LayerState::Linear { conv, ssm, replay } => {
+                LayerState::Linear {
+                    conv,
+                    ssm,
+                    replay,
+                    pieces,
+                } => {
                     let (c, s) = lin.next().expect("counted above");
                     conv.copy_from_slice(c);
                     ssm.copy_from_slice(s);
                     replay.disarm();
+                    *pieces = Pieces::default();
                 }
                 LayerState::Full(p) => {
                     p.share(full.next().expect("counted above"), snap.pos);
@@ -226,8 +260,63 @@ impl SeqCache {
         }
         self.armed = false;
         self.spec = None;
+        self.cut = false;
         self.pos = snap.pos;
         Ok(())
+    }
+
+    /// Makes the next forward step a prompt step of pieces ending at the offsets `ends` into
+    /// its tokens (ascending, the last one the step's length), keeping the states after the
+    /// pieces that end at `keep` for [`SeqCache::snapshot_at`]. Every token of the step takes
+    /// the prompt path of the matrix products, however short its piece.
+    pub fn cut_prompt(&mut self, ends: &[usize], keep: &[usize]) {
+        assert!(
+            ends.windows(2).all(|w| w[0] < w[1]) && ends.first().is_none_or(|&e| e > 0),
+            "piece ends must ascend from above 0"
+        );
+        assert!(
+            keep.windows(2).all(|w| w[0] < w[1]) && keep.iter().all(|k| ends.contains(k)),
+            "states are kept at piece ends only, in order"
+        );
+        self.cut = true;
+        for l in &mut self.layers {
+            if let LayerState::Linear { pieces, .. } = l {
+                pieces.ends = ends.to_vec();
+                pieces.keep = keep.to_vec();
+                pieces.kept.clear();
+            }
+        }
+    }
+
+    /// The state at position `pos`: now, or inside the last step where it kept its states
+    /// there ([`SeqCache::cut_prompt`]). `None` for any other position, and inside a step of
+    /// a sequence with the MTP layer (whose state is not kept inside steps).
+    pub fn snapshot_at(&self, pos: usize) -> Option<Snapshot> {
+        if pos == self.pos {
+            return Some(self.snapshot());
+        }
+        if pos > self.pos || self.mtp.is_some() {
+            return None;
+        }
+        let mut linear = Vec::new();
+        let mut kv = Vec::new();
+        for l in &self.layers {
+            match l {
+                LayerState::Linear { pieces, .. } => {
+                    let (_, c, s) = pieces.kept.iter().find(|k| k.0 == pos)?;
+                    linear.push((c.clone(), s.clone()));
+                }
+                // Rows past `pos` in its last block are never read through the snapshot
+                // (its length is `pos`), and a sequence restored from it writes them anew.
+                LayerState::Full(p) => kv.push(p.blocks()[..pos.div_ceil(BLOCK)].to_vec()),
+            }
+        }
+        Some(Snapshot {
+            pos,
+            linear,
+            kv,
+            mtp: None,
+        })
     }
 
     /// Bytes one decode step moves through this cache: each DeltaNet layer's conv history and
@@ -261,8 +350,19 @@ impl SeqCache {
         self.layers
             .iter()
             .map(|l| match l {
-                LayerState::Linear { conv, ssm, replay } => {
-                    4 * (conv.len() + ssm.len()) + replay.bytes()
+                LayerState::Linear {
+                    conv,
+                    ssm,
+                    replay,
+                    pieces,
+                } => {
+                    4 * (conv.len() + ssm.len())
+                        + replay.bytes()
+                        + pieces
+                            .kept
+                            .iter()
+                            .map(|(_, c, s)| 4 * (c.len() + s.len()))
+                            .sum::<usize>()
                 }
                 LayerState::Full(p) => p.bytes(),
             })

@@ -283,7 +283,9 @@ impl SeqCache {
         }
         for l in &mut self.layers {
             match l {
-                LayerState::Linear { conv, ssm, replay } => {
+                LayerState::Linear {
+                    conv, ssm, replay, ..
+                } => {
                     if keep < replay.n {
                         replay.rewind(keep, conv, ssm);
                     }

@@ -49,6 +49,13 @@ pub struct Args {
     /// Sequences generated together at most; more requests wait.
     #[arg(long, default_value_t = 8)]
     max_num_seqs: usize,
+    /// Prompt tokens one step processes at most while no sequence is generating (whole
+    /// pieces between the prompt's cuts; with others generating, 256, so that their streams
+    /// keep flowing). Longer steps read each expert once for more tokens: with 512 experts
+    /// prefill is 2.5× faster per token in steps of 2048 than of 256. Default: enough for
+    /// each expert to see about 64 tokens, from 256 to 2048 (2048 for Qwen3-Next).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
     #[arg(long, value_enum, default_value = "none")]
     reasoning_parser: Reasoning,
     #[arg(long, value_enum, default_value = "auto")]
@@ -199,6 +206,7 @@ pub fn main(a: Args, verbose: bool) -> Result<()> {
         api_key: a.api_key,
         max_model_len: a.max_model_len,
         max_num_seqs: a.max_num_seqs,
+        max_num_batched_tokens: a.max_num_batched_tokens,
         reasoning_parser: match a.reasoning_parser {
             Reasoning::DeepseekR1 => ReasoningParser::DeepseekR1,
             Reasoning::Qwen3 => ReasoningParser::Qwen3,

@@ -1,9 +1,12 @@
-//! Where a prompt's prefill is cut into chunks, and after which chunks its state is kept.
+//! Where a prompt's prefill is cut into pieces, and after which pieces its state is kept.
 //!
-//! A sequence's results depend on how its prompt was cut (the DeltaNet's chunked form, the
-//! blocked products), so that a prompt resumed from a cached prefix gives the same bits as
-//! one computed whole, every prompt is cut at the same places whatever was cached: the cuts
-//! are a function of the tokens before them only. There is a cut
+//! A sequence's results depend on how its prompt was cut (the DeltaNet runs each piece on
+//! its own, in its chunked form or token by token), so that a prompt resumed from a cached
+//! prefix gives the same bits as one computed whole, every prompt is cut at the same places
+//! whatever was cached: the cuts are a function of the tokens before them only. How the
+//! pieces are grouped into forward steps changes nothing (`SeqCache::cut_prompt`: every
+//! prompt token takes the prompt path of the products, whose rows do not depend on what
+//! else is in the step), so the scheduler groups them as speed asks. There is a cut
 //! - every `chunk` positions (absolute), so no chunk is longer;
 //! - after every end-of-message token (`<|im_end|>`): a conversation's next request departs
 //!   there after a tool result or a new user message;

@@ -1,13 +1,18 @@
 //! Continuous batching. One scheduler thread owns the model's caches and runs steps: between
 //! steps it admits queued requests into free cache slots; each step runs, in a single forward
-//! pass, the next prompt chunk of sequences still prefilling and one token of every decoding
+//! pass, the next prompt pieces of sequences still prefilling and one token of every decoding
 //! sequence. Tokens go back to the requester over a channel; a requester that hangs up frees
 //! its slot at the next step.
 //!
+//! A step takes whole pieces of a prompt: up to `max_num_batched_tokens` while no sequence
+//! decodes (a step reads every expert its tokens route to, so with 512 experts longer steps
+//! cost far less per token), `prefill_chunk` beside decoding ones (their streams wait for
+//! the step).
+//!
 //! Results do not depend on the batch nor on the prefix cache: every prompt is cut into the
-//! same chunks whatever else runs and whatever was cached (`chunking.rs`), the model's kernels
+//! same pieces whatever else runs and whatever was cached (`chunking.rs`), the model's kernels
 //! give a row the same value whatever the batch size, and a request resumes only from a
-//! state kept at one of its own cuts.
+//! state kept at one of its own cuts (inside a step as at its end: `SeqCache::snapshot_at`).
 //!
 //! With the prefix cache, a request starts from the deepest state kept for a prefix of its
 //! prompt (`cache::prefix`) and keeps its own at the cuts `Chunking::snapshot_points` names.
@@ -43,8 +48,13 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Prompt + generated tokens of one sequence at most.
     pub max_model_len: usize,
-    /// Prompt tokens a sequence feeds per step.
+    /// Prompt positions between cuts (`chunking.rs`), and the prompt tokens a sequence
+    /// feeds per step while others decode, so that their streams keep flowing.
     pub prefill_chunk: usize,
+    /// Prompt tokens of one step at most (whole pieces; at least one) while no sequence
+    /// decodes: a step reads every expert its tokens route to once, so with hundreds of
+    /// experts longer steps cost far less per token.
+    pub max_num_batched_tokens: usize,
     /// Sequences prefilling in the same step at most, so running streams keep flowing.
     pub max_prefills_per_step: usize,
     /// The chat template's message markers, where prompts are cut besides every
@@ -65,6 +75,18 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The default prompt tokens per step for `cfg`'s model: enough for each expert to see
+    /// about 64 of them (routed tokens spread over the experts), in whole 256-token chunks,
+    /// from 256 to 2048. 2048 for Qwen3-Next's 512 experts and 10 routed per token; 256
+    /// for a dense model.
+    pub fn batched_tokens_for(cfg: &crate::config::Config) -> usize {
+        let chunk = EngineConfig::default().prefill_chunk;
+        let (experts, routed) = (cfg.num_experts, cfg.num_experts_per_tok.max(1));
+        (64 * experts / routed)
+            .next_multiple_of(chunk)
+            .clamp(chunk, 2048)
+    }
+
     pub fn chunking(&self) -> Chunking {
         Chunking {
             chunk: self.prefill_chunk,
@@ -80,6 +102,7 @@ impl Default for EngineConfig {
             max_num_seqs: 8,
             max_model_len: 4096,
             prefill_chunk: 256,
+            max_num_batched_tokens: 2048,
             max_prefills_per_step: 2,
             markers: Markers::default(),
             prefix_cache: None,
@@ -560,6 +583,32 @@ impl Scheduler {
         }
     }
 
+    /// The prompt of `r` from where it stands, in whole pieces up to `budget` tokens (at
+    /// least one piece): the step's end, its pieces' ends and the ends after which its states
+    /// are kept for the prefix cache, as offsets. With the MTP layer a step ends where a
+    /// state is to be kept (its state is kept at step ends only).
+    fn pieces(&self, r: &Running, budget: usize, mtp: bool) -> (usize, Vec<usize>, Vec<usize>) {
+        let prompt = &r.req.prompt;
+        let (mut end, mut ends, mut keep) = (r.fed, Vec::new(), Vec::new());
+        while end < prompt.len() {
+            let next = self.chunking.chunk_end(prompt, end);
+            if !ends.is_empty() && next - r.fed > budget {
+                break;
+            }
+            end = next;
+            ends.push(end - r.fed);
+            if r.points.contains(&end) {
+                if mtp {
+                    break;
+                }
+                keep.push(end - r.fed);
+            }
+        }
+        // The state at the step's end is the sequence's own after it.
+        keep.retain(|&k| k != end - r.fed);
+        (end, ends, keep)
+    }
+
     /// One forward pass over every running sequence, then sampling.
     fn step(&mut self) {
         // Drop sequences whose requester went away.
@@ -577,10 +626,23 @@ impl Scheduler {
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| self.running[i].submitted);
         let mut prefills = 0;
-        let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new(); // (running idx, prompt range) or decode
-                                                                         // A background job runs only while no request does: beside a decode its prompt
-                                                                         // chunk would hold every running stream up for the length of a chunk.
+        // (running idx, prompt range, where its pieces end, where states are kept), or a
+        // decode (empty range).
+        let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut cuts: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+        // A background job runs only while no request does: beside a decode its prompt
+        // chunk would hold every running stream up for the length of a chunk.
         let idle = self.running.iter().all(|r| r.warm);
+        let decoding = self
+            .running
+            .iter()
+            .any(|r| !r.warm && r.fed >= r.req.prompt.len());
+        let mut budget = if decoding {
+            self.cfg.prefill_chunk
+        } else {
+            self.cfg.max_num_batched_tokens.max(self.cfg.prefill_chunk)
+        };
+        let mtp = self.cfg.speculative_tokens > 0;
         for &i in &order {
             let r = &self.running[i];
             if r.warm && !idle {
@@ -588,12 +650,15 @@ impl Scheduler {
             }
             if r.fed < r.req.prompt.len() {
                 if prefills < self.cfg.max_prefills_per_step {
-                    let end = self.chunking.chunk_end(&r.req.prompt, r.fed);
+                    let (end, ends, keep) = self.pieces(r, budget, mtp);
+                    budget = budget.saturating_sub(end - r.fed);
                     plan.push((i, r.fed..end));
+                    cuts.push((ends, keep));
                     prefills += 1;
                 }
             } else {
                 plan.push((i, 0..0));
+                cuts.push((Vec::new(), Vec::new()));
             }
         }
         if plan.is_empty() {
@@ -674,6 +739,7 @@ impl Scheduler {
                 });
             } else {
                 let last = range.end == r.req.prompt.len() && !r.warm;
+                cache.cut_prompt(&cuts[p].0, &cuts[p].1);
                 batch.push(SeqInput {
                     tokens: &r.req.prompt[range.clone()],
                     cache,
@@ -711,12 +777,14 @@ impl Scheduler {
                     &self.stats.prompt_tokens
                 };
                 counter.fetch_add(range.len() as u64, Ordering::Relaxed);
-                if r.points.front() == Some(&r.fed) {
-                    r.points.pop_front();
+                while r.points.front().is_some_and(|&p| p <= r.fed) {
+                    let Some(p) = r.points.pop_front() else { break };
                     if let Some(cache) = self.prefix.as_mut() {
-                        let tokens = &r.req.prompt[..r.fed];
+                        let tokens = &r.req.prompt[..p];
                         if !cache.contains(tokens) {
-                            cache.insert(tokens, Arc::new(self.slots[r.slot].snapshot()));
+                            if let Some(snap) = self.slots[r.slot].snapshot_at(p) {
+                                cache.insert(tokens, Arc::new(snap));
+                            }
                         }
                     }
                 }

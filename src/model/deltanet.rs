@@ -213,24 +213,42 @@ impl DeltaNet {
     }
 
     /// `x` is the normed input `[t, hidden]` of the whole batch; `seqs` gives each sequence's
-    /// rows and its state. Returns `[t, hidden]`.
+    /// rows and its state, `starts` its position before the step. Returns `[t, hidden]`.
     pub fn forward(
         &self,
         x: &[f32],
         t: usize,
         seqs: &mut [(Range<usize>, &mut LayerState)],
+        starts: &[usize],
         step: Step,
     ) -> Vec<f32> {
         let inputs = self.project(x, t, step);
         let (hv, vd) = (self.hv, self.hv * self.dv);
         let conv_dim = inputs.mixed.len() / t.max(1);
         let mut y = vec![0.0f32; t * vd];
-        for (rows, state) in seqs.iter_mut() {
-            let LayerState::Linear { conv, ssm, replay } = &mut **state else {
+        for ((rows, state), &start) in seqs.iter_mut().zip(starts) {
+            let LayerState::Linear {
+                conv,
+                ssm,
+                replay,
+                pieces,
+            } = &mut **state
+            else {
                 unreachable!("DeltaNet layer given an attention cache");
             };
             let recording = replay.armed;
             let (r0, r1) = (rows.start, rows.end);
+            let mut ends = std::mem::take(&mut pieces.ends);
+            if ends.last() != Some(&rows.len()) {
+                assert!(ends.is_empty(), "pieces must end where the step ends");
+                ends.push(rows.len());
+            }
+            assert!(
+                !recording || ends.len() == 1,
+                "a speculative step is one piece"
+            );
+            let keep = std::mem::take(&mut pieces.keep);
+            pieces.kept.clear();
             self.sequence(
                 SeqInputs {
                     mixed: &inputs.mixed[r0 * conv_dim..r1 * conv_dim],
@@ -238,9 +256,9 @@ impl DeltaNet {
                     b: &inputs.b[r0 * hv..r1 * hv],
                     a: &inputs.a[r0 * hv..r1 * hv],
                 },
-                rows.len(),
+                (&ends, &keep, start),
                 (conv, ssm),
-                replay,
+                (replay, &mut pieces.kept),
                 &mut y[r0 * vd..r1 * vd],
             );
             if recording {
@@ -252,16 +270,23 @@ impl DeltaNet {
         })
     }
 
-    /// One sequence's `n` tokens: its [`Inputs`] rows in, gated-norm output `y`
-    /// (`[n, HV·dv]`) out. An armed `replay` records the step (`cache::rollback`).
+    /// One sequence's tokens, in pieces ending at `ends` (offsets, the last one the step's
+    /// length `n`): its [`Inputs`] rows in, gated-norm output `y` (`[n, HV·dv]`) out. The
+    /// states after the pieces that end at `keep` are pushed to `kept` with their position
+    /// (`start` + offset). An armed `replay` records the step (`cache::rollback`).
+    #[allow(clippy::type_complexity)]
     fn sequence(
         &self,
         SeqInputs { mixed, z, b, a }: SeqInputs,
-        n: usize,
+        (ends, keep, start): (&[usize], &[usize], usize),
         (conv, ssm): (&mut [f32], &mut [f32]),
-        replay: &mut crate::cache::Replay,
+        (replay, kept): (
+            &mut crate::cache::Replay,
+            &mut Vec<(usize, Vec<f32>, Vec<f32>)>,
+        ),
         y: &mut [f32],
     ) {
+        let n = *ends.last().expect("at least one piece");
         let (hk, hv, dk, dv, kc) = (self.hk, self.hv, self.dk, self.dv, self.kc);
         let r = hv / hk;
         let key_dim = hk * dk;
@@ -270,6 +295,20 @@ impl DeltaNet {
         let hist = kc - 1;
 
         let conv_span = Span::new(Kind::DeltaNetConv);
+        // The conv state after offset p: rows p .. p + Kc−1 of [carried; new], taken before
+        // the conv moves the carried rows on.
+        for &p in keep {
+            let mut state = vec![0.0f32; hist * conv_dim];
+            for (r, row) in state.chunks_exact_mut(conv_dim).enumerate() {
+                let j = p + r;
+                row.copy_from_slice(if j < hist {
+                    &conv[j * conv_dim..(j + 1) * conv_dim]
+                } else {
+                    &mixed[(j - hist) * conv_dim..(j - hist + 1) * conv_dim]
+                });
+            }
+            kept.push((start + p, state, vec![0.0f32; ssm.len()]));
+        }
         // Causal depthwise conv + SiLU over the carried last Kc−1 raw inputs followed by the
         // new ones; tap Kc−1 multiplies the current token. Channels are independent, so tasks
         // take ranges of them (for all tokens), and each moves its channels of the carried
@@ -286,8 +325,8 @@ impl DeltaNet {
         };
         // Token by token, a step's result does not depend on how many tokens it has, so a
         // verification step gives decode's bits; the chunked form pays from a prompt chunk on.
-        let token_by_token =
-            n < super::PROMPT_CHUNK_TOKENS || records.first().is_some_and(Option::is_some);
+        let recording = records.first().is_some_and(Option::is_some);
+        let token_by_token = |len: usize| len < super::PROMPT_CHUNK_TOKENS || recording;
         let seg = conv_dim
             .div_ceil(2 * pool::global().threads())
             .next_multiple_of(16);
@@ -342,12 +381,25 @@ impl DeltaNet {
         let scale = 1.0 / (dk as f32).sqrt();
         let mut o_all = vec![0.0f32; hv * n * dv];
         {
-            type HeadWork<'a, 'b> = (&'a mut [f32], &'a mut [f32], Option<HeadRecord<'b>>);
+            type HeadWork<'a, 'b> = (
+                &'a mut [f32],
+                &'a mut [f32],
+                Option<HeadRecord<'b>>,
+                Vec<&'a mut [f32]>,
+            );
+            // Per head, its share of each kept recurrent state.
+            let mut kept_heads: Vec<Vec<&mut [f32]>> = (0..hv).map(|_| Vec::new()).collect();
+            for (_, _, s) in kept.iter_mut() {
+                for (h, part) in s.chunks_mut(dk * dv).enumerate() {
+                    kept_heads[h].push(part);
+                }
+            }
             let work: Vec<Mutex<HeadWork>> = ssm
                 .chunks_mut(dk * dv)
                 .zip(o_all.chunks_mut(n * dv))
                 .zip(records.drain(..))
-                .map(|((s, o), r)| Mutex::new((s, o, r)))
+                .zip(kept_heads)
+                .map(|(((s, o), r), k)| Mutex::new((s, o, r, k)))
                 .collect();
             let heads = |run: Range<usize>| {
                 let (mut q, mut k) = (vec![0.0f32; n * dk], vec![0.0f32; n * dk]);
@@ -355,7 +407,7 @@ impl DeltaNet {
                 let (mut g, mut beta) = (vec![0.0f32; n], vec![0.0f32; n]);
                 for h in run {
                     let mut w = work[h].lock().unwrap_or_else(|e| e.into_inner());
-                    let (s, o, record) = &mut *w;
+                    let (s, o, record, kept_s) = &mut *w;
                     let j = h / r; // value head h reads key head h div r (spec §14.2)
                     for t in 0..n {
                         let ct = &c[t * conv_dim..(t + 1) * conv_dim];
@@ -370,22 +422,33 @@ impl DeltaNet {
                         beta[t] = sigmoid(b[t * hv + h]);
                         g[t] = self.neg_a[h] * softplus(a[t * hv + h] + self.dt_bias[h]);
                     }
-                    let inputs = HeadInputs {
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        g: &g,
-                        beta: &beta,
-                        dk,
-                        dv,
-                    };
-                    if let Some(r) = record {
-                        r.keep(&inputs);
-                        delta_rule::recurrent_from(&inputs, Some(&**s), &mut *r.ssm, o);
-                    } else if token_by_token {
-                        delta_rule::recurrent(&inputs, s, o);
-                    } else {
-                        delta_rule::chunked(&inputs, s, o);
+                    let mut from = 0;
+                    let mut kept_here = kept_s.iter_mut();
+                    for &end in ends {
+                        let inputs = HeadInputs {
+                            q: &q[from * dk..end * dk],
+                            k: &k[from * dk..end * dk],
+                            v: &v[from * dv..end * dv],
+                            g: &g[from..end],
+                            beta: &beta[from..end],
+                            dk,
+                            dv,
+                        };
+                        let o = &mut o[from * dv..end * dv];
+                        if let Some(r) = record {
+                            r.keep(&inputs);
+                            delta_rule::recurrent_from(&inputs, Some(&**s), &mut *r.ssm, o);
+                        } else if token_by_token(end - from) {
+                            delta_rule::recurrent(&inputs, s, o);
+                        } else {
+                            delta_rule::chunked(&inputs, s, o);
+                        }
+                        if keep.contains(&end) {
+                            if let Some(ks) = kept_here.next() {
+                                ks.copy_from_slice(s);
+                            }
+                        }
+                        from = end;
                     }
                     // Gated RMSNorm, in place: normalise, weight (plain w), then gate by silu(z).
                     for (t, ot) in o.chunks_exact_mut(dv).enumerate() {

@@ -174,7 +174,7 @@ impl Layer {
             xn
         });
         let y = match &self.mixer {
-            Mixer::Linear(d) => d.forward(&xn, t, seqs, step),
+            Mixer::Linear(d) => d.forward(&xn, t, seqs, starts, step),
             Mixer::Full(a) => a.forward(&xn, t, seqs, starts, rope, step),
         };
         let xn = time(Kind::Norms, || {
@@ -420,7 +420,10 @@ impl Model {
             .iter()
             .zip(batch.iter())
             .flat_map(|(span, s)| {
-                let bulk = span.len() >= PROMPT_CHUNK_TOKENS && s.cache.spec.is_none();
+                // A prompt step cut into pieces (`SeqCache::cut_prompt`) is prompt work
+                // however short, so that a piece's bits do not depend on what shares its step.
+                let bulk =
+                    s.cache.cut || (span.len() >= PROMPT_CHUNK_TOKENS && s.cache.spec.is_none());
                 std::iter::repeat_n(bulk, span.len())
             })
             .collect();
@@ -468,6 +471,7 @@ impl Model {
         let mut head_bulk = Vec::new();
         for (s, span) in batch.iter_mut().zip(&spans) {
             s.cache.advance(span.len());
+            s.cache.cut = false;
             let rows = match s.want {
                 Want::All => span.clone(),
                 Want::Last => span.end.saturating_sub(1).max(span.start)..span.end,

@@ -101,6 +101,9 @@ pub struct ServerConfig {
     /// Prompt + output tokens of one sequence at most; `None`: the model's context length.
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
+    /// Prompt tokens of one step while no sequence decodes; `None`: chosen from the model
+    /// ([`EngineConfig::batched_tokens_for`]).
+    pub max_num_batched_tokens: Option<usize>,
     pub reasoning_parser: ReasoningParser,
     pub tool_call_parser: ToolCallParser,
     /// Replaces the checkpoint's chat template (`.jinja`, or JSON with `chat_template`).
@@ -187,6 +190,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_model_len: None,
             max_num_seqs: EngineConfig::default().max_num_seqs,
+            max_num_batched_tokens: None,
             reasoning_parser: ReasoningParser::default(),
             tool_call_parser: ToolCallParser::default(),
             chat_template: None,
@@ -321,13 +325,15 @@ fn memory_plan(model: &Model, e: &EngineConfig) -> String {
     };
     format!(
         "memory plan: weights {:.2} GiB; K/V {} KiB per token ({:.2} GiB for a sequence of \
-         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {budget}; {cache}{speculation}",
+         {} tokens); DeltaNet state {:.1} MiB per sequence ({} slots); {budget}; {cache}; \
+         prompt steps of up to {} tokens{speculation}",
         gib(weights),
         kv as f64 / 1024.0,
         gib(kv * e.max_model_len),
         e.max_model_len,
         state as f64 / (1u64 << 20) as f64,
         e.max_num_seqs,
+        e.max_num_batched_tokens.max(e.prefill_chunk),
     )
 }
 
@@ -459,6 +465,9 @@ impl AppState {
             prefix_cache,
             kv_cache_memory,
             speculative_tokens: cfg.speculative_tokens,
+            max_num_batched_tokens: cfg
+                .max_num_batched_tokens
+                .unwrap_or_else(|| EngineConfig::batched_tokens_for(&model.cfg)),
             ..EngineConfig::default()
         };
         eprintln!("{}", memory_plan(&model, &engine_cfg));
