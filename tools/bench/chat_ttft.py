@@ -10,6 +10,11 @@ get the same conversation (the same seeded answers: outputs do not depend on the
   python3 tools/bench/chat_ttft.py --model /path/to/checkpoint --turns 10 --turn-tokens 800
   python3 tools/bench/chat_ttft.py --model DIR --mode agent --out results.json
 
+The same conversation on llama.cpp's server, with its prompt cache and context checkpoints of
+the recurrent state (its defaults) and then without (`cache_prompt: false` in each request):
+
+  python3 tools/bench/chat_ttft.py --llama-server /path/to/llama-server --model model.gguf
+
 The checkpoint needs tokenizer files; if it has none (a `qnext synth` checkpoint), the real
 Qwen tokenizer and chat template of tests/fixtures/qwen-vocab are copied into it. Prints one
 line per turn and server (prompt tokens, cached tokens, TTFT) and a table of the ratios."""
@@ -61,6 +66,7 @@ class Server:
             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         first, text, usage = None, [], None
+        self.timings = {}
         with urllib.request.urlopen(req, timeout=7200) as r:
             for raw in r:
                 line = raw.decode().strip()
@@ -69,6 +75,8 @@ class Server:
                 ev = json.loads(line[6:])
                 if ev.get("usage"):
                     usage = ev["usage"]
+                if ev.get("timings"):
+                    self.timings = ev["timings"]
                 for c in ev.get("choices", []):
                     # Every token's chunk carries its log-probability, also when its text is
                     # empty (the first chunk, the role, carries none).
@@ -76,6 +84,9 @@ class Server:
                         first = time.perf_counter() - t0
                     text.append(c.get("delta", {}).get("content") or "")
         return first, "".join(text), usage
+
+    def cached_tokens(self, usage, timings):
+        return (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
     def rss_gib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -87,6 +98,33 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=60)
+
+
+class LlamaServer(Server):
+    """llama.cpp's `llama-server` on a GGUF, one slot, 2 threads, the GGUF's chat template."""
+
+    def __init__(self, binary, gguf, extra, max_model_len):
+        self.port = free_port()
+        args = [binary, "-m", str(gguf), "--port", str(self.port), "-t", "2", "-np", "1",
+                "-c", str(max_model_len), "--jinja", "-a", "m", *extra]
+        self.log_file = open(pathlib.Path("/tmp") / f"llama-server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT)
+        for _ in range(1200):
+            if self.proc.poll() is not None:
+                self.log_file.seek(0)
+                sys.exit("llama-server exited:\n" + self.log_file.read())
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.log = []
+
+    def cached_tokens(self, usage, timings):
+        # Its `timings.cache_n`: prompt tokens taken from the slot's cache or a checkpoint.
+        return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or timings.get("cache_n", 0)
 
 
 def conversation(server, a, label):
@@ -103,8 +141,10 @@ def conversation(server, a, label):
         body = {"model": "m", "messages": messages, "max_tokens": a.answer, "temperature": 0.7,
                 "seed": turn, "stream": True, "logprobs": True,
                 "stream_options": {"include_usage": True}}
+        if isinstance(server, LlamaServer) and label == "nocache":
+            body["cache_prompt"] = False
         ttft, text, usage = server.post_stream(body)
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        cached = server.cached_tokens(usage, server.timings)
         rss = server.rss_gib()
         rows.append({"turn": turn + 1, "prompt_tokens": usage["prompt_tokens"],
                      "cached_tokens": cached, "ttft_s": ttft, "rss_gib": rss})
@@ -126,6 +166,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=pathlib.Path)
     p.add_argument("--qnext", default=str(ROOT / "target" / "release" / "qnext"))
+    p.add_argument("--llama-server", help="run llama.cpp's llama-server (this binary) on --model, a GGUF")
     p.add_argument("--mode", choices=["chat", "agent"], default="chat")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--turn-tokens", type=int, default=780)
@@ -137,14 +178,18 @@ def main():
     p.add_argument("--extra", default="", help="more `qnext serve` arguments, space-separated")
     p.add_argument("--out", type=pathlib.Path)
     a = p.parse_args()
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if not (a.model / f).exists():
-            shutil.copy(ROOT / "tests" / "fixtures" / "qwen-vocab" / f, a.model / f)
+    if not a.llama_server:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if not (a.model / f).exists():
+                shutil.copy(ROOT / "tests" / "fixtures" / "qwen-vocab" / f, a.model / f)
     results = {}
     for label, flags in [("cache", []), ("nocache", ["--no-enable-prefix-caching"])]:
         if a.only and a.only != label:
             continue
-        s = Server(a.qnext, a.model, flags + a.extra.split(), a.max_model_len)
+        if a.llama_server:
+            s = LlamaServer(a.llama_server, a.model, a.extra.split(), a.max_model_len)
+        else:
+            s = Server(a.qnext, a.model, flags + a.extra.split(), a.max_model_len)
         print("".join(l for l in s.log if l.startswith("memory plan")), end="", flush=True)
         try:
             results[label] = conversation(s, a, label)
