@@ -51,9 +51,10 @@ pub struct Args {
     max_num_seqs: usize,
     /// Prompt tokens one step processes at most while no sequence is generating (whole
     /// pieces between the prompt's cuts; with others generating, 256, so that their streams
-    /// keep flowing). Longer steps read each expert once for more tokens: with 512 experts
-    /// prefill is 2.5× faster per token in steps of 2048 than of 256. Default: enough for
-    /// each expert to see about 64 tokens, from 256 to 2048 (2048 for Qwen3-Next).
+    /// keep flowing). Longer steps read each expert once for more tokens: with 512 experts a
+    /// cold 8K-token chat took 15.4 s in steps of up to 2048 against 18.5 s in steps of 256
+    /// (BENCHMARKS.md). Default: enough for each expert to see about 64 tokens, from 256 to
+    /// 2048 (2048 for Qwen3-Next).
     #[arg(long)]
     max_num_batched_tokens: Option<usize>,
     #[arg(long, value_enum, default_value = "none")]
