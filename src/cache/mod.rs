@@ -53,6 +53,17 @@ pub struct Pieces {
     pub(crate) kept: Vec<(usize, Vec<f32>, Vec<f32>)>,
 }
 
+impl LayerState {
+    /// Forgets what the last step recorded in a DeltaNet layer: a speculative step's replay,
+    /// a prompt step's pieces and the states it kept.
+    fn forget_step(&mut self) {
+        if let LayerState::Linear { replay, pieces, .. } = self {
+            replay.disarm();
+            *pieces = Pieces::default();
+        }
+    }
+}
+
 pub struct SeqCache {
     pos: usize,
     max_len: usize,
@@ -144,19 +155,13 @@ impl SeqCache {
     pub fn reset(&mut self) {
         for l in &mut self.layers {
             match l {
-                LayerState::Linear {
-                    conv,
-                    ssm,
-                    replay,
-                    pieces,
-                } => {
+                LayerState::Linear { conv, ssm, .. } => {
                     conv.fill(0.0);
                     ssm.fill(0.0);
-                    replay.disarm();
-                    *pieces = Pieces::default();
                 }
                 LayerState::Full(p) => p.truncate(0),
             }
+            l.forget_step();
         }
         if let Some(m) = &mut self.mtp {
             m.reset();
@@ -238,22 +243,16 @@ impl SeqCache {
         let (mut lin, mut full) = (snap.linear.iter(), snap.kv.iter());
         for l in &mut self.layers {
             match l {
-                LayerState::Linear {
-                    conv,
-                    ssm,
-                    replay,
-                    pieces,
-                } => {
+                LayerState::Linear { conv, ssm, .. } => {
                     let (c, s) = lin.next().expect("counted above");
                     conv.copy_from_slice(c);
                     ssm.copy_from_slice(s);
-                    replay.disarm();
-                    *pieces = Pieces::default();
                 }
                 LayerState::Full(p) => {
                     p.share(full.next().expect("counted above"), snap.pos);
                 }
             }
+            l.forget_step();
         }
         if let (Some(m), Some((len, pending))) = (&mut self.mtp, &snap.mtp) {
             m.restore(full.next().expect("counted above"), *len, pending);
